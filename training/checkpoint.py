@@ -1,0 +1,56 @@
+"""The checkpoint format: a state_dict plus a metadata dict of plain values.
+
+Only tensors, strings, numbers, lists and dicts go in, so `torch.load(..., weights_only=True)` reads it
+and a checkpoint can never run code on load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CHECKPOINT_FORMAT = 1
+REQUIRED_METADATA = ("model", "model_args", "input_shape", "mean", "std", "labels")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or not one of ours."""
+
+
+def save_checkpoint(path: Path, model: nn.Module, metadata: dict) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tmp = Path(path).with_suffix(".partial")
+    torch.save({"format": CHECKPOINT_FORMAT, "state_dict": state, "metadata": metadata}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Reads a checkpoint safely and checks its shape; returns {"state_dict", "metadata"}."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for a bad file
+        raise CheckpointError(f"{path} is not a readable checkpoint: {str(err).splitlines()[0]}") from None
+    if not isinstance(payload, dict) or "state_dict" not in payload or "metadata" not in payload:
+        raise CheckpointError(f"{path} is not a digits checkpoint (no state_dict/metadata)")
+    missing = [k for k in REQUIRED_METADATA if k not in payload["metadata"]]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint metadata lacks {', '.join(missing)}")
+    return payload
+
+
+def rebuild_model(payload: dict) -> nn.Module:
+    """Rebuilds the eval-mode model from the registry and the checkpoint's metadata."""
+    from training.models import get_model
+
+    meta = payload["metadata"]
+    try:
+        model = get_model(meta["model"]).build(**meta["model_args"])
+        model.load_state_dict(payload["state_dict"])
+    except (ValueError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint does not fit model {meta['model']!r}: {str(err).splitlines()[0]}") from None
+    return model.eval()
