@@ -14,11 +14,13 @@ class UsageError(Exception):
     """Bad input the user can fix; printed as one line, exit code 2."""
 
 
-
 def add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a registered model on MNIST",
-                       description="Train MODEL on MNIST; writes checkpoint.pt, metrics.json, history.png "
-                                   "to OUT/MODEL/. Defaults per model: see `digits models`.")
+    p = sub.add_parser(
+        "train",
+        help="train a registered model on MNIST",
+        description="Train MODEL on MNIST; writes checkpoint.pt, metrics.json, history.png "
+        "to OUT/MODEL/. Defaults per model: see `digits models`.",
+    )
     p.add_argument("model", metavar="MODEL", help="a registered model (see `digits models`)")
     p.add_argument("--epochs", type=int, help="epochs (default: the model's, see `digits models`)")
     p.add_argument("--batch-size", type=int, help="training batch size (default: the model's)")
@@ -29,8 +31,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="use only the first N training and test images (smoke runs)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same machine, same model")
-    p.add_argument("--weights", type=Path, help="resnet18 only: ImageNet state_dict file to start from; "
-                                                "the backbone is frozen and only fc trains")
+    p.add_argument(
+        "--weights",
+        type=Path,
+        help="resnet18 only: ImageNet state_dict file to start from; the backbone is frozen and only fc trains",
+    )
     p.add_argument("--finetune", action="store_true", help="with --weights: train every layer, not only fc")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_train)
@@ -40,9 +45,20 @@ def run_train(args: argparse.Namespace) -> int:
     from training.train import TrainConfig, train
 
     config = TrainConfig(
-        model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, out=args.out,
-        data_dir=args.data_dir, limit=args.limit, device=args.device, seed=args.seed,
-        grad_clip=args.grad_clip, weights=args.weights, finetune=args.finetune, quiet=args.quiet)
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        out=args.out,
+        data_dir=args.data_dir,
+        limit=args.limit,
+        device=args.device,
+        seed=args.seed,
+        grad_clip=args.grad_clip,
+        weights=args.weights,
+        finetune=args.finetune,
+        quiet=args.quiet,
+    )
     train(config)
     return 0
 
@@ -67,7 +83,8 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_m
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="digits", description="Train, export, prove and serve the PyTorch MNIST guide models.")
+        prog="digits", description="Train, export, prove and serve the PyTorch MNIST guide models."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)

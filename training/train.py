@@ -182,20 +182,32 @@ def train(config: TrainConfig, log=print) -> TrainResult:
     optimizer = torch.optim.Adam(params, lr=config.lr)
     # one-cycle: warm up, then anneal to ~0 by the last step; gets the guide models to target in few epochs
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * len(train_loader))
-    log(f"training {config.model} on {device} for {config.epochs} epoch(s), "
-        f"{len(train_loader.dataset)} train / {len(test_loader.dataset)} test images")
+        optimizer, max_lr=config.lr, total_steps=config.epochs * len(train_loader)
+    )
+    log(
+        f"training {config.model} on {device} for {config.epochs} epoch(s), "
+        f"{len(train_loader.dataset)} train / {len(test_loader.dataset)} test images"
+    )
     history, start = [], time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         epoch_start = time.perf_counter()
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row |= train_one_epoch(model, train_loader, optimizer, scheduler, device, config,
-                               desc=f"{config.model} epoch {epoch}/{config.epochs}")
+        row |= train_one_epoch(
+            model,
+            train_loader,
+            optimizer,
+            scheduler,
+            device,
+            config,
+            desc=f"{config.model} epoch {epoch}/{config.epochs}",
+        )
         row |= evaluate(model, test_loader, device)
         row["seconds"] = time.perf_counter() - epoch_start
         history.append(row)
-        log(f"epoch {epoch}/{config.epochs}: train loss {row['train_loss']:.4f}, test loss "
-            f"{row['test_loss']:.4f}, test accuracy {row['test_accuracy']:.2%} ({row['seconds']:.1f} s)")
+        log(
+            f"epoch {epoch}/{config.epochs}: train loss {row['train_loss']:.4f}, test loss "
+            f"{row['test_loss']:.4f}, test accuracy {row['test_accuracy']:.2%} ({row['seconds']:.1f} s)"
+        )
     return _write_outputs(config, model, model_args, data, history, time.perf_counter() - start, log)
 
 
@@ -204,22 +216,41 @@ def _write_outputs(config, model, model_args, data, history, seconds, log) -> Tr
     out_dir.mkdir(parents=True, exist_ok=True)
     last = history[-1]
     metadata = {
-        "model": config.model, "model_args": model_args, "input_shape": list(INPUT_SHAPE),
-        "layout": LAYOUT, "mean": MNIST_MEAN, "std": MNIST_STD, "labels": list(LABELS),
-        "test_accuracy": last["test_accuracy"], "test_samples": last["test_samples"],
-        "epochs": config.epochs, "seed": config.seed, "torch_version": torch.__version__,
-        "data_source": data.source, "data_sha256": data.sha256,
+        "model": config.model,
+        "model_args": model_args,
+        "input_shape": list(INPUT_SHAPE),
+        "layout": LAYOUT,
+        "mean": MNIST_MEAN,
+        "std": MNIST_STD,
+        "labels": list(LABELS),
+        "test_accuracy": last["test_accuracy"],
+        "test_samples": last["test_samples"],
+        "epochs": config.epochs,
+        "seed": config.seed,
+        "torch_version": str(torch.__version__),  # a plain str: TorchVersion is no weights_only type
+        "data_source": data.source,
+        "data_sha256": data.sha256,
         "pretrained_weights": str(config.weights) if config.weights else None,
     }
     save_checkpoint(out_dir / "checkpoint.pt", model, metadata)
     metrics = {
-        "model": config.model, "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
-        "test_samples": last["test_samples"], "epochs": config.epochs, "train_seconds": seconds,
-        "seconds_per_epoch": seconds / config.epochs, "batch_size": config.batch_size, "lr": config.lr,
-        "seed": config.seed, "device": str(next(model.parameters()).device), "history": history,
+        "model": config.model,
+        "test_accuracy": last["test_accuracy"],
+        "test_loss": last["test_loss"],
+        "test_samples": last["test_samples"],
+        "epochs": config.epochs,
+        "train_seconds": seconds,
+        "seconds_per_epoch": seconds / config.epochs,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "seed": config.seed,
+        "device": str(next(model.parameters()).device),
+        "history": history,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_history(history, out_dir / "history.png", title=f"{config.model}: {last['test_accuracy']:.2%} test accuracy")
-    log(f"wrote {out_dir}/checkpoint.pt, metrics.json, history.png "
-        f"(test accuracy {last['test_accuracy']:.2%}, {seconds:.0f} s)")
+    log(
+        f"wrote {out_dir}/checkpoint.pt, metrics.json, history.png "
+        f"(test accuracy {last['test_accuracy']:.2%}, {seconds:.0f} s)"
+    )
     return TrainResult(out_dir, metrics)
