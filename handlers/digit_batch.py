@@ -1,0 +1,75 @@
+"""A TorchServe batch on its way through the model: the readable digits as one tensor, the rest as errors.
+
+Reading is per request (each may fail alone); normalisation, the forward pass and the softmax are one
+batch operation each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from digit_errors import RequestError
+from digit_inputs import read_request
+from digit_model import DigitMeta
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One TorchServe batch after reading."""
+
+    size: int  # requests in the batch, readable or not
+    rows: list[int]  # request index of each row of `digits`
+    digits: torch.Tensor  # (len(rows), C, H, W) float32, normalised
+    errors: dict[int, RequestError] = field(default_factory=dict)  # request index -> why it was refused
+    probabilities: torch.Tensor | None = None  # (len(rows), classes), after inference
+
+    def with_probabilities(self, probabilities: torch.Tensor) -> Batch:
+        return dataclasses.replace(self, probabilities=probabilities)
+
+
+def prepare_batch(data: list[Any], meta: DigitMeta) -> Batch:
+    """Reads every request; those that fail are kept aside with their error."""
+    digits, rows, errors = [], [], {}
+    for index, row in enumerate(data):
+        try:
+            digits.append(read_request(row, meta.size))
+        except RequestError as err:
+            logger.info("request %d of %d refused: %d %s: %s", index, len(data), err.code, err.kind, err.message)
+            errors[index] = err
+        else:
+            rows.append(index)
+    return Batch(size=len(data), rows=rows, digits=normalise(digits, meta), errors=errors)
+
+
+def normalise(digits: list[np.ndarray], meta: DigitMeta) -> torch.Tensor:
+    """Stacks (H, W) 0..255 digits into (N, C, H, W), scaled to 0..1 and standardised like training."""
+    if not digits:
+        return torch.empty((0, *meta.input_shape))
+    batch = torch.from_numpy(np.stack(digits)).reshape(len(digits), *meta.input_shape)
+    return (batch / 255.0 - meta.mean) / meta.std
+
+
+def to_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over classes: right for logits and for log-probabilities alike (log_softmax is idempotent)."""
+    return torch.softmax(scores.double(), dim=1)
+
+
+def prediction_bodies(probabilities: torch.Tensor, labels: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One `{"label", "confidence", "probabilities"}` per row."""
+    confidences, indices = probabilities.max(dim=1)
+    return [
+        {"label": label_value(labels[index]), "confidence": confidence, "probabilities": row}
+        for index, confidence, row in zip(indices.tolist(), confidences.tolist(), probabilities.tolist(), strict=True)
+    ]
+
+
+def label_value(label: str) -> int | str:
+    """MNIST's labels "0".."9" answer as ints, as clients compare them with digits; other labels as given."""
+    return int(label) if label.isascii() and label.isdigit() else label

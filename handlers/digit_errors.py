@@ -1,0 +1,52 @@
+"""The one way a single request fails: a `RequestError` carrying its HTTP status and a JSON body.
+
+Shipped flat inside the archive next to `digit_handler.py` and imported as the top-level module
+`digit_errors` (see `digit_handler.py` for why).
+"""
+
+from __future__ import annotations
+
+BAD_REQUEST = 400  # malformed: bad JSON, wrong shape, bad pixel values, truncated or corrupt image
+PAYLOAD_TOO_LARGE = 413  # body or image over our limits
+UNSUPPORTED_MEDIA_TYPE = 415  # neither an image Pillow can read, nor JSON, nor base64 of an image
+
+# A reason phrase ends up in the HTTP status line, which Netty refuses to build when it holds CR/LF, so the
+# phrase is cut to one short printable ASCII line; the full message travels in the JSON body.
+MAX_PHRASE_CHARS = 200
+
+
+class RequestError(Exception):
+    """One request of a batch is unusable; the others go on.
+
+    Args:
+        code: HTTP status for this request (400, 413 or 415).
+        kind: short machine-readable name of the problem, e.g. "TruncatedImage".
+        message: what is wrong and, where it helps, what to send instead.
+    """
+
+    def __init__(self, code: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.kind = kind
+        self.message = message
+
+    def body(self) -> dict[str, int | str]:
+        """The JSON body the client receives, shaped like TorchServe's own error bodies."""
+        return {"code": self.code, "type": self.kind, "message": self.message}
+
+    def phrase(self) -> str:
+        """The message as a safe HTTP reason phrase."""
+        printable = "".join(c if " " <= c <= "~" else " " for c in self.message)
+        return printable[:MAX_PHRASE_CHARS]
+
+
+def bad_request(kind: str, message: str) -> RequestError:
+    return RequestError(BAD_REQUEST, kind, message)
+
+
+def too_large(kind: str, message: str) -> RequestError:
+    return RequestError(PAYLOAD_TOO_LARGE, kind, message)
+
+
+def unsupported(kind: str, message: str) -> RequestError:
+    return RequestError(UNSUPPORTED_MEDIA_TYPE, kind, message)

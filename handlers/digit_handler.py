@@ -1,0 +1,118 @@
+"""The TorchServe handler of the digits archives: `DigitHandler`, the one class of this module.
+
+An archive ships this file as its handler and, as extra files, its siblings `digit_errors.py`,
+`digit_imaging.py`, `digit_inputs.py`, `digit_model.py` and `digit_batch.py`, plus `digits_meta.json`.
+TorchServe 0.12.0 unpacks them side by side into the model dir, starts the worker with that dir as its
+working directory and on its PYTHONPATH (the frontend's `EnvironmentUtils.getEnvString` and
+`WorkerLifeCycle.startWorkerPython`), and imports the handler by bare module name
+(`ts/model_loader.py`, `_load_handler_file`: `importlib.import_module("digit_handler")`). So the siblings
+are imported here as top-level modules, and carry a `digit_` prefix so they cannot shadow, or be shadowed
+by, installed packages on that path. TorchServe takes the handler module's only class as the service
+(`_get_class_entry_point`), so any other class lives in a sibling. Nothing here may import `digits`,
+`training`, `export` or `serving`: an archive must serve where only TorchServe and its runtimes exist.
+
+Requests and answers: see `digit_inputs.py` for what a request may hold. Each readable request gets
+`{"label": 7, "confidence": 0.998, "probabilities": [ten floats]}`; each unreadable one gets its own
+4xx status and `{"code", "type", "message"}` body, and the rest of the batch is answered normally.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from digit_batch import Batch, prediction_bodies, prepare_batch, to_probabilities
+from digit_errors import RequestError
+from digit_model import (
+    check_predictor,
+    choose_device,
+    find_model_file,
+    load_predictor,
+    read_metadata,
+    verify_sha256,
+)
+from ts.handler_utils.timer import timed
+from ts.torch_handler.base_handler import BaseHandler
+
+logger = logging.getLogger(__name__)
+
+
+class DigitHandler(BaseHandler):
+    """Classifies handwritten digits with the archive's TorchScript or ONNX model, one forward pass a batch."""
+
+    def initialize(self, context: Any) -> None:
+        """Loads the model the archive's metadata vouches for, on the device TorchServe assigned.
+
+        Raises:
+            ModelLoadError: metadata missing or invalid, model file missing, digest mismatch, wrong outputs.
+        """
+        properties = context.system_properties
+        model_dir = Path(properties["model_dir"])
+        self.manifest = context.manifest
+        self.device = choose_device(properties.get("gpu_id"))
+        self.meta = read_metadata(model_dir)
+        model_path = find_model_file(model_dir, self.manifest, self.meta)
+        verify_sha256(model_path, self.meta.sha256)
+        self.model_pt_path = str(model_path)
+        self.model = load_predictor(model_path, self.device)
+        check_predictor(self.model, self.meta)
+        self.initialized = True
+        logger.info(
+            "digits handler: serving %s (%s, test accuracy %s) on %s",
+            self.meta.model or model_path.stem,
+            self.meta.format,
+            self.meta.test_accuracy,
+            self.device,
+        )
+
+    def handle(self, data: list[Any], context: Any) -> list[dict[str, Any]]:
+        """TorchServe's entry point for a batch: read, one forward pass, answer each request.
+
+        Replaces BaseHandler.handle, which switches to Captum explanations or a "describe" mode whenever
+        request 0 of the batch carries an `explain` or `describe` header: a client's header would then fail
+        the whole batch, as this handler has neither mode.
+        """
+        start = time.perf_counter()
+        self.context = context
+        batch = self.inference(self.preprocess(data))
+        answers = self.postprocess(batch)
+        milliseconds = round((time.perf_counter() - start) * 1000, 2)
+        context.metrics.add_time("HandlerTime", milliseconds, None, "ms")
+        # one line a batch: shows that TorchServe batches, and how bad input is spread
+        logger.info(
+            "digits handler: batch of %d request(s), %d refused, %.2f ms", batch.size, len(batch.errors), milliseconds
+        )
+        return answers
+
+    @timed
+    def preprocess(self, data: list[Any]) -> Batch:
+        """Reads each request of the batch; unreadable ones are set aside with their error."""
+        return prepare_batch(data, self.meta)
+
+    @timed
+    def inference(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
+        """One forward pass over the readable digits of the batch (none when all were refused)."""
+        if not batch.rows:
+            return batch
+        return batch.with_probabilities(to_probabilities(self.model(batch.digits)))
+
+    @timed
+    def postprocess(self, batch: Batch) -> list[dict[str, Any]]:
+        """One JSON body per request, in request order, with a per-request status for the refused ones."""
+        answers = {}
+        if batch.rows:
+            answers = dict(zip(batch.rows, prediction_bodies(batch.probabilities, self.meta.labels), strict=True))
+        bodies = []
+        for index in range(batch.size):
+            self.context.set_response_content_type(index, "application/json")
+            error = batch.errors.get(index)
+            bodies.append(answers[index] if error is None else refuse(self.context, index, error))
+        return bodies
+
+
+def refuse(context: Any, index: int, error: RequestError) -> dict[str, Any]:
+    """Sets request `index`'s HTTP status (TorchServe sends each request of a batch its own) and returns its body."""
+    context.set_response_status(code=error.code, phrase=error.phrase(), idx=index)
+    return error.body()

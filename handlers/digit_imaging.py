@@ -1,0 +1,140 @@
+"""Turning a decoded image into an MNIST-style digit: grayscale, white on black, framed as MNIST was made.
+
+MNIST's recipe (LeCun et al.): the digit's bounding box is scaled, keeping its aspect ratio, so that the
+longer side is 20 px, then placed in a 28x28 field so that its centre of mass sits at the field's centre.
+A digit drawn on a canvas or photographed must go through the same steps, or the model sees a digit of a
+size and position it never saw in training. All arrays here are float32 intensities in 0..255, (H, W).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from digit_errors import bad_request, unsupported
+from PIL import Image
+
+# MNIST puts a 20 px box in a 28 px field; for other field sizes we keep that ratio.
+BOX_FRACTION = 20 / 28
+LIGHT_BACKGROUND = 127.5  # border median above this: dark ink on a light background, so invert
+MIN_CONTRAST = 16.0  # ink must stand this far above the background, or there is no digit to read
+NOISE_FLOOR = 0.1  # after stretching, values under this fraction of full scale are background noise
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_grayscale(image: Image.Image) -> np.ndarray:
+    """Returns the image as (H, W) float32 in 0..255, transparency laid on white.
+
+    Raises:
+        RequestError: 415 for pixel modes we cannot map to 0..255 intensities.
+    """
+    if image.mode in _SIXTEEN_BIT:
+        return np.asarray(image, dtype=np.float32) / 257.0  # 65535 -> 255
+    if image.mode == "I":
+        return _int32_grayscale(np.asarray(image))
+    if image.mode == "F":
+        raise unsupported("UnsupportedImageMode", "32-bit float images are not supported; send 8 or 16 bits")
+    if _has_transparency(image):
+        # A canvas exports untouched pixels as transparent: they are paper, so they become white.
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    try:
+        return np.asarray(image.convert("L"), dtype=np.float32)
+    except ValueError as err:
+        raise unsupported("UnsupportedImageMode", f"cannot read {image.mode} pixels as grayscale: {err}") from None
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
+
+
+def _int32_grayscale(pixels: np.ndarray) -> np.ndarray:
+    # Older Pillow opens 16-bit PNGs as mode "I": values above 255 can only be 16-bit samples.
+    peak = int(pixels.max(initial=0))
+    if pixels.min(initial=0) < 0 or peak > 65535:
+        raise unsupported("UnsupportedImageMode", "32-bit integer images are not supported; send 8 or 16 bits")
+    return pixels.astype(np.float32) / (257.0 if peak > 255 else 1.0)
+
+
+def frame_digit(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Makes an MNIST-style digit of the model's input size from a grayscale image of any size.
+
+    An image already of that size is taken as framed: it is only inverted when its background is light,
+    so a 28x28 MNIST digit passes through byte for byte.
+
+    Args:
+        gray: (H, W) float32 in 0..255, any size.
+        size: the model's (height, width), from the archive's metadata.
+
+    Returns:
+        (height, width) float32 in 0..255, white digit on black.
+
+    Raises:
+        RequestError: 400 when the image holds no ink to read.
+    """
+    if border_median(gray) > LIGHT_BACKGROUND:
+        gray = 255.0 - gray
+    if gray.shape == size:
+        return gray
+    ink = crop_to_ink(stretch_contrast(gray))
+    box = max(1, round(min(size) * BOX_FRACTION))
+    return centre_by_mass(fit_box(ink, box), size)
+
+
+def border_median(gray: np.ndarray) -> float:
+    """The median of the outermost pixels: what the background looks like."""
+    border = np.concatenate([gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]])
+    return float(np.median(border))
+
+
+def stretch_contrast(gray: np.ndarray) -> np.ndarray:
+    """Maps the background to 0 and the brightest ink to 255, zeroing faint noise.
+
+    Photos have grey paper and grey ink; MNIST has black background and full-white strokes.
+    """
+    ink = np.clip(gray - border_median(gray), 0.0, None)
+    peak = float(ink.max())
+    if peak < MIN_CONTRAST:
+        raise bad_request(
+            "NoDigit",
+            f"no digit found: the image is nearly uniform (ink contrast {peak:.0f} of 255, "
+            f"at least {MIN_CONTRAST:.0f} needed)",
+        )
+    ink *= 255.0 / peak
+    ink[ink < NOISE_FLOOR * 255.0] = 0.0
+    return ink
+
+
+def crop_to_ink(ink: np.ndarray) -> np.ndarray:
+    """Crops to the bounding box of the non-zero pixels (there is at least one: see stretch_contrast)."""
+    rows = np.flatnonzero(ink.any(axis=1))
+    cols = np.flatnonzero(ink.any(axis=0))
+    return ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
+def fit_box(ink: np.ndarray, box: int) -> np.ndarray:
+    """Scales so that the longer side is `box` pixels, keeping the aspect ratio, peak back at 255."""
+    height, width = ink.shape
+    scale = box / max(height, width)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))  # Pillow wants (W, H)
+    # LANCZOS widens its kernel when shrinking, so it anti-aliases like MNIST's normalisation did.
+    resized = np.asarray(Image.fromarray(ink).resize(new_size, Image.Resampling.LANCZOS), dtype=np.float32)
+    peak = float(resized.max())
+    # thin strokes fade when shrunk a lot, and MNIST strokes peak at full white; the clip also removes
+    # LANCZOS's ringing below 0 and float rounding above 255
+    return np.clip(resized * (255.0 / peak), 0.0, 255.0) if peak > 0 else np.clip(resized, 0.0, 255.0)
+
+
+def centre_by_mass(digit: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Pastes `digit` into a black field of `size`, its centre of mass on the field's centre.
+
+    MNIST's centres of mass sit at (14.0, 14.0) in index coordinates of the 28x28 field (measured over
+    the test set), that is at (H / 2, W / 2); shifts are whole pixels, clamped so no ink is cut off.
+    """
+    field = np.zeros(size, dtype=np.float32)
+    height, width = digit.shape
+    mass = float(digit.sum())
+    centre_y = float((digit.sum(axis=1) * np.arange(height)).sum()) / mass if mass else (height - 1) / 2
+    centre_x = float((digit.sum(axis=0) * np.arange(width)).sum()) / mass if mass else (width - 1) / 2
+    top = int(np.clip(round(size[0] / 2 - centre_y), 0, size[0] - height))
+    left = int(np.clip(round(size[1] / 2 - centre_x), 0, size[1] - width))
+    field[top : top + height, left : left + width] = digit
+    return field

@@ -1,0 +1,223 @@
+"""Reading one request of a TorchServe batch into a digit: (H, W) float32 intensities, white on black.
+
+What TorchServe 0.12.0 hands the handler, per request (ts/protocol/otf_message_handler.py,
+`_retrieve_input_data`, and ts/service.py, `retrieve_data_for_inference`): a dict from parameter name to
+value. A plain body is the parameter "body"; each multipart form field and each query-string parameter is
+its own parameter. A value is already-parsed JSON for `application/json` (or the raw bytes when it did not
+parse), a str for `text/*`, and bytes otherwise.
+
+Accepted: image bytes Pillow can read, the same base64-encoded (bytes or str, data URL or not), JSON
+`{"data": pixels}` or bare `pixels`, where pixels are H*W numbers, H rows of W, or [[H rows of W]], raw
+0..255 intensities, white digit on black (the MNIST convention, so JSON pixels are used as sent). Every
+failure is a `RequestError` naming the problem.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import re
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from digit_errors import RequestError, bad_request, too_large, unsupported
+from digit_imaging import frame_digit, to_grayscale
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_BODY_BYTES = 16 * 1024 * 1024  # far above any digit photo; TorchServe's max_request_size is the first wall
+MAX_IMAGE_SIDE = 4096
+# Checked from the header, before any pixel is decoded, whatever TorchServe's limit_max_image_pixels says
+# (that switch only lifts Pillow's global limit in TorchServe's own vision handlers).
+MAX_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
+# Formats a client may send. Naming them also keeps Pillow from trying every plugin it has on hostile
+# bytes (EPS would even start Ghostscript). Camera JPEGs in MPO form open through "JPEG".
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+INPUT_FIELDS = ("data", "body")
+_BASE64_TEXT = re.compile(rb"(data:[\w/+.-]*;base64,)?[A-Za-z0-9+/=_\-\s]+")
+
+
+def read_request(row: Any, size: tuple[int, int]) -> np.ndarray:
+    """Reads one request into a digit of the model's input size.
+
+    Args:
+        row: one element of the batch TorchServe passes to `handle`.
+        size: the model's (height, width).
+
+    Returns:
+        (height, width) float32 in 0..255.
+
+    Raises:
+        RequestError: for anything but a readable digit.
+    """
+    return read_payload(pick_payload(row), size)
+
+
+def pick_payload(row: Any) -> Any:
+    """The request's input: field "data", else "body", else its only field (a multipart upload)."""
+    if not isinstance(row, Mapping) or not row:
+        raise bad_request("EmptyBody", "the request has no body and no form fields; send an image or JSON")
+    for field in INPUT_FIELDS:
+        if field in row:
+            return row[field]
+    if len(row) == 1:
+        return next(iter(row.values()))
+    names = ", ".join(repr(str(name))[:40] for name in list(row)[:10])
+    raise bad_request("MissingInput", f"no 'data' or 'body' field among the form fields {names}; name one 'data'")
+
+
+def read_payload(payload: Any, size: tuple[int, int]) -> np.ndarray:
+    """Dispatches on what TorchServe made of the body: bytes, text, or parsed JSON."""
+    if isinstance(payload, (bytes, bytearray)):
+        return read_bytes(bytes(payload), size)
+    if isinstance(payload, str):
+        return read_bytes(payload.encode("utf-8"), size)
+    if isinstance(payload, (list, Mapping)):
+        return read_json(payload, size)
+    raise bad_request(
+        "BadJson", f'expected a JSON object {{"data": [...]}} or a list of pixels, got {type(payload).__name__}'
+    )
+
+
+def read_bytes(payload: bytes, size: tuple[int, int]) -> np.ndarray:
+    """Tells JSON text and base64 text from binary image bytes, and reads each."""
+    if len(payload) > MAX_BODY_BYTES:
+        raise too_large("BodyTooLarge", f"body is {len(payload)} bytes; the limit is {MAX_BODY_BYTES}")
+    text = payload.strip()
+    if not text:
+        raise bad_request("EmptyBody", "the body is empty; send an image or JSON")
+    if text[:1] in (b"{", b"["):
+        return read_json(parse_json(text), size)
+    if _BASE64_TEXT.fullmatch(text):
+        return read_image(decode_base64(text), size, encoded=True)
+    return read_image(payload, size)
+
+
+def parse_json(text: bytes) -> Any:
+    """Parses JSON text that TorchServe forwarded unparsed (sent as bytes, or too deep for it)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise bad_request("BadJson", "JSON is nested too deeply; send at most [[[...]]]") from None
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError both are ValueErrors
+        raise bad_request("BadJson", f"body looks like JSON but does not parse: {err}") from None
+
+
+def decode_base64(text: bytes) -> bytes:
+    """Decodes standard or URL-safe base64, with or without padding, line breaks or a data: prefix."""
+    if text.startswith(b"data:"):
+        text = text.split(b",", 1)[1]
+    compact = re.sub(rb"\s+", b"", text).translate(bytes.maketrans(b"-_", b"+/"))
+    compact += b"=" * (-len(compact) % 4)
+    try:
+        return base64.b64decode(compact, validate=True)
+    except binascii.Error as err:
+        raise unsupported(
+            "NotAnImage", f"body is neither an image, nor JSON, nor valid base64 ({err}); send PNG or JPEG bytes"
+        ) from None
+
+
+def read_image(payload: bytes, size: tuple[int, int], *, encoded: bool = False) -> np.ndarray:
+    """Decodes image bytes and frames the digit they show."""
+    return frame_digit(to_grayscale(decode_image(payload, encoded=encoded)), size)
+
+
+def decode_image(payload: bytes, *, encoded: bool = False) -> Image.Image:
+    """Opens and fully decodes an image (the first frame of GIF, WebP, TIFF), refusing oversized ones first.
+
+    Args:
+        payload: the image file's bytes.
+        encoded: whether they came out of base64, for a clearer error message.
+
+    Raises:
+        RequestError: 415 when not an image, 413 when too large, 400 when truncated or corrupt.
+    """
+    with warnings.catch_warnings():
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a warning must refuse too
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(payload), formats=IMAGE_FORMATS)  # reads the header only
+            check_pixel_count(image)
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # phone photos are stored sideways, with a tag
+        except (RequestError, MemoryError):
+            raise
+        except UnidentifiedImageError:
+            what = "base64 payload decodes to bytes that are not" if encoded else "body is not"
+            raise unsupported(
+                "NotAnImage", f"{what} an image ({', '.join(IMAGE_FORMATS)}), nor JSON; check the Content-Type"
+            ) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise too_large("ImageTooLarge", f"image refused before decoding: {err}") from None
+        except Exception as err:  # Pillow's plugins raise many types on corrupt data; each is the client's
+            raise decode_failure(err) from None
+    return image
+
+
+def decode_failure(err: Exception) -> RequestError:
+    """Names what went wrong inside Pillow: a truncated file, or some other corruption."""
+    if isinstance(err, OSError) and "truncated" in str(err).lower():
+        return bad_request("TruncatedImage", f"the image file is cut short ({err}); send the whole file")
+    return bad_request("CorruptImage", f"image cannot be decoded: {type(err).__name__}: {err}")
+
+
+def check_pixel_count(image: Image.Image) -> None:
+    """Refuses decompression bombs: a few KB of PNG can claim gigapixels."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise too_large(
+            "ImageTooLarge",
+            f"{image.format} image is {width}x{height} pixels; the limit is {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}",
+        )
+    if width * height == 0:
+        raise bad_request("CorruptImage", f"{image.format} image is {width}x{height} pixels: it holds nothing")
+
+
+def read_json(value: Any, size: tuple[int, int]) -> np.ndarray:
+    """Reads `{"data": pixels}` or bare pixels, validated value by value."""
+    if isinstance(value, Mapping):
+        if "data" not in value:
+            keys = ", ".join(repr(str(key))[:40] for key in list(value)[:10])
+            raise bad_request("BadJson", f'JSON object has no "data" key (keys: {keys or "none"})')
+        value = value["data"]
+        if isinstance(value, str):  # {"data": "<base64 image>"}
+            return read_bytes(value.encode("utf-8"), size)
+    return pixels_from_json(value, size)
+
+
+def pixels_from_json(value: Any, size: tuple[int, int]) -> np.ndarray:
+    """Checks shape and values without recursing: deep nesting is just a wrong shape here."""
+    height, width = size
+    rows = _pixel_rows(value, height, width)
+    flat = [number for row in rows for number in row]
+    for index, number in enumerate(flat):
+        if type(number) not in (int, float):  # type(), not isinstance: True is an int but not a pixel
+            raise bad_request("BadPixels", f"pixel {index} is {type(number).__name__}, not a number")
+        if not (isinstance(number, int) or math.isfinite(number)):
+            raise bad_request("BadPixels", f"pixel {index} is {number}; pixels must be finite")
+        if not 0 <= number <= 255:
+            raise bad_request("BadPixels", f"pixel {index} is {_show(number)}; raw intensities are 0..255")
+    return np.asarray(flat, dtype=np.float32).reshape(size)
+
+
+def _show(number: int | float) -> str:
+    # str() of a gigantic int is slow, and refused past 4300 digits
+    return repr(number) if isinstance(number, float) or abs(number) < 10**15 else "an integer over 10**15"
+
+
+def _pixel_rows(value: Any, height: int, width: int) -> list[list[Any]]:
+    """Accepts H*W numbers, H rows of W, or one channel of H rows of W; returns the rows."""
+    expected = f"{height * width} numbers, {height} rows of {width}, or [[{height} rows of {width}]]"
+    if not isinstance(value, list):
+        raise bad_request("BadShape", f"pixels must be a JSON list of {expected}, got {type(value).__name__}")
+    if len(value) == 1 and isinstance(value[0], list):
+        value = value[0]
+    if len(value) == height * width and not any(isinstance(v, list) for v in value):
+        return [value]
+    if len(value) == height and all(isinstance(row, list) and len(row) == width for row in value):
+        return value
+    raise bad_request("BadShape", f"pixels must be {expected}; got a list of {len(value)}")

@@ -1,0 +1,241 @@
+"""Loading what the archive holds: its metadata file, the model file it vouches for, and a runtime for it.
+
+Everything the handler knows about the model (normalisation, labels, input shape, format, digest) comes
+from `digits_meta.json`, written by the archive step from the export's metadata; nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+META_FILE = "digits_meta.json"
+FORMAT_BY_SUFFIX = {".pt": "torchscript", ".onnx": "onnx"}
+REQUIRED_KEYS = ("format", "sha256", "mean", "std", "labels", "input_shape", "layout")
+REBUILD = "rebuild the archive with `digits archive`"
+
+# (N, C, H, W) float32 normalised, on the CPU -> (N, classes) float32 scores (logits or log-probabilities)
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ModelLoadError(RuntimeError):
+    """The archive cannot be served as it is; the message says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class DigitMeta:
+    """The archive's metadata file, checked."""
+
+    format: str  # "onnx" | "torchscript"
+    sha256: str  # hex digest of the model file
+    mean: float  # normalisation, applied to intensities scaled to 0..1
+    std: float
+    labels: tuple[str, ...]  # class index -> label
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    layout: str  # "NCHW"
+    model: str | None = None  # registry name, for the logs
+    model_file: str | None = None  # used when the manifest names no serialized file
+    test_accuracy: float | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of one digit."""
+        return self.input_shape[1], self.input_shape[2]
+
+
+def read_metadata(model_dir: Path) -> DigitMeta:
+    """Reads and checks `<model_dir>/digits_meta.json`."""
+    path = model_dir / META_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing: the archive must ship {META_FILE} as an extra file; {REBUILD}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ModelLoadError(f"{path} is not valid JSON ({err}); {REBUILD}") from None
+    return parse_metadata(raw, str(path))
+
+
+def parse_metadata(raw: Any, source: str) -> DigitMeta:
+    """Builds a `DigitMeta` from parsed JSON, or fails naming every problem at once."""
+    if not isinstance(raw, Mapping):
+        raise ModelLoadError(f"{source} must hold a JSON object, not {type(raw).__name__}; {REBUILD}")
+    missing = [key for key in REQUIRED_KEYS if key not in raw]
+    problems = [f"missing keys: {', '.join(missing)}"] if missing else metadata_problems(raw)
+    if problems:
+        raise ModelLoadError(f"{source} is invalid: {'; '.join(problems)}; {REBUILD}")
+    known = DigitMeta.__dataclass_fields__
+    fields = {key: value for key, value in raw.items() if key in known}
+    fields.update(labels=tuple(raw["labels"]), input_shape=tuple(raw["input_shape"]))
+    return DigitMeta(**fields)
+
+
+def metadata_problems(raw: Mapping[str, Any]) -> list[str]:
+    """What is wrong with the values of a metadata object that has every required key."""
+    checks = {
+        "format": raw["format"] in FORMAT_BY_SUFFIX.values(),
+        "sha256": isinstance(raw["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", raw["sha256"]) is not None,
+        "mean": _is_real(raw["mean"]),
+        "std": _is_real(raw["std"]) and raw["std"] > 0,
+        "labels": _is_labels(raw["labels"]),
+        "input_shape": _is_shape(raw["input_shape"]),
+        "layout": raw["layout"] == "NCHW",
+        "model_file": isinstance(raw.get("model_file", ""), str),
+    }
+    wanted = {
+        "format": f"one of {sorted(FORMAT_BY_SUFFIX.values())}",
+        "sha256": "64 lowercase hex digits",
+        "mean": "a finite number",
+        "std": "a finite number > 0",
+        "labels": "a non-empty list of strings",
+        "input_shape": "[1, H, W] with H, W > 0 (one channel)",
+        "layout": '"NCHW"',
+        "model_file": "a file name",
+    }
+    return [f"{key} is {raw[key]!r:.80}, expected {wanted[key]}" for key, ok in checks.items() if not ok]
+
+
+def _is_real(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _is_labels(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(label, str) for label in value)
+
+
+def _is_shape(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and all(type(x) is int and x > 0 for x in value)
+        and value[0] == 1  # the preprocessing makes grayscale digits
+    )
+
+
+def find_model_file(model_dir: Path, manifest: Mapping[str, Any] | None, meta: DigitMeta) -> Path:
+    """The manifest's serialized file (TorchServe's record of the archive), else the metadata's model_file."""
+    name = ((manifest or {}).get("model") or {}).get("serializedFile") or meta.model_file
+    if not name:
+        raise ModelLoadError(f"neither MANIFEST.json's serializedFile nor {META_FILE}'s model_file names a model")
+    path = model_dir / name
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} is missing from the archive; {REBUILD}")
+    fmt = FORMAT_BY_SUFFIX.get(path.suffix)
+    if fmt is None:
+        raise ModelLoadError(f"model file {path.name} has no known extension; expected {', '.join(FORMAT_BY_SUFFIX)}")
+    if fmt != meta.format:
+        raise ModelLoadError(f"model file {path.name} is {fmt} by its extension but {META_FILE} says {meta.format}")
+    return path
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """Refuses a model file whose digest differs from the one the metadata vouches for."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    actual = digest.hexdigest()
+    if actual != expected:
+        raise ModelLoadError(
+            f"model file {path.name} has SHA-256 {actual}, but {META_FILE} expects {expected}: "
+            f"the file is corrupt or comes from another export; {REBUILD}"
+        )
+
+
+def choose_device(gpu_id: int | str | None) -> torch.device:
+    """`cuda:<gpu_id>` when TorchServe assigned a GPU and CUDA is there, else the CPU; logs which and why."""
+    if gpu_id is not None and torch.cuda.is_available():
+        device = torch.device(f"cuda:{int(gpu_id)}")
+        logger.info("digits handler: running on %s (TorchServe assigned gpu_id %s)", device, gpu_id)
+    elif gpu_id is not None:
+        device = torch.device("cpu")
+        logger.warning("digits handler: running on cpu: TorchServe assigned gpu_id %s but CUDA is unavailable", gpu_id)
+    else:
+        device = torch.device("cpu")
+        logger.info("digits handler: running on cpu (TorchServe assigned no GPU)")
+    return device
+
+
+def load_predictor(path: Path, device: torch.device) -> Predictor:
+    """Loads the model file with the runtime its extension calls for."""
+    if FORMAT_BY_SUFFIX[path.suffix] == "torchscript":
+        return load_torchscript(path, device)
+    return load_onnx(path, device)
+
+
+def load_torchscript(path: Path, device: torch.device) -> Predictor:
+    """A TorchScript module on `device`; inputs move there and scores come back to the CPU."""
+    module = torch.jit.load(str(path), map_location=device).eval()
+    logger.info("digits handler: loaded TorchScript %s on %s", path.name, device)
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return module(images.to(device)).float().cpu()
+
+    return predict
+
+
+def load_onnx(path: Path, device: torch.device) -> Predictor:
+    """An onnxruntime session, on CUDA when the worker has a GPU and onnxruntime-gpu is installed."""
+    import onnxruntime as ort  # only ONNX archives pay for it; a TorchScript worker may lack it
+
+    session = ort.InferenceSession(str(path), sess_options=session_options(ort), providers=onnx_providers(ort, device))
+    if len(session.get_inputs()) != 1:
+        raise ModelLoadError(f"{path.name} takes {len(session.get_inputs())} inputs; a digit model takes one")
+    input_name = session.get_inputs()[0].name
+    logger.info("digits handler: loaded ONNX %s with providers %s", path.name, session.get_providers())
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        # onnxruntime copies CPU inputs to the GPU itself when it runs on CUDA
+        return torch.from_numpy(session.run(None, {input_name: images.cpu().numpy()})[0]).float()
+
+    return predict
+
+
+def onnx_providers(ort: Any, device: torch.device) -> list[Any]:
+    """CUDA (on TorchServe's GPU) then CPU when possible, else CPU alone, saying why."""
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        logger.warning("digits handler: ONNX runs on cpu: install onnxruntime-gpu for CUDAExecutionProvider")
+        return ["CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+
+
+def session_options(ort: Any) -> Any:
+    """One intra-op thread pool as large as torch's, and no inter-op pool.
+
+    onnxruntime's default takes every core regardless of how many workers TorchServe runs; torch's
+    count honours OMP_NUM_THREADS (what TorchServe sets for torchrun workers, and the knob operators use
+    to share cores between workers), so one setting governs both runtimes of a worker.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return options
+
+
+def check_predictor(predict: Predictor, meta: DigitMeta) -> None:
+    """A warm-up forward pass on two blank digits, so that a wrong model fails the load, not the first batch."""
+    try:
+        scores = predict(torch.zeros(2, *meta.input_shape))
+    except Exception as err:  # any runtime's failure here means the model does not fit the metadata
+        raise ModelLoadError(
+            f"warm-up forward pass on a batch of 2 digits {list(meta.input_shape)} failed: {err}; "
+            "the model must take (N, C, H, W) float32 with a dynamic batch dimension"
+        ) from err
+    if tuple(scores.shape) != (2, len(meta.labels)):
+        raise ModelLoadError(
+            f"the model maps a batch of 2 digits {list(meta.input_shape)} to scores of shape {list(scores.shape)}; "
+            f"expected [2, {len(meta.labels)}] (one score per label), with a dynamic batch dimension"
+        )

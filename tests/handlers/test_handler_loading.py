@@ -1,0 +1,211 @@
+"""Loading an archive's model: metadata, digest, format, device, threads; each failure says what is wrong."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import digit_model
+import numpy as np
+import pytest
+import torch
+from digit_handler import DigitHandler
+from digit_model import ModelLoadError, choose_device
+from handler_helpers import MODEL_FILES, TinyNet, make_context, png_bytes, run_batch, write_model_dir
+from torch import nn
+
+
+def initialize(directory: Path, **context_args) -> DigitHandler:
+    handler = DigitHandler()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, and still the way
+        handler.initialize(make_context(directory, **context_args))
+    return handler
+
+
+@pytest.fixture(params=sorted(MODEL_FILES))
+def model_dir(request: pytest.FixtureRequest, model_dirs: dict[str, Path], tmp_path: Path) -> Path:
+    """A private copy of an archive-shaped model dir of each format, free to break."""
+    return Path(shutil.copytree(model_dirs[request.param], tmp_path / request.param))
+
+
+def edit_metadata(directory: Path, **changes) -> None:
+    path = directory / "digits_meta.json"
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    path.write_text(json.dumps({key: value for key, value in meta.items() if value is not ...}))
+
+
+def test_both_formats_agree_with_the_eager_model(model_dirs, tiny_model, mnist_test) -> None:
+    digits = mnist_test[0][:16]
+    expected = torch.softmax(
+        tiny_model(torch.from_numpy((digits / 255.0 - 0.1307) / 0.3081).float()[:, None]), 1
+    ).detach()
+    for fmt, directory in model_dirs.items():
+        handler = initialize(directory)
+        answers = run_batch(handler, make_context(directory), [{"body": png_bytes(d)} for d in digits])
+        got = torch.tensor([a.body["probabilities"] for a in answers], dtype=torch.float64)
+        assert torch.allclose(got, expected.double(), atol=1e-5), fmt
+
+
+def test_normalisation_comes_from_the_metadata(model_dir, mnist_test) -> None:
+    edit_metadata(model_dir, mean=0.5, std=2.0, labels=[f"class-{i}" for i in range(10)])
+    handler = initialize(model_dir)
+    batch = handler.preprocess([{"body": png_bytes(mnist_test[0][0])}])
+    expected = (torch.from_numpy(mnist_test[0][0].astype(np.float32)) / 255.0 - 0.5) / 2.0
+    assert torch.equal(batch.digits[0, 0], expected)
+    [answer] = run_batch(handler, make_context(model_dir), [{"body": png_bytes(mnist_test[0][0])}])
+    assert answer.body["label"].startswith("class-")  # labels that are not digits stay strings
+
+
+def test_missing_metadata_fails_the_load(model_dir) -> None:
+    (model_dir / "digits_meta.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"digits_meta\.json is missing"):
+        initialize(model_dir)
+
+
+def test_unparsable_metadata_fails_the_load(model_dir) -> None:
+    (model_dir / "digits_meta.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not valid JSON"):
+        initialize(model_dir)
+
+
+def test_metadata_missing_keys_are_all_named(model_dir) -> None:
+    edit_metadata(model_dir, mean=..., labels=...)
+    with pytest.raises(ModelLoadError, match="missing keys: mean, labels"):
+        initialize(model_dir)
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"mean": "0.1307"}, "mean"),
+        ({"std": 0}, "std"),
+        ({"std": float("nan")}, "std"),
+        ({"labels": []}, "labels"),
+        ({"labels": [0, 1]}, "labels"),
+        ({"input_shape": [3, 28, 28]}, "input_shape"),
+        ({"input_shape": [1, 28]}, "input_shape"),
+        ({"layout": "NHWC"}, "layout"),
+        ({"format": "pickle"}, "format"),
+        ({"sha256": "ABC"}, "sha256"),
+    ],
+)
+def test_invalid_metadata_values_fail_the_load(model_dir, changes: dict, named: str) -> None:
+    edit_metadata(model_dir, **changes)
+    with pytest.raises(ModelLoadError, match=rf"invalid: .*{named} is"):
+        initialize(model_dir)
+
+
+def test_sha256_mismatch_names_both_digests(model_dir) -> None:
+    meta = json.loads((model_dir / "digits_meta.json").read_text())
+    model_path = model_dir / meta["model_file"]
+    model_path.write_bytes(model_path.read_bytes() + b"\0")
+    actual = digit_model.hashlib.sha256(model_path.read_bytes()).hexdigest()
+    with pytest.raises(ModelLoadError, match=rf"SHA-256 {actual}, but digits_meta\.json expects {meta['sha256']}"):
+        initialize(model_dir)
+
+
+def test_model_file_falls_back_to_the_metadata(model_dir) -> None:
+    handler = initialize(model_dir, manifest={"model": {"modelName": "tiny"}})
+    assert Path(handler.model_pt_path).name == json.loads((model_dir / "digits_meta.json").read_text())["model_file"]
+
+
+def test_missing_model_file_fails_the_load(model_dir) -> None:
+    for path in model_dir.glob("model.*"):
+        path.unlink()
+    with pytest.raises(ModelLoadError, match="missing from the archive"):
+        initialize(model_dir)
+
+
+def test_format_must_match_the_extension(model_dir) -> None:
+    fmt = json.loads((model_dir / "digits_meta.json").read_text())["format"]
+    edit_metadata(model_dir, format="onnx" if fmt == "torchscript" else "torchscript")
+    with pytest.raises(ModelLoadError, match=f"is {fmt} by its extension"):
+        initialize(model_dir)
+
+
+def test_a_model_with_the_wrong_outputs_fails_the_load(tmp_path) -> None:
+    directory = write_model_dir(tmp_path / "wrong", nn.Sequential(nn.Flatten(), nn.Linear(784, 3)), "torchscript")
+    with pytest.raises(ModelLoadError, match=r"scores of shape \[2, 3\]; expected \[2, 10\]"):
+        initialize(directory)
+
+
+def test_a_model_with_the_wrong_input_fails_the_load(tmp_path) -> None:
+    directory = write_model_dir(tmp_path / "wrong", TinyNet(), "onnx")
+    edit_metadata(directory, input_shape=[1, 32, 32])
+    with pytest.raises(ModelLoadError, match="warm-up forward pass"):
+        initialize(directory)
+
+
+def test_onnx_threads_follow_torch(monkeypatch) -> None:
+    import onnxruntime as ort
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    options = digit_model.session_options(ort)
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 1)
+
+
+# --- device choice, with a stand-in context -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("gpu_id", "cuda", "device"),
+    [
+        (None, True, "cpu"),
+        (None, False, "cpu"),
+        (0, True, "cuda:0"),
+        (1, True, "cuda:1"),
+        ("2", True, "cuda:2"),
+        (0, False, "cpu"),
+    ],
+)
+def test_device_choice(monkeypatch, caplog, gpu_id, cuda: bool, device: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    with caplog.at_level(logging.INFO, logger="digit_model"):
+        assert choose_device(gpu_id) == torch.device(device)
+    assert f"running on {device}" in caplog.text
+    if gpu_id is not None and not cuda:
+        assert "CUDA is unavailable" in caplog.text
+
+
+def test_handler_takes_the_gpu_torchserve_assigns(monkeypatch, model_dirs, caplog, mnist_test) -> None:
+    """With CUDA claimed but absent, an ONNX worker on gpu_id 1 picks cuda:1, warns, and serves on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with caplog.at_level(logging.INFO):
+        handler = initialize(model_dirs["onnx"], gpu_id=1)
+    assert handler.device == torch.device("cuda:1")
+    assert "running on cuda:1 (TorchServe assigned gpu_id 1)" in caplog.text
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert "install onnxruntime-gpu" in caplog.text
+    [answer] = run_batch(handler, make_context(model_dirs["onnx"]), [{"body": png_bytes(mnist_test[0][0])}])
+    assert answer.status == 200
+
+
+def test_handler_stays_on_cpu_without_a_gpu_id(model_dirs) -> None:
+    assert initialize(model_dirs["torchscript"]).device == torch.device("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", sorted(MODEL_FILES))
+def test_serves_on_cuda(model_dirs, tiny_model, mnist_test, caplog, fmt: str) -> None:
+    import onnxruntime as ort
+
+    with caplog.at_level(logging.INFO):
+        handler = initialize(model_dirs[fmt], gpu_id=0)
+    assert handler.device == torch.device("cuda:0")
+    if fmt == "onnx" and "CUDAExecutionProvider" in ort.get_available_providers():
+        assert "providers ['CUDAExecutionProvider'" in caplog.text
+    digits = mnist_test[0][:8]
+    answers = run_batch(handler, make_context(model_dirs[fmt]), [{"body": png_bytes(d)} for d in digits])
+    expected = torch.softmax(
+        tiny_model(torch.from_numpy((digits / 255.0 - 0.1307) / 0.3081).float()[:, None]), 1
+    ).detach()
+    got = torch.tensor([a.body["probabilities"] for a in answers], dtype=torch.float64)
+    assert torch.allclose(got, expected.double(), atol=1e-4)  # TF32 and cuDNN may round differently

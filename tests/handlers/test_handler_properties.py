@@ -1,0 +1,152 @@
+"""Whatever a client sends, the handler answers with a digit or with its own 4xx; it never raises anything else."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+from digit_errors import RequestError
+from digit_inputs import read_request
+from handler_helpers import make_context, png_bytes, run_batch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from PIL import Image
+
+# Pillow warns about the corrupt files these tests make on purpose
+pytestmark = pytest.mark.filterwarnings(r"ignore::UserWarning:PIL\.")
+
+SIZE = (28, 28)
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def digit_or_own_error(row: object) -> np.ndarray | RequestError:
+    """Reads a request; the only exception allowed out is a RequestError with a 4xx the issue names."""
+    try:
+        digit = read_request(row, SIZE)
+    except RequestError as err:
+        assert err.code in (400, 413, 415) and err.message
+        json.dumps(err.body())
+        return err
+    assert digit.shape == SIZE and digit.dtype == np.float32
+    assert np.isfinite(digit).all() and digit.min() >= 0 and digit.max() <= 255
+    return digit
+
+
+def _sample_files() -> list[bytes]:
+    digit = np.zeros((28, 28), np.uint8)
+    digit[5:23, 10:18] = 200
+    large = np.asarray(Image.fromarray(255 - digit).resize((90, 70)))
+    files = [png_bytes(digit, fmt=fmt) for fmt in ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")]
+    return files + [png_bytes(large, mode="RGBA"), png_bytes(large, mode="P", fmt="GIF"), png_bytes(large, mode="1")]
+
+
+SAMPLE_FILES = _sample_files()
+MAGIC = [
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+]
+
+
+@FAST
+@given(st.binary(max_size=2048), st.sampled_from(["body", "data", "file"]))
+def test_random_bytes(payload: bytes, field: str) -> None:
+    digit_or_own_error({field: payload})
+
+
+@FAST
+@given(st.sampled_from(MAGIC), st.binary(max_size=512))
+def test_random_bytes_behind_image_signatures(magic: bytes, rest: bytes) -> None:
+    digit_or_own_error({"body": magic + rest})
+
+
+@FAST
+@given(st.sampled_from(SAMPLE_FILES), st.data())
+def test_damaged_image_files(payload: bytes, data: st.DataObject) -> None:
+    damaged = bytearray(payload)
+    for _ in range(data.draw(st.integers(1, 8))):
+        damaged[data.draw(st.integers(0, len(damaged) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(1, len(damaged)))
+    digit_or_own_error({"body": bytes(damaged[:cut])})
+
+
+@FAST
+@given(st.text(max_size=300))
+def test_random_text(text: str) -> None:
+    digit_or_own_error({"body": text})
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda children: (
+        st.lists(children, max_size=30) | st.dictionaries(st.sampled_from(["data", "x"]), children, max_size=3)
+    ),
+    max_leaves=60,
+)
+
+
+@FAST
+@given(JSON_VALUES)
+def test_random_json_parsed_or_as_text(value: object) -> None:
+    digit_or_own_error({"body": value})
+    digit_or_own_error({"body": json.dumps(value).encode()})
+
+
+PIXEL_VALUES = st.floats(allow_nan=True, allow_infinity=True) | st.integers(-300, 300) | st.just(255.0)
+
+
+@FAST
+@given(
+    arrays(
+        np.float64,
+        st.sampled_from([(784,), (28, 28), (1, 28, 28), (1, 784), (783,), (28, 27), (2, 28, 28), (0,)]),
+        elements=PIXEL_VALUES,
+    )
+)
+def test_random_pixel_arrays_are_accepted_exactly_when_valid(pixels: np.ndarray) -> None:
+    valid_shape = pixels.size == 784 and pixels.shape != (2, 28, 28)
+    valid_values = bool(np.isfinite(pixels).all() and (pixels >= 0).all() and (pixels <= 255).all())
+    outcome = digit_or_own_error({"body": {"data": pixels.tolist()}})
+    if valid_shape and valid_values:
+        assert np.array_equal(outcome, pixels.reshape(SIZE).astype(np.float32))
+    else:
+        assert isinstance(outcome, RequestError) and outcome.code == 400
+
+
+@FAST
+@given(
+    st.integers(1, 80),
+    st.integers(1, 80),
+    st.sampled_from(["L", "RGB", "RGBA", "LA", "P", "1", "I;16", "CMYK"]),
+    st.sampled_from(["PNG", "TIFF", "BMP", "GIF", "WEBP", "JPEG"]),
+    st.integers(0, 2**32 - 1),
+)
+def test_random_images_of_any_size_and_mode(width: int, height: int, mode: str, fmt: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray((rng.random((height, width)) < rng.random()).astype(np.uint8) * 255).convert(mode)
+    buffer = io.BytesIO()
+    try:
+        image.save(buffer, format=fmt)
+    except (OSError, ValueError, KeyError):
+        return  # this format cannot store this mode: nothing a client could send
+    digit_or_own_error({"body": buffer.getvalue()})
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.binary(max_size=64) | JSON_VALUES | st.sampled_from(SAMPLE_FILES), min_size=1, max_size=6))
+def test_any_batch_gets_one_answer_per_request(handlers_by_format, model_dirs, payloads: list) -> None:
+    handler = handlers_by_format["onnx"]
+    answers = run_batch(handler, make_context(model_dirs["onnx"]), [{"body": p} for p in payloads])
+    for answer in answers:
+        if answer.status == 200:
+            assert math.isclose(sum(answer.body["probabilities"]), 1.0, abs_tol=1e-6)
+        else:
+            assert answer.status in (400, 413, 415) and answer.body["code"] == answer.status
