@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-demo: setup ## the main job: train mlp and cnn (skipped when their checkpoints exist)
+demo: setup ## the main job: train, export with parity, archive, serve, classify sample digits
 	@for model in $(DEMO_MODELS); do \
 	  if [ -f $(ARTIFACTS)/$$model/checkpoint.pt ]; then \
 	    echo "== $$model: $(ARTIFACTS)/$$model/checkpoint.pt exists, skipping training"; \
@@ -31,6 +31,25 @@ demo: setup ## the main job: train mlp and cnn (skipped when their checkpoints e
 	    echo "== training $$model"; $(DIGITS) train $$model --out $(ARTIFACTS) || exit 1; \
 	  fi; \
 	done
+	@for model in $(DEMO_MODELS); do \
+	  echo "== exporting $$model (TorchScript, ONNX) and proving parity"; \
+	  $(DIGITS) export $$model --artifacts $(ARTIFACTS) || exit 1; \
+	done
+	@echo "== archiving cnn (ONNX) and mlp (TorchScript) into model_store/"
+	$(DIGITS) archive cnn --format onnx --artifacts $(ARTIFACTS)
+	$(DIGITS) archive mlp --format torchscript --artifacts $(ARTIFACTS)
+	@echo "== serving"
+	@$(DIGITS) stop >/dev/null
+	$(DIGITS) serve
+	$(DIGITS) samples --out samples --count 5
+	@echo "== cnn (ONNX) over HTTP"
+	$(DIGITS) predict samples/*.png --model cnn
+	@echo "== mlp (TorchScript) over HTTP"
+	$(DIGITS) predict samples/*.png --model mlp
+	@echo
+	@echo "TorchServe keeps running. Query it yourself:"
+	@echo '  curl -H "Authorization: Bearer $$($(DIGITS) token)" -T samples/test-00000_label-7.png http://127.0.0.1:8080/predictions/cnn'
+	@echo "Stop it: $(DIGITS) stop"
 
 test: setup ## run the test suite (without the slow tests)
 	$(PY) -m pytest -m "not slow" tests

@@ -1,0 +1,294 @@
+"""Subcommands that drive TorchServe: archive, config, serve, stop, token, predict."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_STORE = Path("model_store")
+
+
+def _add_run_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        help="TorchServe's run folder: config, key file, logs "
+        "(default: $DIGITS_RUN_DIR, else ~/.local/state/digits/torchserve)",
+    )
+
+
+def _add_ports(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inference-port", type=int, default=8080, help="default 8080")
+    p.add_argument("--management-port", type=int, default=8081, help="default 8081")
+    p.add_argument("--metrics-port", type=int, default=8082, help="default 8082")
+    p.add_argument("--grpc-inference-port", type=int, default=7070, help="TorchServe's gRPC inference API (7070)")
+    p.add_argument("--grpc-management-port", type=int, default=7071, help="TorchServe's gRPC management API (7071)")
+    p.add_argument(
+        "--bind",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address to listen on (default 127.0.0.1; anything else warns: see README, Security)",
+    )
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    from serving.config import default_run_dir
+
+    return (args.run_dir or default_run_dir()).resolve()
+
+
+def _ports(args: argparse.Namespace):
+    from serving.config import Ports
+
+    return Ports(
+        args.inference_port,
+        args.management_port,
+        args.metrics_port,
+        args.grpc_inference_port,
+        args.grpc_management_port,
+    )
+
+
+def _warn_if_exposed(host: str) -> None:
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: binding TorchServe to {host}: it is reachable from other machines; keep token "
+            "authorisation on and put TLS and a firewall in front (README, Security)",
+            file=sys.stderr,
+        )
+
+
+def add_archive(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "archive",
+        help="pack an exported model into a TorchServe .mar",
+        description="Pack DIR/MODEL's exported model, its metadata and the digits handler into "
+        "STORE/NAME.mar. Refuses a model whose parity report is missing or failed.",
+    )
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--format", required=True, choices=["torchscript", "onnx"], help="which exported file to serve")
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="default: artifacts/")
+    p.add_argument("--model-store", type=Path, default=DEFAULT_STORE, help="default: model_store/")
+    p.add_argument("--name", help="model name in TorchServe and the URL (default: MODEL)")
+    p.add_argument("--batch-size", type=int, default=8, help="TorchServe batch size (default 8)")
+    p.add_argument("--max-batch-delay", type=int, default=5, help="ms to wait to fill a batch (default 5)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--response-timeout", type=int, default=120, help="seconds (default 120)")
+    p.set_defaults(func=run_archive)
+
+
+def run_archive(args: argparse.Namespace) -> int:
+    from serving.archive import ServingSettings, archive_model
+
+    settings = ServingSettings(args.batch_size, args.max_batch_delay, args.workers, args.response_timeout)
+    archive_model(args.model, args.format, args.artifacts, args.model_store, args.name, settings)
+    return 0
+
+
+def add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "config",
+        help="write TorchServe's config.properties for a model store",
+        description="Write the config.properties `digits serve` uses, for running the plain "
+        "`torchserve --start` command yourself. Prints the file's path.",
+    )
+    p.add_argument("--model-store", type=Path, default=DEFAULT_STORE, help="default: model_store/")
+    p.add_argument("--out", type=Path, help="file to write (default: RUN_DIR/config.properties)")
+    _add_run_dir(p)
+    _add_ports(p)
+    p.set_defaults(func=run_config)
+
+
+def run_config(args: argparse.Namespace) -> int:
+    from serving.config import render_config
+
+    _ports(args).validate()
+    _warn_if_exposed(args.bind)
+    out = args.out or _run_dir(args) / "config.properties"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_config(args.model_store, _ports(args), args.bind))
+    print(out)
+    return 0
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="start TorchServe on the model store and wait until every model answers",
+        description="Write config.properties, start TorchServe (token authorisation on, model "
+        "registration off, loopback only), wait until every model answers a "
+        "prediction, print the URLs. Runs in the background unless --foreground.",
+    )
+    p.add_argument("--model-store", type=Path, default=DEFAULT_STORE, help="default: model_store/")
+    _add_run_dir(p)
+    _add_ports(p)
+    p.add_argument("--timeout", type=float, default=60, help="seconds to wait for the models (default 60)")
+    p.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops TorchServe")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from serving import server
+
+    run_dir, ports = _run_dir(args), _ports(args)
+    ports.validate()
+    _warn_if_exposed(args.bind)
+    state, launcher = server.launch(args.model_store, run_dir, ports, args.bind, args.foreground)
+    try:
+        server.wait_until_ready(state, run_dir, timeout=args.timeout)
+    except server.ServeError:
+        server.stop(run_dir)
+        raise
+    _print_ready(state, run_dir)
+    if args.foreground:
+        try:
+            launcher.wait()
+        except KeyboardInterrupt:
+            server.stop(run_dir)
+            print("TorchServe stopped")
+    return 0
+
+
+def _print_ready(state, run_dir: Path) -> None:
+    print(f"TorchServe is up (pid {state.pid}), run folder {run_dir}")
+    print(f"  inference   {state.inference_url}/predictions/<model>")
+    print(f"  management  {state.management_url}/models")
+    print(f"  metrics     {state.metrics_url}/metrics")
+    print(f"  models      {', '.join(state.models)}")
+    print("  token       digits token  (management: digits token --management)")
+    print("  logs        " + str(run_dir / "logs"))
+    print("  stop        digits stop")
+
+
+def add_stop(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stop", help="stop the TorchServe that `digits serve` started")
+    _add_run_dir(p)
+    p.set_defaults(func=run_stop)
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    from serving.server import stop
+
+    state = stop(_run_dir(args))
+    print(f"TorchServe stopped (pid {state.pid})" if state else "TorchServe is not running")
+    return 0
+
+
+def add_token(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("token", help="print the current TorchServe key (inference, or --management)")
+    p.add_argument("--management", action="store_true", help="the management API's key")
+    _add_run_dir(p)
+    p.set_defaults(func=run_token)
+
+
+def run_token(args: argparse.Namespace) -> int:
+    from serving.server import read_token
+
+    print(read_token(_run_dir(args), "management" if args.management else "inference"))
+    return 0
+
+
+def add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify image or JSON files with a running TorchServe")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("--model", default="cnn", help="model name on the server (default cnn)")
+    p.add_argument("--url", help="inference URL (default: the one `digits serve` started)")
+    p.add_argument("--token", help="inference key (default: read from the run folder)")
+    _add_run_dir(p)
+    p.set_defaults(func=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from serving.client import predict_files
+    from training.samples import label_from_name
+
+    results = predict_files(args.files, args.model, _run_dir(args), args.url, args.token)
+    width = max(len(r.file) for r in results)
+    print(f"{'file':{width}}  expected  predicted  confidence")
+    for r in results:
+        expected = label_from_name(r.file)
+        shown = f"{r.label:>9}  {r.confidence:10.4f}" if r.status == 200 else f"error {r.status}: {r.error}"
+        print(f"{r.file:{width}}  {'-' if expected is None else expected:>8}  {shown}")
+    return 0 if all(r.status == 200 for r in results) else 1
+
+
+def add_samples(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "samples",
+        help="write MNIST test digits as PNG files to send to the server",
+        description="Write the first COUNT MNIST test digits as 28x28 PNGs and, drawn large in "
+        "black on a white 280x280 RGB canvas, off-centre. Names carry the label.",
+    )
+    p.add_argument("--out", type=Path, default=Path("samples"), help="default: samples/")
+    p.add_argument("--count", type=int, default=5, help="digits to write (default 5)")
+    p.add_argument("--data-dir", type=Path, help="MNIST folder (default: $DIGITS_DATA, else ~/.cache/digits/data)")
+    p.set_defaults(func=run_samples)
+
+
+def run_samples(args: argparse.Namespace) -> int:
+    from training.data import load_mnist
+    from training.samples import write_samples
+
+    if not 1 <= args.count <= 10_000:
+        raise ValueError(f"--count must be between 1 and 10000, got {args.count}")
+    data = load_mnist(args.data_dir, log=lambda _: None)
+    paths = write_samples(data.test_images, data.test_labels, args.out, args.count)
+    print(f"wrote {len(paths)} PNG files to {args.out}/")
+    return 0
+
+
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="accuracy of a served model on MNIST test digits, over HTTP",
+        description="Send COUNT MNIST test digits as PNG files to a running TorchServe and report "
+        "the accuracy; --drawn sends them drawn large in black on a white canvas.",
+    )
+    p.add_argument("--model", default="cnn", help="model name on the server (default cnn)")
+    p.add_argument("--count", type=int, default=1000, help="test digits to send (default 1000, at most 10000)")
+    p.add_argument("--drawn", action="store_true", help="send each digit drawn large, off-centre, on white RGB")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    p.add_argument("--url", help="inference URL (default: the one `digits serve` started)")
+    p.add_argument("--data-dir", type=Path, help="MNIST folder (default: $DIGITS_DATA, else ~/.cache/digits/data)")
+    _add_run_dir(p)
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import io
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from serving.client import classify_many, resolve_endpoint
+    from training.data import load_mnist
+    from training.samples import drawn_large
+
+    if not 1 <= args.count <= 10_000 or args.concurrency < 1:
+        raise ValueError(f"--count must be 1-10000 and --concurrency positive, got {args.count}, {args.concurrency}")
+    url, token = resolve_endpoint(_run_dir(args), args.url, None)
+    data, rng = load_mnist(args.data_dir, log=lambda _: None), np.random.default_rng(0)
+    payloads = []
+    for digit in data.test_images[: args.count]:
+        image = drawn_large(digit, rng) if args.drawn else Image.fromarray(digit, mode="L")
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        payloads.append(buffer.getvalue())
+    start = time.perf_counter()
+    results = classify_many(payloads, url, args.model, token, args.concurrency)
+    seconds = time.perf_counter() - start
+    right = sum(
+        r.status == 200 and r.label == int(y) for r, y in zip(results, data.test_labels[: args.count], strict=True)
+    )
+    failed = sum(r.status != 200 for r in results)
+    look = "drawn large on white" if args.drawn else "28x28 PNG"
+    print(
+        f"{args.model}: {right}/{args.count} right ({right / args.count:.2%}), {failed} failed, {look}, "
+        f"{args.count / seconds:.0f} requests/s at concurrency {args.concurrency}"
+    )
+    return 0 if failed == 0 else 1
+
+
+SERVING_COMMANDS = [add_archive, add_config, add_serve, add_stop, add_token, add_predict, add_samples, add_evaluate]

@@ -1,0 +1,155 @@
+"""`digits archive`: packs an exported model, its metadata and our handler into a TorchServe `.mar`.
+
+The archive carries everything the worker needs and nothing from this repo's other layers:
+  - the model file (`model.pt` or `model.onnx`) as TorchServe's serialized file;
+  - `handlers/*.py` (the handler module plus its helper modules, flat in the model dir);
+  - `digits_meta.json`: normalisation, labels, input shape and the model file's SHA-256, copied from
+    the export's `export.json`, for the handler to read;
+  - `model-config.yaml`: batchSize, maxBatchDelay, workers and responseTimeout, which `digits serve`
+    reads back to write the `models=` entry of config.properties.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+HANDLER_DIR = Path(__file__).resolve().parent.parent / "handlers"
+HANDLER_MODULE = "digit_handler.py"
+META_NAME = "digits_meta.json"
+CONFIG_NAME = "model-config.yaml"
+FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx"}
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")  # the archiver's own rule for model names
+
+
+class ArchiveError(ValueError):
+    """An archive that cannot or must not be made; the message says why and what to run."""
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """Per-model TorchServe settings, stored in the archive's model-config.yaml."""
+
+    batch_size: int = 8
+    max_batch_delay: int = 5  # ms
+    workers: int = 1
+    response_timeout: int = 120  # s
+
+    def validate(self) -> None:
+        for name, low in (("batch_size", 1), ("max_batch_delay", 0), ("workers", 1), ("response_timeout", 1)):
+            if getattr(self, name) < low:
+                flag = "--" + name.replace("_", "-")
+                raise ArchiveError(f"{flag} must be at least {low}, got {getattr(self, name)}")
+
+    def to_yaml(self) -> dict:
+        return {
+            "minWorkers": self.workers,
+            "maxWorkers": self.workers,
+            "batchSize": self.batch_size,
+            "maxBatchDelay": self.max_batch_delay,
+            "responseTimeout": self.response_timeout,
+        }
+
+
+def read_export(model_dir: Path, model: str) -> dict:
+    """The export's metadata, refusing a model whose parity report is missing or failed."""
+    export_json, parity_json = model_dir / "export.json", model_dir / "parity.json"
+    if not export_json.is_file():
+        raise ArchiveError(f"no export at {export_json}; run `digits export {model}` first")
+    if not parity_json.is_file():
+        raise ArchiveError(f"no parity report at {parity_json}; run `digits export {model}` (or `digits verify`)")
+    parity = json.loads(parity_json.read_text())
+    if parity.get("passed") is not True:
+        raise ArchiveError(f"{parity_json} says parity FAILED; refusing to archive a model that is not proven")
+    return json.loads(export_json.read_text())
+
+
+def handler_files() -> tuple[Path, list[Path]]:
+    """The handler module and its sibling helper modules, all shipped flat in the archive."""
+    handler = HANDLER_DIR / HANDLER_MODULE
+    extras = sorted(p for p in HANDLER_DIR.glob("*.py") if p.name not in (HANDLER_MODULE, "__init__.py"))
+    return handler, extras
+
+
+def build_meta(export: dict, fmt: str, model_file: Path) -> dict:
+    entry = export["files"][fmt]
+    return {
+        "model": export["model"],
+        "model_file": model_file.name,
+        "format": fmt,
+        "sha256": entry["sha256"],
+        "mean": export["mean"],
+        "std": export["std"],
+        "labels": export["labels"],
+        "input_shape": export["input_shape"],
+        "layout": export["layout"],
+        "test_accuracy": export.get("test_accuracy"),
+    }
+
+
+def archive_model(
+    model: str,
+    fmt: str,
+    artifacts: Path,
+    store: Path,
+    name: str | None = None,
+    settings: ServingSettings | None = None,
+    log=print,
+) -> Path:
+    """Writes `<store>/<name>.mar` and returns its path."""
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_packaging import package_model
+    from model_archiver.model_packaging_utils import ModelExportUtils
+
+    settings = settings or ServingSettings()
+    settings.validate()
+    name = name or model
+    if fmt not in FORMATS:
+        raise ArchiveError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    if not NAME_PATTERN.match(name):
+        raise ArchiveError(f"--name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit")
+    export = read_export(Path(artifacts) / model, model)
+    model_file = Path(artifacts) / model / export["files"][fmt]["path"]
+    if not model_file.is_file():
+        raise ArchiveError(f"{model_file} is missing; run `digits export {model}` again")
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    handler, extras = handler_files()
+    with tempfile.TemporaryDirectory(prefix="digits-archive-") as tmp:
+        meta_path, config_path = Path(tmp) / META_NAME, Path(tmp) / CONFIG_NAME
+        meta_path.write_text(json.dumps(build_meta(export, fmt, model_file), indent=2) + "\n")
+        config_path.write_text(yaml.safe_dump(settings.to_yaml(), sort_keys=False))
+        config = ModelArchiverConfig(
+            model_name=name,
+            handler=str(handler),
+            version="1.0",
+            serialized_file=str(model_file),
+            extra_files=",".join(str(p) for p in [*extras, meta_path]),
+            export_path=str(store),
+            force=True,
+            config_file=str(config_path),
+        )
+        package_model(config, manifest=ModelExportUtils.generate_manifest_json(config))
+    mar = store / f"{name}.mar"
+    log(
+        f"wrote {mar} ({fmt}, {model_file.name}, batch {settings.batch_size}, "
+        f"delay {settings.max_batch_delay} ms, {settings.workers} worker(s))"
+    )
+    return mar
+
+
+def read_archive_settings(mar: Path) -> dict:
+    """The model-config.yaml inside an archive (TorchServe's own per-model keys)."""
+    try:
+        with zipfile.ZipFile(mar) as archive:
+            return yaml.safe_load(archive.read(CONFIG_NAME)) or {}
+    except KeyError:
+        return {}  # an archive made elsewhere: TorchServe's defaults apply
+    except zipfile.BadZipFile as err:
+        raise ArchiveError(f"{mar} is not a model archive: {err}") from None

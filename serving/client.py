@@ -1,0 +1,84 @@
+"""`digits predict`: sends files to a running TorchServe, finding the URL and the token itself."""
+
+from __future__ import annotations
+
+import mimetypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from serving.server import ServeError, read_state, read_token
+
+
+@dataclass
+class Prediction:
+    file: str
+    status: int
+    label: int | None = None
+    confidence: float | None = None
+    error: str | None = None
+
+
+def content_type(path: Path) -> str:
+    guessed, _ = mimetypes.guess_type(path.name)
+    return guessed or "application/octet-stream"
+
+
+def predict_file(path: Path, url: str, model: str, token: str, timeout: float = 30) -> Prediction:
+    data = Path(path).read_bytes()
+    response = requests.post(
+        f"{url}/predictions/{model}",
+        data=data,
+        timeout=timeout,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": content_type(path)},
+    )
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"message": response.text.strip()}
+    if response.status_code != 200:
+        return Prediction(str(path), response.status_code, error=body.get("message", str(body)))
+    return Prediction(str(path), 200, body["label"], body["confidence"])
+
+
+def resolve_endpoint(run_dir: Path, url: str | None, token: str | None) -> tuple[str, str]:
+    """The URL and token from flags, else from the run folder of `digits serve`."""
+    state = read_state(run_dir)
+    if url is None:
+        if state is None:
+            raise ServeError(f"no server started from {run_dir}; run `digits serve` or pass --url")
+        url = state.inference_url
+    return url.rstrip("/"), token or read_token(run_dir)
+
+
+def predict_files(
+    files: list[Path], model: str, run_dir: Path, url: str | None = None, token: str | None = None
+) -> list[Prediction]:
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise ValueError(f"no such file: {', '.join(missing)}")
+    url, token = resolve_endpoint(run_dir, url, token)
+    try:
+        return [predict_file(Path(f), url, model, token) for f in files]
+    except requests.ConnectionError:
+        raise ServeError(f"cannot reach {url}; is TorchServe running? (`digits serve`)") from None
+
+
+def classify_many(
+    payloads: list[bytes], url: str, model: str, token: str, concurrency: int = 8, content: str = "image/png"
+) -> list[Prediction]:
+    """Sends every payload concurrently (a thread per connection) and returns the answers in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": content}
+
+    def one(index: int) -> Prediction:
+        response = requests.post(f"{url}/predictions/{model}", data=payloads[index], headers=headers, timeout=60)
+        if response.status_code != 200:
+            return Prediction(str(index), response.status_code, error=response.text.strip()[:200])
+        body = response.json()
+        return Prediction(str(index), 200, body["label"], body["confidence"])
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(one, range(len(payloads))))

@@ -1,0 +1,102 @@
+"""The TorchServe `config.properties` that digits writes for a model store: closed by default."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from serving.archive import ArchiveError, read_archive_settings
+
+MAX_REQUEST_BYTES = 10 * 1024 * 1024  # a 4096x4096 PNG fits; anything bigger is refused by the frontend
+
+
+@dataclass(frozen=True)
+class Ports:
+    inference: int = 8080
+    management: int = 8081
+    metrics: int = 8082
+    # TorchServe always opens its gRPC APIs too; two servers on one machine need their own
+    grpc_inference: int = 7070
+    grpc_management: int = 7071
+
+    def validate(self) -> None:
+        values = list(asdict(self).values())
+        if any(not 1 <= p <= 65535 for p in values):
+            raise ValueError(f"ports must be between 1 and 65535, got {values}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"the inference, management, metrics and gRPC ports must all differ, got {values}")
+
+
+def default_run_dir() -> Path:
+    """`DIGITS_RUN_DIR`, else a per-user state folder: logs, key file and config never land in the cwd."""
+    if os.environ.get("DIGITS_RUN_DIR"):
+        return Path(os.environ["DIGITS_RUN_DIR"]).expanduser()
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return state / "digits" / "torchserve"
+
+
+def list_archives(store: Path) -> list[Path]:
+    store = Path(store)
+    if not store.is_dir():
+        raise ValueError(f"model store {store} does not exist; run `digits archive MODEL` first")
+    archives = sorted(store.glob("*.mar"))
+    if not archives:
+        raise ValueError(f"model store {store} holds no .mar archives; run `digits archive MODEL` first")
+    return archives
+
+
+def models_entry(archives: list[Path]) -> dict:
+    """config.properties' `models=` JSON: per-model batching and workers, from each archive's settings."""
+    entry = {}
+    for mar in archives:
+        settings = read_archive_settings(mar)
+        version = {"defaultVersion": True, "marName": mar.name}
+        for key in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout"):
+            if key in settings:
+                version[key] = settings[key]
+        entry[mar.stem] = {"1.0": version}
+    return entry
+
+
+def render_config(store: Path, ports: Ports, host: str = "127.0.0.1") -> str:
+    store = Path(store).resolve()
+    archives = list_archives(store)
+    try:
+        models = models_entry(archives)
+    except ArchiveError as err:
+        raise ValueError(str(err)) from None
+    lines = {
+        "inference_address": f"http://{host}:{ports.inference}",
+        "management_address": f"http://{host}:{ports.management}",
+        "metrics_address": f"http://{host}:{ports.metrics}",
+        "grpc_inference_address": host,
+        "grpc_inference_port": str(ports.grpc_inference),
+        "grpc_management_address": host,
+        "grpc_management_port": str(ports.grpc_management),
+        "model_store": str(store),
+        "load_models": "all",
+        "models": json.dumps(models),
+        # closed by default: tokens on every API, no model registration over HTTP, local archives only
+        "disable_token_authorization": "false",
+        "enable_model_api": "false",
+        "allowed_urls": f"file://{store}/.*",
+        "install_py_dep_per_model": "false",
+        "max_request_size": str(MAX_REQUEST_BYTES),
+        "max_response_size": str(MAX_REQUEST_BYTES),
+        "default_workers_per_model": "1",
+        # workers talk over unix sockets named after this number (/tmp/.ts.sock.N): derive it from the
+        # inference port so that two servers on different ports never share a socket
+        "initial_worker_port": str(9000 + ports.inference % 50000),
+    }
+    header = "# written by `digits serve`/`digits config`; regenerate rather than edit\n"
+    return header + "".join(f"{k}={v}\n" for k, v in lines.items())
+
+
+def write_config(store: Path, run_dir: Path, ports: Ports, host: str = "127.0.0.1") -> Path:
+    ports.validate()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.properties"
+    path.write_text(render_config(store, ports, host))
+    return path

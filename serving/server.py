@@ -1,0 +1,268 @@
+"""Starts, watches and stops a TorchServe for a model store, with everything it writes in a run folder.
+
+A run folder holds config.properties, key_file.json (TorchServe writes it in its working directory),
+logs/, tmp/ (TorchServe's pid file lives in the temp dir, so each run folder is its own instance) and
+server.json, which `digits stop`, `digits token` and `digits predict` read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+import requests
+
+from serving.config import Ports, list_archives, write_config
+
+READY_TIMEOUT_S = 60
+BLANK_DIGIT = {"data": [0] * 784}  # readiness probe: a real prediction through the whole handler
+LOG_TAIL_LINES = 30
+
+
+class ServeError(RuntimeError):
+    """TorchServe could not be started, reached or stopped; the message says why."""
+
+
+@dataclass
+class ServerState:
+    pid: int
+    host: str
+    ports: dict
+    store: str
+    config: str
+    models: list[str]
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{self.host}:{self.ports['inference']}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{self.host}:{self.ports['management']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.ports['metrics']}"
+
+
+def read_state(run_dir: Path) -> ServerState | None:
+    path = Path(run_dir) / "server.json"
+    if not path.is_file():
+        return None
+    return ServerState(**json.loads(path.read_text()))
+
+
+def is_running(state: ServerState | None) -> bool:
+    if state is None:
+        return False
+    try:
+        return "org.pytorch.serve.ModelServer" in psutil.Process(state.pid).cmdline()
+    except psutil.Error:
+        return False
+
+
+def read_token(run_dir: Path, kind: str = "inference") -> str:
+    """The current key TorchServe wrote for `kind` (inference, management)."""
+    path = Path(run_dir) / "key_file.json"
+    if not path.is_file():
+        raise ServeError(f"no key file at {path}: is TorchServe running from {run_dir}? (`digits serve`)")
+    return json.loads(path.read_text())[kind]["key"]
+
+
+def find_java() -> str:
+    java = Path(os.environ["JAVA_HOME"]) / "bin" / "java" if os.environ.get("JAVA_HOME") else shutil.which("java")
+    if not java or not Path(java).is_file():
+        raise ServeError("Java was not found (TorchServe needs Java 17): install it or set JAVA_HOME")
+    return str(java)
+
+
+def check_ports_free(host: str, ports: Ports) -> None:
+    for role, port in asdict(ports).items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex((host, port)) == 0:
+                flag = "--" + role.replace("_", "-") + "-port"
+                raise ServeError(
+                    f"{role.replace('_', ' ')} port {port} on {host} is already in use; "
+                    f"pass {flag} with a free port (or stop what uses it)"
+                )
+
+
+def _environment(run_dir: Path, java: str) -> dict:
+    env = dict(os.environ)
+    tmp = run_dir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    env.update(
+        TMPDIR=str(tmp),
+        TEMP=str(tmp),
+        LOG_LOCATION=str(run_dir / "logs"),
+        METRICS_LOCATION=str(run_dir / "logs"),
+        JAVA_HOME=str(Path(java).resolve().parent.parent),
+    )
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # workers use this python
+    return env
+
+
+def torchserve_command(store: Path, config: Path, foreground: bool) -> list[str]:
+    torchserve = Path(sys.executable).parent / "torchserve"
+    cmd = [
+        str(torchserve),
+        "--start",
+        "--ncs",
+        "--model-store",
+        str(store),
+        "--models",
+        "all",
+        "--ts-config",
+        str(config),
+    ]
+    return [*cmd, "--foreground"] if foreground else cmd
+
+
+def launch(store: Path, run_dir: Path, ports: Ports, host: str, foreground: bool) -> tuple[ServerState, object]:
+    """Writes the config and starts TorchServe; returns its state and the launcher process."""
+    java = find_java()
+    if is_running(read_state(run_dir)):
+        state = read_state(run_dir)
+        raise ServeError(
+            f"TorchServe is already running from {run_dir} (pid {state.pid}, "
+            f"{state.inference_url}); `digits stop` first"
+        )
+    check_ports_free(host, ports)
+    store = Path(store).resolve()
+    models = [mar.stem for mar in list_archives(store)]
+    config = write_config(store, run_dir, ports, host)
+    (run_dir / "key_file.json").unlink(missing_ok=True)
+    (run_dir / "tmp" / ".model_server.pid").unlink(missing_ok=True)
+    _rotate_logs(run_dir)
+    out = open(run_dir / "logs" / "torchserve.out", "ab")  # noqa: SIM115 - handed to the child process
+    launcher = subprocess.Popen(
+        torchserve_command(store, config, foreground),
+        cwd=run_dir,
+        env=_environment(run_dir, java),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=not foreground,
+    )
+    pid = _wait_for_pid(run_dir, launcher)
+    state = ServerState(pid=pid, host=host, ports=asdict(ports), store=str(store), config=str(config), models=models)
+    (run_dir / "server.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
+    return state, launcher
+
+
+def _rotate_logs(run_dir: Path) -> None:
+    """Keeps the previous run's logs in logs.prev/: start-up checks must read this run's lines only."""
+    logs, previous = run_dir / "logs", run_dir / "logs.prev"
+    if logs.is_dir():
+        shutil.rmtree(previous, ignore_errors=True)
+        logs.rename(previous)
+    logs.mkdir(parents=True)
+
+
+def _wait_for_pid(run_dir: Path, launcher: subprocess.Popen, timeout: float = 20) -> int:
+    pid_file = run_dir / "tmp" / ".model_server.pid"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pid_file.is_file() and pid_file.read_text().strip():
+            return int(pid_file.read_text().strip())
+        if launcher.poll() not in (None, 0):
+            break
+        time.sleep(0.1)
+    raise ServeError(f"TorchServe did not start:\n{log_tail(run_dir / 'logs' / 'torchserve.out')}")
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    if not path.is_file():
+        return f"(no log at {path})"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_until_ready(state: ServerState, run_dir: Path, timeout: float = READY_TIMEOUT_S) -> None:
+    """Returns once every model answers a prediction; raises ServeError with the model log's tail."""
+    deadline, pending = time.monotonic() + timeout, list(state.models)
+    while pending:
+        failed = failed_models(run_dir, pending)
+        if failed:  # checked first: a worker's own reason beats "TorchServe exited"
+            log = run_dir / "logs" / "model_log.log"
+            raise ServeError(
+                f"model(s) {', '.join(failed)} failed to load: {load_failure(log)}\n"
+                f"last lines of {log}:\n{log_tail(log)}"
+            )
+        if not is_running(state):
+            raise ServeError(f"TorchServe exited during start-up:\n{log_tail(run_dir / 'logs' / 'torchserve.out')}")
+        if time.monotonic() > deadline:
+            raise ServeError(
+                f"model(s) {', '.join(pending)} did not answer within {timeout:.0f} s; model log:\n"
+                f"{log_tail(run_dir / 'logs' / 'model_log.log')}"
+            )
+        pending = [m for m in pending if not _answers(state, run_dir, m)]
+        if pending:
+            time.sleep(0.5)
+
+
+# TorchServe retries a worker that fails to load forever, with back-off; two failures are enough to know
+WORKER_DIED = "Backend worker process died"
+LOAD_FAILED_AFTER = 2
+
+
+def failed_models(run_dir: Path, models: list[str]) -> list[str]:
+    log = run_dir / "logs" / "model_log.log"
+    if not log.is_file():
+        return []
+    text = log.read_text(errors="replace")
+    if text.count(WORKER_DIED) < LOAD_FAILED_AFTER:
+        return []
+    return [m for m in models if _deaths(text, m) >= LOAD_FAILED_AFTER]
+
+
+def load_failure(log: Path) -> str:
+    """The handler's own reason, from TorchServe's 'Failed to load model NAME, exception ...' line."""
+    reasons = [
+        line.split(", exception ", 1)[-1]
+        for line in log.read_text(errors="replace").splitlines()
+        if "Failed to load model" in line
+    ]
+    return reasons[-1] if reasons else "the worker died during start-up (see the log below)"
+
+
+def _deaths(text: str, model: str) -> int:
+    # log lines carry the worker thread's name, e.g. "W-9000-cnn_1.0"
+    return sum(1 for line in text.splitlines() if WORKER_DIED in line and f"-{model}_" in line)
+
+
+def _answers(state: ServerState, run_dir: Path, model: str) -> bool:
+    try:
+        token = read_token(run_dir)
+        response = requests.post(
+            f"{state.inference_url}/predictions/{model}",
+            json=BLANK_DIGIT,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=5,
+        )
+    except (requests.RequestException, ServeError, KeyError, json.JSONDecodeError):
+        return False
+    return response.status_code == 200
+
+
+def stop(run_dir: Path, timeout: float = 30) -> ServerState | None:
+    """Stops the TorchServe started from `run_dir` and its workers; returns its state, or None."""
+    state = read_state(run_dir)
+    if not is_running(state):
+        (Path(run_dir) / "server.json").unlink(missing_ok=True)
+        return None
+    parent = psutil.Process(state.pid)
+    children = parent.children(recursive=True)
+    parent.terminate()
+    _, alive = psutil.wait_procs([parent, *children], timeout=timeout)
+    for process in alive:
+        process.kill()
+    for name in ("server.json", "key_file.json", "tmp/.model_server.pid"):
+        (Path(run_dir) / name).unlink(missing_ok=True)
+    return state

@@ -1,0 +1,28 @@
+"""Helpers shared by the serving tests (a uniquely named module: every test folder has a conftest)."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+PORT_FLAGS = [
+    "--inference-port",
+    "--management-port",
+    "--metrics-port",
+    "--grpc-inference-port",
+    "--grpc-management-port",
+]
+
+
+def port_flags(ports: list[int]) -> list[str]:
+    return [arg for flag, port in zip(PORT_FLAGS, ports, strict=True) for arg in (flag, str(port))]

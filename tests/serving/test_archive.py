@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+import yaml
+
+from digits.cli import main
+from serving.archive import CONFIG_NAME, META_NAME
+
+
+def test_archive_holds_handler_model_metadata_and_settings(store):
+    with zipfile.ZipFile(store / "cnn.mar") as mar:
+        names = set(mar.namelist())
+        meta = json.loads(mar.read(META_NAME))
+        settings = yaml.safe_load(mar.read(CONFIG_NAME))
+        manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
+    assert {"digit_handler.py", "model.onnx", META_NAME, CONFIG_NAME} <= names
+    assert not any(n.startswith(("digits/", "training/", "export/", "serving/")) for n in names)
+    assert manifest["model"]["handler"] == "digit_handler.py" and manifest["model"]["serializedFile"] == "model.onnx"
+    assert meta["format"] == "onnx" and len(meta["sha256"]) == 64 and meta["labels"] == [str(d) for d in range(10)]
+    assert settings == {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 20, "responseTimeout": 120}
+
+
+def _args(artifacts, tmp_path, *extra):
+    return ["archive", "cnn", "--format", "onnx", "--artifacts", str(artifacts), "--model-store", str(tmp_path), *extra]
+
+
+def test_archive_refuses_a_model_whose_parity_failed(artifacts, tmp_path, capsys):
+    copy = tmp_path / "art" / "cnn"
+    copy.mkdir(parents=True)
+    for name in ("export.json", "model.onnx"):
+        (copy / name).write_bytes((artifacts / "cnn" / name).read_bytes())
+    (copy / "parity.json").write_text(json.dumps({"passed": False}))
+    assert main(_args(tmp_path / "art", tmp_path)) == 2
+    assert "parity FAILED" in capsys.readouterr().err
+    (copy / "parity.json").unlink()
+    assert main(_args(tmp_path / "art", tmp_path)) == 2
+    assert "no parity report" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.mar"))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--batch-size", "0"], "--batch-size must be at least 1"), (["--name", "../evil"], "--name '../evil'")],
+)
+def test_archive_bad_settings_are_one_line(artifacts, tmp_path, capsys, extra, message):
+    assert main(_args(artifacts, tmp_path, *extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_archive_of_an_unexported_model_names_the_command(tmp_path, capsys):
+    assert main(["archive", "mlp", "--format", "torchscript", "--artifacts", str(tmp_path)]) == 2
+    assert "run `digits export mlp` first" in capsys.readouterr().err
