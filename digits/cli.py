@@ -6,6 +6,12 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from digits.serving_commands import SERVING_COMMANDS
+
+if TYPE_CHECKING:
+    from export.parity import ParityReport
 
 EXIT_USAGE = 2  # bad input of any kind: one line on stderr, no traceback
 
@@ -78,7 +84,88 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_models]
+EXIT_PARITY_FAILED = 1  # files written, but they do not compute what the eager model computes
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a trained model to TorchScript and ONNX and prove parity",
+        description="Export DIR/MODEL/checkpoint.pt to model.pt (TorchScript) and model.onnx, compare both with "
+        "the eager model on the MNIST test set, and write parity.json, parity.md and, when parity passes, "
+        "export.json. Exits 1 when parity fails.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a registered model (see `digits models`)")
+    _add_artifacts(p)
+    p.add_argument("--opset", type=int, help="ONNX opset to target (default: the exporter's)")
+    _add_tolerances(p)
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from export.convert import export_model
+
+    result = export_model(args.artifacts, args.model, args.opset, **_tolerances(args))
+    return _print_report(args, result.report, result.model_dir)
+
+
+def add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="re-run the parity checks on exported files",
+        description="Check DIR/MODEL/model.onnx (ONNX checker, inputs, outputs, metadata) and compare model.pt "
+        "and model.onnx with the eager model again, without exporting; rewrites parity.json and parity.md. "
+        "Exits 1 when parity fails.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a registered model (see `digits models`)")
+    _add_artifacts(p)
+    _add_tolerances(p)
+    p.set_defaults(func=run_verify)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from export.convert import verify_model
+
+    report = verify_model(args.artifacts, args.model, **_tolerances(args))
+    return _print_report(args, report, args.artifacts / args.model)
+
+
+def _add_artifacts(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--artifacts", type=Path, default=Path("artifacts"), help="folder holding MODEL/ (default: artifacts/)"
+    )
+
+
+def _add_tolerances(p: argparse.ArgumentParser) -> None:
+    # no numeric defaults here: the tolerances live with the parity check, and the report prints them
+    p.add_argument("--atol", type=float, help="absolute tolerance per logit (default: export.parity.ATOL)")
+    p.add_argument("--rtol", type=float, help="relative tolerance per logit (default: export.parity.RTOL)")
+
+
+def _tolerances(args: argparse.Namespace) -> dict[str, float]:
+    return {k: getattr(args, k) for k in ("atol", "rtol") if getattr(args, k) is not None}
+
+
+def _print_report(args: argparse.Namespace, report: ParityReport, model_dir: Path) -> int:
+    print(report.to_markdown(), end="")
+    if report.passed:
+        return 0
+    failed = sum(not c.passed for c in report.checks)
+    print(
+        f"digits {args.command}: parity failed in {failed} of {len(report.checks)} checks; "
+        f"see {model_dir / 'parity.md'}",
+        file=sys.stderr,
+    )
+    return EXIT_PARITY_FAILED
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_train,
+    add_models,
+    add_export,
+    add_verify,
+    *SERVING_COMMANDS,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,10 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from serving.server import ServeError
     from training.checkpoint import CheckpointError
     from training.data import DataError
 
-    return (UsageError, ValueError, DataError, CheckpointError, FileNotFoundError, PermissionError)
+    return (UsageError, ValueError, DataError, CheckpointError, ServeError, FileNotFoundError, PermissionError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,12 @@
+"""The export layer: a checkpoint becomes TorchScript and ONNX files, with a parity report proving both.
+
+Modules, one job each: `torchscript.py` and `onnx.py` write and check one format, `metadata.py` decides
+what travels with the files, `parity.py` holds the one parity check and its tolerances, and `convert.py`
+runs the steps for `digits export` and `digits verify`.
+"""
+
+from __future__ import annotations
+
+
+class ExportError(ValueError):
+    """Exported files that cannot be written, read or trusted; the message says what to run instead."""

@@ -1,0 +1,245 @@
+"""The steps behind `digits export` and `digits verify`.
+
+export: DIR/MODEL/checkpoint.pt -> model.pt, model.onnx -> parity.json, parity.md -> export.json.
+`export.json` is written only when parity passes, so its presence means "these files are proven".
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from export import ExportError
+from export.metadata import (
+    check_metadata_matches,
+    decode_onnx_metadata,
+    export_manifest,
+    onnx_metadata_props,
+    sha256_file,
+)
+from export.onnx import check_onnx_file, export_onnx, onnx_opset
+from export.parity import (
+    ATOL,
+    RTOL,
+    ParityReport,
+    check_parity,
+    check_tolerances,
+    eager_runner,
+    file_backends,
+    normalise,
+)
+from export.torchscript import export_torchscript
+from training.checkpoint import load_checkpoint, rebuild_model
+from training.models import list_models
+
+CHECKPOINT_FILE = "checkpoint.pt"
+TORCHSCRIPT_FILE = "model.pt"
+ONNX_FILE = "model.onnx"
+PARITY_JSON = "parity.json"
+PARITY_MD = "parity.md"
+MANIFEST_FILE = "export.json"
+EXAMPLE_BATCH = 2  # a batch of 1 lets the exporters bake the batch size in
+
+
+@dataclass
+class ExportResult:
+    model_dir: Path
+    report: ParityReport
+    seconds: dict[str, float]  # step ("torchscript", "onnx", "parity") -> wall time
+    sizes: dict[str, int]  # file name -> bytes
+
+
+def export_model(
+    artifacts_dir: Path,
+    model: str,
+    opset: int | None = None,
+    *,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    samples: int | None = None,
+    data_dir: Path | None = None,
+    log: Callable[[str], Any] = print,
+) -> ExportResult:
+    """Exports DIR/MODEL/checkpoint.pt to TorchScript and ONNX and proves parity on MNIST test digits.
+
+    Args:
+        artifacts_dir: the folder holding MODEL/checkpoint.pt; the files are written next to it.
+        opset: ai.onnx opset; None takes the exporter's default.
+        samples: test digits for the whole-set check (None: all 10,000); tests use fewer.
+    Returns:
+        The result; `result.report.passed` says whether the files may be used.
+    """
+    check_tolerances(atol, rtol)
+    model_dir = Path(artifacts_dir) / model
+    checkpoint = find_checkpoint(model_dir, model)
+    ensure_writable(model_dir)
+    payload = load_model_checkpoint(checkpoint, model)
+    eager, meta, checkpoint_sha = rebuild_model(payload), payload["metadata"], sha256_file(checkpoint)
+    example = example_input(meta["input_shape"])
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "torchscript"), _staged(model_dir / TORCHSCRIPT_FILE) as path:
+        export_torchscript(eager, path, example, log=log)
+    log(_written(model_dir / TORCHSCRIPT_FILE, "TorchScript", seconds["torchscript"]))
+    with _timed(seconds, "onnx"):
+        opset_used = _write_onnx(eager, model_dir / ONNX_FILE, example, meta, checkpoint_sha, opset)
+    log(_written(model_dir / ONNX_FILE, f"ONNX opset {opset_used}", seconds["onnx"]))
+    with _timed(seconds, "parity"):
+        report = prove_parity(eager, model_dir, meta, atol=atol, rtol=rtol, samples=samples, data_dir=data_dir, log=log)
+    write_report(report, model_dir)
+    _write_or_withdraw_manifest(report, model_dir, meta, checkpoint_sha, log)
+    sizes = {name: (model_dir / name).stat().st_size for name in (TORCHSCRIPT_FILE, ONNX_FILE)}
+    return ExportResult(model_dir, report, seconds, sizes)
+
+
+def verify_model(
+    artifacts_dir: Path,
+    model: str,
+    *,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    samples: int | None = None,
+    data_dir: Path | None = None,
+    log: Callable[[str], Any] = print,
+) -> ParityReport:
+    """Re-runs the checks on files already exported, without exporting; rewrites parity.json and parity.md."""
+    check_tolerances(atol, rtol)
+    model_dir = Path(artifacts_dir) / model
+    checkpoint = find_checkpoint(model_dir, model)
+    rerun = f"run `digits export {model} --artifacts {artifacts_dir}`"
+    for name in (TORCHSCRIPT_FILE, ONNX_FILE):
+        if not (model_dir / name).is_file():
+            raise ExportError(f"no {name} in {model_dir}; {rerun} first")
+    payload = load_model_checkpoint(checkpoint, model)
+    eager, meta = rebuild_model(payload), payload["metadata"]
+    check_exported_onnx(model_dir / ONNX_FILE, meta, sha256_file(checkpoint), rerun)
+    ensure_writable(model_dir)
+    report = prove_parity(eager, model_dir, meta, atol=atol, rtol=rtol, samples=samples, data_dir=data_dir, log=log)
+    write_report(report, model_dir)
+    return report
+
+
+def find_checkpoint(model_dir: Path, model: str) -> Path:
+    """DIR/MODEL/checkpoint.pt, or an error saying which `digits train` makes it."""
+    path = model_dir / CHECKPOINT_FILE
+    if path.is_file():
+        return path
+    if model not in list_models():
+        raise ExportError(f"unknown model {model!r} and no checkpoint at {path}; known: {', '.join(list_models())}")
+    raise ExportError(f"no checkpoint at {path}; train one first: digits train {model} --out {model_dir.parent}")
+
+
+def load_model_checkpoint(path: Path, model: str) -> dict:
+    """The checkpoint at `path`, which must be one of `model`."""
+    payload = load_checkpoint(path)
+    found = payload["metadata"]["model"]
+    if found != model:
+        raise ExportError(f"{path} holds a {found!r} checkpoint, not {model!r}")
+    return payload
+
+
+def ensure_writable(folder: Path) -> None:
+    # Probe with a real file: permission bits alone do not tell (root, read-only mounts, ACLs)
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ExportError(f"cannot write to {folder}: {err.strerror or err}") from None
+
+
+def example_input(input_shape: list[int]) -> torch.Tensor:
+    """(EXAMPLE_BATCH, *input_shape) float32; its values do not matter, only its shape."""
+    return torch.randn(EXAMPLE_BATCH, *input_shape, generator=torch.Generator().manual_seed(0))
+
+
+def _write_onnx(
+    eager: nn.Module, path: Path, example: torch.Tensor, meta: dict, checkpoint_sha: str, opset: int | None
+) -> int:
+    """Exports, then checks the written file as `verify` would; returns the opset used."""
+    with _staged(path) as staging:
+        export_onnx(eager, staging, example, onnx_metadata_props(meta, checkpoint_sha), opset=opset)
+        proto = check_exported_onnx(staging, meta, checkpoint_sha, rerun="this is a bug in the export step")
+    return onnx_opset(proto)
+
+
+def check_exported_onnx(path: Path, meta: dict, checkpoint_sha: str, rerun: str) -> onnx.ModelProto:
+    """Checker, graph contract and metadata against the checkpoint; returns the loaded onnx.ModelProto."""
+    proto = check_onnx_file(path, meta["input_shape"], len(meta["labels"]))
+    props = {p.key: p.value for p in proto.metadata_props}
+    check_metadata_matches(decode_onnx_metadata(props), meta, checkpoint_sha, where=f"{path} ({rerun})")
+    return proto
+
+
+def prove_parity(
+    eager: nn.Module,
+    model_dir: Path,
+    meta: dict,
+    *,
+    atol: float,
+    rtol: float,
+    samples: int | None,
+    data_dir: Path | None,
+    log: Callable[[str], Any],
+) -> ParityReport:
+    """Eager against model.pt and model.onnx from `model_dir`, on the first `samples` MNIST test digits."""
+    from training.data import load_mnist
+
+    data = load_mnist(data_dir, log=log)
+    n = len(data.test_labels) if samples is None else samples
+    images = normalise(data.test_images[:n], meta["mean"], meta["std"], meta["input_shape"])
+    backends = file_backends(model_dir / TORCHSCRIPT_FILE, model_dir / ONNX_FILE)
+    return check_parity(
+        eager_runner(eager), backends, images, data.test_labels[:n], model=meta["model"], atol=atol, rtol=rtol
+    )
+
+
+def write_report(report: ParityReport, model_dir: Path) -> None:
+    with _staged(model_dir / PARITY_JSON) as path:
+        path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    with _staged(model_dir / PARITY_MD) as path:
+        path.write_text(report.to_markdown())
+
+
+def _write_or_withdraw_manifest(report: ParityReport, model_dir: Path, meta: dict, checkpoint_sha: str, log) -> None:
+    # The archive step trusts export.json; a failed export must not leave one behind, old or new.
+    manifest = model_dir / MANIFEST_FILE
+    if not report.passed:
+        manifest.unlink(missing_ok=True)
+        log(f"parity failed: {MANIFEST_FILE} not written; see {model_dir / PARITY_MD}")
+        return
+    files = {"torchscript": model_dir / TORCHSCRIPT_FILE, "onnx": model_dir / ONNX_FILE}
+    with _staged(manifest) as path:
+        path.write_text(json.dumps(export_manifest(meta, checkpoint_sha, files), indent=2) + "\n")
+    log(f"wrote {model_dir / PARITY_JSON}, {PARITY_MD}, {MANIFEST_FILE}")
+
+
+def _written(path: Path, what: str, seconds: float) -> str:
+    return f"wrote {path} ({what}, {path.stat().st_size / 1e6:.2f} MB, {seconds:.1f} s)"
+
+
+@contextmanager
+def _staged(path: Path) -> Iterator[Path]:
+    """Yields a temporary name next to `path` and moves it into place only if the block succeeds, so an
+    interrupted export never leaves a half-written file under the real name."""
+    staging = path.with_name(f".{path.name}.partial")
+    try:
+        yield staging
+        staging.replace(path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], step: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    seconds[step] = time.perf_counter() - start

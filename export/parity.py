@@ -1,0 +1,350 @@
+"""The one parity check: do the exported files compute what the eager model computes?
+
+Used by `digits export`, `digits verify` and the tests alike; the tolerances live here and nowhere else.
+An element passes when |value - eager| <= atol + rtol * |eager| (numpy's `allclose` rule); a check also
+needs the predicted class (argmax) to agree with eager on every sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from export import ExportError
+from export.onnx import INPUT_NAME, OUTPUT_NAME
+from export.torchscript import load_torchscript
+
+ATOL = 1e-5
+RTOL = 1e-4
+# 1 and 2 catch a batch size baked in at export (the example batch is 2); 17 is odd and not a power of two;
+# 256 is a serving-sized batch
+BATCH_SIZES = (1, 2, 17, 256)
+FULL_SET_BATCH = 1000  # chunk size for the whole-test-set pass; bounds memory for resnet18
+ORT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL")
+
+Runner = Callable[[np.ndarray], np.ndarray]  # (N, 1, 28, 28) float32 -> (N, 10) float32 logits
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way of running the exported model, compared against eager."""
+
+    name: str  # "torchscript" or "onnxruntime"
+    ort_optimization: str | None  # onnxruntime's graph optimisation level, None for torchscript
+    run: Runner
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.ort_optimization})" if self.ort_optimization else self.name
+
+
+@dataclass
+class ParityCheck:
+    """One backend at one batch size (or over the whole set, in chunks), against eager."""
+
+    backend: str
+    ort_optimization: str | None
+    batch_size: int
+    samples: int
+    # None where the backend raised instead of answering
+    max_abs_diff: float | None
+    max_rel_diff: float | None  # |value - eager| / max(|eager|, atol / rtol): see _relative_floor
+    mean_abs_diff: float | None
+    tolerance_used: float | None  # max |value - eager| / (atol + rtol * |eager|): above 1.0 fails
+    argmax_agreement: float
+    accuracy: float
+    passed: bool
+    # the element furthest outside the tolerance (or closest to it): [sample, class], eager and exported
+    worst_index: list[int] = field(default_factory=list)
+    worst_reference: float | None = None
+    worst_value: float | None = None
+    failure: str | None = None
+
+
+@dataclass
+class ParityReport:
+    model: str
+    atol: float
+    rtol: float
+    samples: int
+    reference_accuracy: float  # eager, over all `samples`
+    checks: list[ParityCheck]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    @property
+    def failures(self) -> list[str]:
+        return [c.failure for c in self.checks if c.failure]
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "passed": self.passed,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "samples": self.samples,
+            "reference_accuracy": self.reference_accuracy,
+            "checks": [asdict(c) for c in self.checks],
+        }
+
+    def to_markdown(self) -> str:
+        """The table a person reads, with a verdict and, on failure, what failed where."""
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines = [
+            f"# Parity: {self.model} {verdict}",
+            "",
+            f"Eager PyTorch against the exported files loaded back from disk, on {self.samples} MNIST test digits. "
+            f"An element passes when |exported - eager| <= {self.atol:g} + {self.rtol:g} * |eager|; a check also "
+            f"needs argmax agreement 1.0. Relative differences are taken against max(|eager|, atol / rtol). "
+            f"Eager accuracy: {self.reference_accuracy:.2%}.",
+            "",
+            *_table(self.checks),
+        ]
+        if self.failures:
+            lines += ["", "Failures:", *(f"- {f}" for f in self.failures)]
+        return "\n".join(lines) + "\n"
+
+
+def _table(checks: Sequence[ParityCheck]) -> list[str]:
+    header = [
+        "backend",
+        "ORT optimisation",
+        "batch",
+        "samples",
+        "max abs diff",
+        "max rel diff",
+        "mean abs diff",
+        "tolerance used",
+        "argmax agreement",
+        "accuracy",
+        "result",
+    ]
+    rows = [
+        [
+            c.backend,
+            c.ort_optimization or "-",
+            str(c.batch_size),
+            str(c.samples),
+            _number(c.max_abs_diff),
+            _number(c.max_rel_diff),
+            _number(c.mean_abs_diff),
+            "-" if c.tolerance_used is None else f"{c.tolerance_used:.0%}",
+            f"{c.argmax_agreement:.4f}",
+            f"{c.accuracy:.2%}",
+            "pass" if c.passed else "FAIL",
+        ]
+        for c in checks
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def check_parity(
+    reference: Runner,
+    backends: Sequence[Backend],
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    model: str = "",
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+) -> ParityReport:
+    """Compares every backend with the eager reference, per batch size and over all `images`.
+
+    Args:
+        reference: the eager model as a runner (see `eager_runner`).
+        images: (N, 1, 28, 28) float32, normalised; N >= max(batch_sizes). Real test digits, not noise:
+            argmax agreement and accuracy mean something only on real data.
+        labels: (N,) int true classes, for accuracy.
+    """
+    _check_arguments(images, labels, atol, rtol, batch_sizes)
+    full_reference = _run_chunked(reference, images)
+    checks = []
+    for backend in backends:
+        for n in batch_sizes:
+            checks.append(_check_batch(backend, reference(images[:n]), images[:n], labels[:n], n, atol, rtol))
+        checks.append(_check_full_set(backend, full_reference, images, labels, atol, rtol))
+    accuracy = float(np.mean(full_reference.argmax(1) == labels))
+    return ParityReport(model, atol, rtol, len(images), accuracy, checks)
+
+
+def check_tolerances(atol: float, rtol: float) -> None:
+    if not (atol >= 0 and rtol >= 0):
+        raise ValueError(f"tolerances must be non-negative, got atol={atol}, rtol={rtol}")
+
+
+def _check_arguments(images: np.ndarray, labels: np.ndarray, atol: float, rtol: float, batch_sizes) -> None:
+    check_tolerances(atol, rtol)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if len(images) < max(batch_sizes):
+        raise ValueError(f"parity at batch size {max(batch_sizes)} needs that many images, got {len(images)}")
+
+
+def _check_batch(backend: Backend, expected, images, labels, n: int, atol: float, rtol: float) -> ParityCheck:
+    try:
+        actual = backend.run(images)
+    # any error from the runtime (a baked-in batch size, a bad graph) is this check's result, not a crash
+    except Exception as err:
+        return _errored(backend, n, len(images), err)
+    return compare(backend, expected, actual, labels, n, atol, rtol)
+
+
+def _check_full_set(backend: Backend, expected, images, labels, atol: float, rtol: float) -> ParityCheck:
+    try:
+        actual = _run_chunked(backend.run, images)
+    except Exception as err:  # as in _check_batch
+        return _errored(backend, FULL_SET_BATCH, len(images), err)
+    return compare(backend, expected, actual, labels, min(FULL_SET_BATCH, len(images)), atol, rtol)
+
+
+def _run_chunked(run: Runner, images: np.ndarray) -> np.ndarray:
+    return np.concatenate([run(images[i : i + FULL_SET_BATCH]) for i in range(0, len(images), FULL_SET_BATCH)])
+
+
+def compare(
+    backend: Backend,
+    expected: np.ndarray,
+    actual: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    atol: float,
+    rtol: float,
+) -> ParityCheck:
+    """One check from eager logits `expected` and the backend's `actual`, both (N, classes)."""
+    if actual.shape != expected.shape:
+        error = ValueError(f"logits of shape {actual.shape}, eager {expected.shape}")
+        return _errored(backend, batch_size, len(expected), error)
+    if not np.isfinite(actual).all():
+        return _errored(backend, batch_size, len(expected), ValueError("non-finite logits (NaN or inf)"))
+    expected, actual = expected.astype(np.float64), actual.astype(np.float64)  # exact differences
+    diff = np.abs(actual - expected)
+    allowed = atol + rtol * np.abs(expected)
+    excess = diff / np.maximum(allowed, np.finfo(np.float64).tiny)  # > 1 outside the tolerance
+    worst = np.unravel_index(int(np.argmax(excess)), diff.shape)
+    disagree = np.flatnonzero(actual.argmax(1) != expected.argmax(1))
+    check = ParityCheck(
+        backend=backend.name,
+        ort_optimization=backend.ort_optimization,
+        batch_size=batch_size,
+        samples=len(expected),
+        max_abs_diff=float(diff.max()),
+        max_rel_diff=float((diff / np.maximum(np.abs(expected), _relative_floor(atol, rtol))).max()),
+        mean_abs_diff=float(diff.mean()),
+        tolerance_used=float(excess.max()),
+        argmax_agreement=1.0 - len(disagree) / len(expected),
+        accuracy=float(np.mean(actual.argmax(1) == labels)),
+        passed=bool(excess.max() <= 1.0) and len(disagree) == 0,
+        worst_index=[int(i) for i in worst],
+        worst_reference=float(expected[worst]),
+        worst_value=float(actual[worst]),
+    )
+    if not check.passed:
+        check.failure = _failure_message(backend, check, float(allowed[worst]), disagree)
+    return check
+
+
+def _relative_floor(atol: float, rtol: float) -> float:
+    # Below |eager| = atol / rtol the absolute term dominates the tolerance, so the relative difference of a
+    # near-zero logit says nothing about passing; measuring it there would only make the column look alarming.
+    return max(atol / rtol if rtol > 0 else atol, 1e-12)
+
+
+def _failure_message(backend: Backend, check: ParityCheck, allowed: float, disagree: np.ndarray) -> str:
+    """Where it failed: the backend, the batch size, the worst element and/or the changed predictions."""
+    i, j = check.worst_index
+    problems = []
+    if abs(check.worst_value - check.worst_reference) > allowed:
+        problems.append(
+            f"logits[{i}, {j}] = {check.worst_value:.7g}, eager {check.worst_reference:.7g} "
+            f"(|diff| {abs(check.worst_value - check.worst_reference):.3g}, allowed {allowed:.3g})"
+        )
+    if len(disagree):
+        problems.append(f"argmax differs on {len(disagree)} of {check.samples} samples (first: sample {disagree[0]})")
+    return f"{backend.label} at batch size {check.batch_size} ({check.samples} samples): " + "; ".join(problems)
+
+
+def _errored(backend: Backend, batch_size: int, samples: int, err: BaseException) -> ParityCheck:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return ParityCheck(
+        backend=backend.name,
+        ort_optimization=backend.ort_optimization,
+        batch_size=batch_size,
+        samples=samples,
+        max_abs_diff=None,
+        max_rel_diff=None,
+        mean_abs_diff=None,
+        tolerance_used=None,
+        argmax_agreement=0.0,
+        accuracy=0.0,
+        passed=False,
+        failure=f"{backend.label} at batch size {batch_size} ({samples} samples): {type(err).__name__}: {reason}",
+    )
+
+
+# --- runners: eager, and the exported files loaded back from disk -----------------------------------
+
+
+def eager_runner(model: nn.Module) -> Runner:
+    """The reference: the model as it is (eval mode, normally), on the CPU, without autograd."""
+
+    def run(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(images)).numpy()
+
+    return run
+
+
+def torchscript_backend(path: Path) -> Backend:
+    module = load_torchscript(path)
+
+    def run(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(images)).numpy()
+
+    return Backend("torchscript", None, run)
+
+
+def onnxruntime_backend(path: Path, optimization: str) -> Backend:
+    """onnxruntime on the CPU at one graph optimisation level (a name from `ORT_LEVELS`)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own pybind error types, none exported
+        raise ExportError(f"onnxruntime cannot load {path}: {str(err).strip().splitlines()[0]}") from None
+
+    def run(images: np.ndarray) -> np.ndarray:
+        return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+
+    return Backend("onnxruntime", optimization, run)
+
+
+def file_backends(torchscript_path: Path, onnx_path: Path) -> list[Backend]:
+    """What `digits export` and `digits verify` compare: TorchScript, and ONNX with and without graph
+    optimisation. The unoptimised run matters: onnxruntime's optimiser deletes a Dropout node left by an
+    export in training mode, which would hide that bug."""
+    return [torchscript_backend(torchscript_path), *(onnxruntime_backend(onnx_path, lvl) for lvl in ORT_LEVELS)]
+
+
+def normalise(images: np.ndarray, mean: float, std: float, input_shape: Sequence[int]) -> np.ndarray:
+    """uint8 (N, 28, 28) -> (N, *input_shape) float32, with the mean and std the checkpoint carries."""
+    x = torch.from_numpy(images).float().div(255.0).sub(mean).div(std)  # same ops, same order as training
+    return x.reshape(len(images), *input_shape).numpy()
