@@ -1,0 +1,33 @@
+"""On a CUDA machine, TorchServe hands the worker a GPU and the handler runs there."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+import torch
+from serving_helpers import port_flags
+
+from digits.cli import main
+from serving.server import read_state, read_token
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_served_models_run_on_the_gpu(store, tmp_path, ports, mnist):
+    argv = ["--run-dir", str(tmp_path)]
+    assert main(["serve", "--model-store", str(store), *argv, *port_flags(ports)]) == 0
+    try:
+        state = read_state(tmp_path)
+        headers = {"Authorization": f"Bearer {read_token(tmp_path)}"}
+        for model in ("cnn", "mlp"):
+            response = requests.post(
+                f"{state.inference_url}/predictions/{model}",
+                headers=headers,
+                timeout=30,
+                json={"data": mnist.test_images[0].tolist()},
+            )
+            assert response.status_code == 200 and response.json()["label"] == 7
+        log = (tmp_path / "logs" / "model_log.log").read_text()
+        assert "on cuda:0" in log, "the handler did not report a CUDA device"
+    finally:
+        main(["stop", *argv])
