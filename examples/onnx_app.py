@@ -2,7 +2,9 @@
 
     python examples/onnx_app.py digit.png other.jpg --model artifacts/cnn/model.onnx
 
-Everything needed to preprocess comes from the file's metadata_props (written by `digits export`): mean,
+Drawings and photos are framed as MNIST was made (cropped to the ink, scaled, centred by mass), so a
+digit drawn large on white classifies like an MNIST one. Everything needed to preprocess comes from the
+file's metadata_props (written by `digits export`): mean,
 std, input_shape (C, H, W), layout and labels. Prints one line per image: file, label, confidence.
 """
 
@@ -36,18 +38,36 @@ def load_model(path: Path) -> tuple[ort.InferenceSession, dict]:
 
 
 def preprocess(path: Path, meta: dict) -> np.ndarray:
-    """Image file -> (C, H, W) float32: grayscale, white digit on black, resized, normalised."""
+    """Image file -> (C, H, W) float32: grayscale, white digit on black, framed like MNIST, normalised."""
     channels, height, width = meta["input_shape"]
-    image = Image.open(path).convert("L")
-    pixels = np.asarray(image, dtype=np.float32)
+    pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
     # MNIST digits are light on dark; a photo or scan of ink on paper is the other way round. Judge by
     # the border, which is background in any reasonably cropped digit.
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     if border.mean() > 127:
-        image = Image.fromarray(255 - np.asarray(image))
-    image = image.resize((width, height), Image.Resampling.BILINEAR)
-    x = (np.asarray(image, dtype=np.float32) / 255.0 - meta["mean"]) / meta["std"]
+        pixels = 255.0 - pixels
+    if pixels.shape != (height, width):
+        pixels = frame_like_mnist(pixels, height, width)
+    x = (pixels / 255.0 - meta["mean"]) / meta["std"]
     return np.broadcast_to(x, (channels, height, width)).astype(np.float32)
+
+
+def frame_like_mnist(ink: np.ndarray, height: int, width: int) -> np.ndarray:
+    """As MNIST was made: crop to the ink, fit the longer side to 20/28 of the frame, centre by mass."""
+    rows, cols = np.nonzero(ink > 0.2 * ink.max()) if ink.max() > 0 else ([0], [0])
+    crop = ink[min(rows) : max(rows) + 1, min(cols) : max(cols) + 1]
+    scale = round(20 / 28 * min(height, width)) / max(crop.shape)
+    size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))  # (w, h)
+    digit = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+    ys, xs = np.indices(digit.shape)
+    total = digit.sum() or 1.0
+    top = int(round(height / 2 - (ys * digit).sum() / total))
+    left = int(round(width / 2 - (xs * digit).sum() / total))
+    top = min(max(top, 0), height - digit.shape[0])
+    left = min(max(left, 0), width - digit.shape[1])
+    frame = np.zeros((height, width), dtype=np.float32)
+    frame[top : top + digit.shape[0], left : left + digit.shape[1]] = digit
+    return frame
 
 
 def classify(session: ort.InferenceSession, meta: dict, batch: np.ndarray) -> list[tuple[str, float]]:
