@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from export.parity import normalise
+from training.samples import drawn_large
 
 APP = Path(__file__).resolve().parents[2] / "examples" / "onnx_app.py"
 
@@ -57,11 +58,14 @@ def test_the_app_classifies_real_test_digits_without_torch(exported, mnist, tmp_
     scan = tmp_path / "scan.png"
     first = int(images[0].stem.split("-")[1])
     Image.fromarray(255 - mnist.test_images[first]).resize((112, 112)).save(scan)
-    result = _run_app(no_torch, *map(str, [*images, scan]), "--model", str(onnx_path))
+    # drawn large in black on a white canvas, off-centre: the app crops, scales and centres it as MNIST did
+    drawn = tmp_path / "drawn.png"
+    drawn_large(mnist.test_images[first], np.random.default_rng(1)).save(drawn)
+    result = _run_app(no_torch, *map(str, [*images, scan, drawn]), "--model", str(onnx_path))
     assert result.returncode == 0, result.stderr
     rows = [line.split("\t") for line in result.stdout.strip().splitlines()]
-    assert [row[0] for row in rows] == [str(p) for p in [*images, scan]]
-    assert [row[1] for row in rows] == [*expected, expected[0]]
+    assert [row[0] for row in rows] == [str(p) for p in [*images, scan, drawn]]
+    assert [row[1] for row in rows] == [*expected, expected[0], expected[0]]
     assert all(0.0 < float(row[2]) <= 1.0 for row in rows)
 
 
