@@ -37,6 +37,18 @@ MAX_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
 # Formats a client may send. Naming them also keeps Pillow from trying every plugin it has on hostile
 # bytes (EPS would even start Ghostscript). Camera JPEGs in MPO form open through "JPEG".
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+# File signatures of IMAGE_FORMATS (WebP's is split in two: see sniff_format). Bytes that start like one
+# of them but that Pillow cannot identify are a corrupt image (zero or impossible size, a cut header), not
+# some other kind of body.
+SIGNATURES = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
 INPUT_FIELDS = ("data", "body")
 _BASE64_TEXT = re.compile(rb"(data:[\w/+.-]*;base64,)?[A-Za-z0-9+/=_\-\s]+")
 
@@ -147,10 +159,7 @@ def decode_image(payload: bytes, *, encoded: bool = False) -> Image.Image:
         except (RequestError, MemoryError):
             raise
         except UnidentifiedImageError:
-            what = "base64 payload decodes to bytes that are not" if encoded else "body is not"
-            raise unsupported(
-                "NotAnImage", f"{what} an image ({', '.join(IMAGE_FORMATS)}), nor JSON; check the Content-Type"
-            ) from None
+            raise unidentified(payload, encoded) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise too_large("ImageTooLarge", f"image refused before decoding: {err}") from None
         except Exception as err:  # Pillow's plugins raise many types on corrupt data; each is the client's
@@ -158,10 +167,36 @@ def decode_image(payload: bytes, *, encoded: bool = False) -> Image.Image:
     return image
 
 
+def unidentified(payload: bytes, encoded: bool) -> RequestError:
+    """415 for bytes of no image format we read; 400 for a file that starts like one but cannot be read."""
+    fmt = sniff_format(payload)
+    if fmt is not None:
+        return bad_request(
+            "CorruptImage",
+            f"the body starts like a {fmt} file but its header cannot be read (cut short, corrupt, or an image "
+            "of zero pixels); send the whole, valid file",
+        )
+    what = "base64 payload decodes to bytes that are not" if encoded else "body is not"
+    return unsupported("NotAnImage", f"{what} an image ({', '.join(IMAGE_FORMATS)}), nor JSON; check the Content-Type")
+
+
+def sniff_format(payload: bytes) -> str | None:
+    """The image format a file's first bytes announce, if it is one of IMAGE_FORMATS."""
+    if payload[:4] == b"RIFF" and payload[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in SIGNATURES.items() if payload.startswith(magic)), None)
+
+
+# Pillow inflates PNG text and ICC chunks only up to PngImagePlugin.MAX_TEXT_CHUNK and then raises this
+_CHUNK_BOMB = "decompressed data too large"
+
+
 def decode_failure(err: Exception) -> RequestError:
-    """Names what went wrong inside Pillow: a truncated file, or some other corruption."""
+    """Names what went wrong inside Pillow: a truncated file, a chunk that inflates too far, or corruption."""
     if isinstance(err, OSError) and "truncated" in str(err).lower():
         return bad_request("TruncatedImage", f"the image file is cut short ({err}); send the whole file")
+    if isinstance(err, ValueError) and _CHUNK_BOMB in str(err).lower():
+        return too_large("ImageTooLarge", f"a compressed chunk of the image decompresses past the limit ({err})")
     return bad_request("CorruptImage", f"image cannot be decoded: {type(err).__name__}: {err}")
 
 

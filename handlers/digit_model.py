@@ -167,10 +167,23 @@ def choose_device(gpu_id: int | str | None) -> torch.device:
 
 
 def load_predictor(path: Path, device: torch.device) -> Predictor:
-    """Loads the model file with the runtime its extension calls for."""
-    if FORMAT_BY_SUFFIX[path.suffix] == "torchscript":
-        return load_torchscript(path, device)
-    return load_onnx(path, device)
+    """Loads the model file with the runtime its extension calls for.
+
+    Raises:
+        ModelLoadError: the runtime cannot read the file. Its digest matched the metadata, so the file is
+            as exported: the export itself is broken, or the archive was built around a damaged file.
+    """
+    fmt = FORMAT_BY_SUFFIX[path.suffix]
+    try:
+        return load_torchscript(path, device) if fmt == "torchscript" else load_onnx(path, device)
+    except ModelLoadError:
+        raise
+    except Exception as err:  # each runtime has its own error types for an unreadable file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"model file {path.name} cannot be loaded as {fmt} ({type(err).__name__}: {reason}); its SHA-256 "
+            f"matches {META_FILE}, so it was archived damaged: re-export the model and {REBUILD}"
+        ) from err
 
 
 def load_torchscript(path: Path, device: torch.device) -> Predictor:

@@ -60,6 +60,23 @@ def models_entry(archives: list[Path]) -> dict:
     return entry
 
 
+def allowed_urls(store: Path) -> str:
+    """A Java regex admitting only `file://<store>/<name>.mar`: no other folder, no `..`, no other scheme.
+
+    `file://<store>/.*` would admit `file://<store>/../../etc/passwd`, and TorchServe 0.12.0's workflow API
+    (which enable_model_api does not switch off) copies such a file into the store before it refuses the
+    relative path. Characters of the store path other than letters, digits and `/_-` are matched literally
+    through a one-character class; the few that cannot be are refused (TorchServe splits the list at commas,
+    config.properties eats backslashes, and brackets and `^` change what a class means).
+    """
+    path = str(Path(store).resolve())
+    unsafe = sorted({c for c in path if c in ",\\[]^\n"})
+    if unsafe:
+        raise ValueError(f"model store path {path!r} holds {unsafe}, which allowed_urls cannot match literally")
+    literal = "".join(c if c.isalnum() or c in "/_-" else f"[{c}]" for c in path)
+    return f"file://{literal}/[A-Za-z0-9_][A-Za-z0-9_.-]*[.]mar"
+
+
 def render_config(store: Path, ports: Ports, host: str = "127.0.0.1") -> str:
     store = Path(store).resolve()
     archives = list_archives(store)
@@ -81,11 +98,14 @@ def render_config(store: Path, ports: Ports, host: str = "127.0.0.1") -> str:
         # closed by default: tokens on every API, no model registration over HTTP, local archives only
         "disable_token_authorization": "false",
         "enable_model_api": "false",
-        "allowed_urls": f"file://{store}/.*",
+        "allowed_urls": allowed_urls(store),
         "install_py_dep_per_model": "false",
         "max_request_size": str(MAX_REQUEST_BYTES),
         "max_response_size": str(MAX_REQUEST_BYTES),
         "default_workers_per_model": "1",
+        # the handler's per-batch time split (handlers/digit_metrics.py) are custom metrics, which TorchServe
+        # drops unless metrics.yaml names them or this is on; registering costs once, at the first batch
+        "model_metrics_auto_detect": "true",
         # workers talk over unix sockets named after this number (/tmp/.ts.sock.N): derive it from the
         # inference port so that two servers on different ports never share a socket
         "initial_worker_port": str(9000 + ports.inference % 50000),

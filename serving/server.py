@@ -23,6 +23,7 @@ import requests
 from serving.config import Ports, list_archives, write_config
 
 READY_TIMEOUT_S = 60
+TS_PROCESS = "org.pytorch.serve.ModelServer"  # in the command line of TorchServe's Java process
 BLANK_DIGIT = {"data": [0] * 784}  # readiness probe: a real prediction through the whole handler
 LOG_TAIL_LINES = 30
 
@@ -64,7 +65,7 @@ def is_running(state: ServerState | None) -> bool:
     if state is None:
         return False
     try:
-        return "org.pytorch.serve.ModelServer" in psutil.Process(state.pid).cmdline()
+        return TS_PROCESS in psutil.Process(state.pid).cmdline()
     except psutil.Error:
         return False
 
@@ -75,6 +76,21 @@ def read_token(run_dir: Path, kind: str = "inference") -> str:
     if not path.is_file():
         raise ServeError(f"no key file at {path}: is TorchServe running from {run_dir}? (`digits serve`)")
     return json.loads(path.read_text())[kind]["key"]
+
+
+def refresh_token(run_dir: Path, kind: str = "inference") -> str:
+    """Asks TorchServe for a new `kind` key (its keys expire after 60 minutes) and returns it.
+
+    TorchServe's token API takes the key file's "API" key and rewrites key_file.json itself.
+    """
+    state = read_state(run_dir)
+    if not is_running(state):
+        raise ServeError(f"no TorchServe is running from {run_dir}; `digits serve` starts one with fresh keys")
+    headers = {"Authorization": f"Bearer {read_token(run_dir, 'API')}"}
+    response = requests.post(f"{state.management_url}/token", params={"type": kind}, headers=headers, timeout=10)
+    if response.status_code != 200:
+        raise ServeError(f"TorchServe refused a new {kind} key: {response.status_code} {response.text.strip()[:200]}")
+    return read_token(run_dir, kind)
 
 
 def find_java() -> str:
@@ -90,9 +106,22 @@ def check_ports_free(host: str, ports: Ports) -> None:
             if probe.connect_ex((host, port)) == 0:
                 flag = "--" + role.replace("_", "-") + "-port"
                 raise ServeError(
-                    f"{role.replace('_', ' ')} port {port} on {host} is already in use; "
+                    f"{role.replace('_', ' ')} port {port} on {host} is already in use{listener(port)}; "
                     f"pass {flag} with a free port (or stop what uses it)"
                 )
+
+
+def listener(port: int) -> str:
+    """' by NAME (pid N)' for the process listening on `port`, when the OS tells us; else ''."""
+    try:
+        pids = {c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+        pid = next(pid for pid in pids if pid)
+        process = psutil.Process(pid)
+        if TS_PROCESS in process.cmdline():
+            return f" by a TorchServe (pid {pid}; `digits stop` or `torchserve --stop` stops it)"
+        return f" by {process.name()} (pid {pid})"
+    except (psutil.Error, StopIteration):  # other users' sockets hide their pid unless we are root
+        return ""
 
 
 def _environment(run_dir: Path, java: str) -> dict:
@@ -129,32 +158,58 @@ def torchserve_command(store: Path, config: Path, foreground: bool) -> list[str]
 def launch(store: Path, run_dir: Path, ports: Ports, host: str, foreground: bool) -> tuple[ServerState, object]:
     """Writes the config and starts TorchServe; returns its state and the launcher process."""
     java = find_java()
-    if is_running(read_state(run_dir)):
-        state = read_state(run_dir)
-        raise ServeError(
-            f"TorchServe is already running from {run_dir} (pid {state.pid}, "
-            f"{state.inference_url}); `digits stop` first"
-        )
+    check_not_running(run_dir)
     check_ports_free(host, ports)
     store = Path(store).resolve()
     models = [mar.stem for mar in list_archives(store)]
     config = write_config(store, run_dir, ports, host)
     (run_dir / "key_file.json").unlink(missing_ok=True)
-    (run_dir / "tmp" / ".model_server.pid").unlink(missing_ok=True)
     _rotate_logs(run_dir)
-    out = open(run_dir / "logs" / "torchserve.out", "ab")  # noqa: SIM115 - handed to the child process
-    launcher = subprocess.Popen(
-        torchserve_command(store, config, foreground),
-        cwd=run_dir,
-        env=_environment(run_dir, java),
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=not foreground,
-    )
+    with open(run_dir / "logs" / "torchserve.out", "ab") as out:  # the child keeps its own copy of the fd
+        launcher = subprocess.Popen(
+            torchserve_command(store, config, foreground),
+            cwd=run_dir,
+            env=_environment(run_dir, java),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=not foreground,
+        )
     pid = _wait_for_pid(run_dir, launcher)
     state = ServerState(pid=pid, host=host, ports=asdict(ports), store=str(store), config=str(config), models=models)
     (run_dir / "server.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
     return state, launcher
+
+
+def check_not_running(run_dir: Path) -> None:
+    """Refuses to start a second TorchServe from `run_dir`, whether digits started the first one or not.
+
+    TorchServe keeps one pid file per temp dir and refuses to start while it names a live TorchServe;
+    `digits serve` gives each run folder its own temp dir, so a live pid file there is a TorchServe started
+    by hand (or by a digits whose server.json is gone) with that TMPDIR. A stale pid file is removed.
+    """
+    state = read_state(run_dir)
+    if is_running(state):
+        raise ServeError(
+            f"TorchServe is already running from {run_dir} (pid {state.pid}, {state.inference_url}); "
+            "`digits stop` first"
+        )
+    pid_file = Path(run_dir) / "tmp" / ".model_server.pid"
+    owner = _pid_file_owner(pid_file)
+    if owner is not None:
+        raise ServeError(
+            f"a TorchServe that digits did not start (pid {owner}) is running with {pid_file.parent} as its temp "
+            f"dir; stop it (`TMPDIR={pid_file.parent} torchserve --stop`, or kill {owner}) or pass another --run-dir"
+        )
+    pid_file.unlink(missing_ok=True)
+
+
+def _pid_file_owner(pid_file: Path) -> int | None:
+    """The pid in TorchServe's pid file when that process is a live TorchServe, else None."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        return pid if TS_PROCESS in psutil.Process(pid).cmdline() else None
+    except (OSError, ValueError, psutil.Error):
+        return None
 
 
 def _rotate_logs(run_dir: Path) -> None:
@@ -191,10 +246,8 @@ def wait_until_ready(state: ServerState, run_dir: Path, timeout: float = READY_T
         failed = failed_models(run_dir, pending)
         if failed:  # checked first: a worker's own reason beats "TorchServe exited"
             log = run_dir / "logs" / "model_log.log"
-            raise ServeError(
-                f"model(s) {', '.join(failed)} failed to load: {load_failure(log)}\n"
-                f"last lines of {log}:\n{log_tail(log)}"
-            )
+            reasons = "\n".join(f"model {model} failed to load: {load_failure(log, model)}" for model in failed)
+            raise ServeError(f"{reasons}\nlast lines of {log}:\n{log_tail(log)}")
         if not is_running(state):
             raise ServeError(f"TorchServe exited during start-up:\n{log_tail(run_dir / 'logs' / 'torchserve.out')}")
         if time.monotonic() > deadline:
@@ -222,12 +275,12 @@ def failed_models(run_dir: Path, models: list[str]) -> list[str]:
     return [m for m in models if _deaths(text, m) >= LOAD_FAILED_AFTER]
 
 
-def load_failure(log: Path) -> str:
+def load_failure(log: Path, model: str) -> str:
     """The handler's own reason, from TorchServe's 'Failed to load model NAME, exception ...' line."""
     reasons = [
         line.split(", exception ", 1)[-1]
         for line in log.read_text(errors="replace").splitlines()
-        if "Failed to load model" in line
+        if f"Failed to load model {model}, exception " in line
     ]
     return reasons[-1] if reasons else "the worker died during start-up (see the log below)"
 

@@ -6,6 +6,8 @@ and a checkpoint can never run code on load.
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -33,7 +35,9 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for a bad file
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(refusal(path, err)) from None
+    except Exception as err:  # torch raises RuntimeError, EOFError... for a bad file
         raise CheckpointError(f"{path} is not a readable checkpoint: {str(err).splitlines()[0]}") from None
     if not isinstance(payload, dict) or "state_dict" not in payload or "metadata" not in payload:
         raise CheckpointError(f"{path} is not a digits checkpoint (no state_dict/metadata)")
@@ -41,6 +45,17 @@ def load_checkpoint(path: Path) -> dict:
     if missing:
         raise CheckpointError(f"{path}: checkpoint metadata lacks {', '.join(missing)}")
     return payload
+
+
+def refusal(path: Path, err: pickle.UnpicklingError) -> str:
+    """Names the Python object a refused checkpoint asks for; torch's own first line suggests loading it unsafely."""
+    found = re.search(r"GLOBAL (\S+)", str(err))
+    if found is None:
+        return f"{path} is not a readable checkpoint: {str(err).splitlines()[0]}"
+    return (
+        f"{path} asks to import {found.group(1)} while loading, which a checkpoint never needs; refused "
+        "without running it (checkpoints load with weights_only=True). Use checkpoints written by `digits train`"
+    )
 
 
 def rebuild_model(payload: dict) -> nn.Module:

@@ -30,6 +30,14 @@ def png_header(width: int, height: int) -> bytes:
     )
 
 
+def text_bomb_png(megabytes: int = 16) -> bytes:
+    """A valid 28x28 PNG plus a zTXt chunk of a few KB that inflates to `megabytes` MB."""
+    plain = png_bytes(DIGIT)
+    data = b"Comment\x00\x00" + zlib.compress(b"A" * (megabytes << 20), 9)
+    chunk = struct.pack(">I", len(data)) + b"zTXt" + data + struct.pack(">I", zlib.crc32(b"zTXt" + data))
+    return plain[:33] + chunk + plain[33:]  # after the signature and IHDR
+
+
 def nested_list(depth: int) -> list:
     """A list nested `depth` deep, built without recursion."""
     value: list = [0]
@@ -63,6 +71,10 @@ BAD_REQUESTS = {
     "base64-of-junk": ({"body": base64.b64encode(b"not an image at all")}, 415, "NotAnImage"),
     "bad-base64": ({"body": "iVBORw0KGgo=AAAA=="}, 415, "NotAnImage"),
     "truncated-png": ({"body": png_bytes(NOISE)[:2000]}, 400, "TruncatedImage"),
+    "png-signature-only": ({"body": b"\x89PNG\r\n\x1a\n"}, 400, "CorruptImage"),
+    "zero-sized-png": ({"body": png_header(0, 0)}, 400, "CorruptImage"),
+    "truncated-16-bit-png": ({"body": png_bytes(NOISE.astype(np.uint16) * 257)[:3000]}, 400, "TruncatedImage"),
+    "truncated-cmyk-jpeg": ({"body": png_bytes(NOISE, mode="CMYK", fmt="JPEG")[:1500]}, 400, "TruncatedImage"),
     "truncated-jpeg": ({"body": png_bytes(NOISE, fmt="JPEG")[:1500]}, 400, "TruncatedImage"),
     "truncated-base64-png": ({"body": base64.b64encode(png_bytes(NOISE)[:2000])}, 400, "TruncatedImage"),
     "corrupt-webp": ({"body": png_bytes(NOISE, fmt="WEBP")[:300]}, 400, "CorruptImage"),
@@ -75,6 +87,7 @@ BAD_REQUESTS = {
     "over-4096x4096": ({"body": png_header(4097, 4096)}, 413, "ImageTooLarge"),
     "pillow-warns": ({"body": png_header(10_000, 10_000)}, 413, "ImageTooLarge"),
     "pillow-refuses": ({"body": png_header(100_000, 100_000)}, 413, "ImageTooLarge"),
+    "png-text-chunk-bomb": ({"body": text_bomb_png()}, 413, "ImageTooLarge"),
     "body-over-16-MiB": ({"body": b"\x89PNG" + bytes(16 * 1024 * 1024)}, 413, "BodyTooLarge"),
     "malformed-json": ({"body": b'{"data": [1, 2,'}, 400, "BadJson"),
     "deep-json-text": ({"body": b"[" * 100_000 + b"]" * 100_000}, 400, "BadJson"),

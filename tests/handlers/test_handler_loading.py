@@ -109,6 +109,18 @@ def test_sha256_mismatch_names_both_digests(model_dir) -> None:
         initialize(model_dir)
 
 
+def test_a_damaged_model_file_vouched_for_by_its_digest_fails_the_load(model_dir) -> None:
+    """The digest matches (the archive was built around broken bytes): the runtime's failure is named."""
+    meta = json.loads((model_dir / "digits_meta.json").read_text())
+    model_path = model_dir / meta["model_file"]
+    damaged = model_path.read_bytes()
+    damaged = damaged[: len(damaged) // 2]
+    model_path.write_bytes(damaged)
+    edit_metadata(model_dir, sha256=digit_model.hashlib.sha256(damaged).hexdigest())
+    with pytest.raises(ModelLoadError, match=rf"model file {model_path.name} cannot be loaded as {meta['format']} \("):
+        initialize(model_dir)
+
+
 def test_model_file_falls_back_to_the_metadata(model_dir) -> None:
     handler = initialize(model_dir, manifest={"model": {"modelName": "tiny"}})
     assert Path(handler.model_pt_path).name == json.loads((model_dir / "digits_meta.json").read_text())["model_file"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import struct
+import zlib
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -20,7 +23,8 @@ from PIL import Image
 pytestmark = pytest.mark.filterwarnings(r"ignore::UserWarning:PIL\.")
 
 SIZE = (28, 28)
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# "never hang": an example over the deadline fails (generous: these inputs take milliseconds, on a busy box too)
+FAST = settings(max_examples=150, deadline=timedelta(seconds=5), suppress_health_check=[HealthCheck.too_slow])
 
 
 def digit_or_own_error(row: object) -> np.ndarray | RequestError:
@@ -41,7 +45,13 @@ def _sample_files() -> list[bytes]:
     digit[5:23, 10:18] = 200
     large = np.asarray(Image.fromarray(255 - digit).resize((90, 70)))
     files = [png_bytes(digit, fmt=fmt) for fmt in ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")]
-    return files + [png_bytes(large, mode="RGBA"), png_bytes(large, mode="P", fmt="GIF"), png_bytes(large, mode="1")]
+    files += [png_bytes(large, mode="RGBA"), png_bytes(large, mode="P", fmt="GIF"), png_bytes(large, mode="1")]
+    frames = [Image.fromarray(np.roll(digit, shift, axis=1)) for shift in range(4)]
+    animated = io.BytesIO()
+    frames[0].save(animated, format="GIF", save_all=True, append_images=frames[1:], duration=50)
+    sixteen_bit = png_bytes(large.astype(np.uint16) * 257)
+    cmyk = [png_bytes(large, mode="CMYK", fmt=fmt) for fmt in ("JPEG", "TIFF")]
+    return [*files, animated.getvalue(), sixteen_bit, *cmyk]
 
 
 SAMPLE_FILES = _sample_files()
@@ -76,6 +86,45 @@ def test_damaged_image_files(payload: bytes, data: st.DataObject) -> None:
         damaged[data.draw(st.integers(0, len(damaged) - 1))] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(1, len(damaged)))
     digit_or_own_error({"body": bytes(damaged[:cut])})
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
+
+
+def _gif_claiming(width: int, height: int) -> bytes:
+    gif = bytearray(SAMPLE_FILES[3])
+    gif[6:10] = struct.pack("<HH", width, height)  # the logical screen, which Pillow takes as the image size
+    return bytes(gif)
+
+
+@settings(FAST, max_examples=60)  # fewer: a size just under the limit decodes up to 16 M pixels
+@given(
+    st.integers(0, 2**31 - 1) | st.integers(4000, 4200),
+    st.integers(0, 2**31 - 1) | st.integers(4000, 4200),
+    st.sampled_from([_png_claiming, _gif_claiming]),
+)
+def test_claimed_image_sizes_are_refused_from_the_header(width: int, height: int, make) -> None:
+    """A header may claim any size over a few bytes of data: over 4096x4096 pixels is a 413, never a decode."""
+    if make is _gif_claiming:
+        width, height = width % 65536, height % 65536  # GIF stores 16 bits
+    outcome = digit_or_own_error({"body": make(width, height)})
+    if width * height > 4096 * 4096:
+        assert isinstance(outcome, RequestError) and outcome.code == 413, outcome
+    elif width * height == 0 and make is _png_claiming:  # a GIF's frame may be larger than its 0x0 screen
+        assert isinstance(outcome, RequestError) and outcome.code == 400, outcome
+
+
+@FAST
+@given(st.integers(1, 200_000), st.sampled_from(["text", "bytes"]))
+def test_json_nested_to_any_depth_is_a_400(depth: int, transport: str) -> None:
+    text = "[" * depth + "]" * depth
+    outcome = digit_or_own_error({"body": text if transport == "text" else text.encode()})
+    assert isinstance(outcome, RequestError) and outcome.code == 400
 
 
 @FAST

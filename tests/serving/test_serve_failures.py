@@ -2,41 +2,108 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import pytest
-from serving_helpers import port_flags
+from serving_helpers import PORT_FLAGS, port_flags
 
 from digits.cli import main
 from serving.archive import META_NAME
+from serving.server import TS_PROCESS, check_not_running
 
 
-def _tampered_copy(store, tmp_path):
+def _rewrite_archive(source: Path, target: Path, change) -> None:
+    """Copies an archive, passing its metadata and model file through `change(meta, model) -> (meta, model)`."""
+    with zipfile.ZipFile(source) as original:
+        meta = json.loads(original.read(META_NAME))
+        model_name = meta["model_file"]
+        meta, model = change(meta, original.read(model_name))
+        with zipfile.ZipFile(target, "w") as copy:
+            for item in original.infolist():
+                payload = {META_NAME: json.dumps(meta).encode(), model_name: model}.get(item.filename)
+                copy.writestr(item, original.read(item) if payload is None else payload)
+
+
+def _wrong_digest(meta: dict, model: bytes) -> tuple[dict, bytes]:
+    return {**meta, "sha256": "0" * 64}, model
+
+
+def _damaged_file(meta: dict, model: bytes) -> tuple[dict, bytes]:
+    """A model file cut short, with metadata vouching for the damaged bytes: only the load itself can fail."""
+    damaged = model[: len(model) * 3 // 4]
+    return {**meta, "sha256": hashlib.sha256(damaged).hexdigest()}, damaged
+
+
+def test_broken_models_fail_serve_fast_each_with_its_reason(store, tmp_path, ports, capsys):
     bad_store = tmp_path / "store"
     bad_store.mkdir()
-    with zipfile.ZipFile(store / "cnn.mar") as source, zipfile.ZipFile(bad_store / "cnn.mar", "w") as target:
-        for item in source.infolist():
-            payload = source.read(item)
-            if item.filename == META_NAME:
-                meta = json.loads(payload)
-                meta["sha256"] = "0" * 64
-                payload = json.dumps(meta).encode()
-            target.writestr(item, payload)
-    return bad_store
-
-
-def test_model_with_a_wrong_sha256_fails_serve_fast(store, tmp_path, ports, capsys):
-    bad_store = _tampered_copy(store, tmp_path)
+    _rewrite_archive(store / "cnn.mar", bad_store / "cnn.mar", _wrong_digest)  # ONNX
+    _rewrite_archive(store / "mlp.mar", bad_store / "mlp.mar", _damaged_file)  # TorchScript
     argv = ["--run-dir", str(tmp_path / "run")]
-    flags = port_flags(ports)
-    assert main(["serve", "--model-store", str(bad_store), *argv, *flags, "--timeout", "60"]) == 2
+    assert main(["serve", "--model-store", str(bad_store), *argv, *port_flags(ports), "--timeout", "60"]) == 2
     err = capsys.readouterr().err
-    assert "model(s) cnn failed to load: model file model.onnx has SHA-256" in err
-    assert "0" * 64 in err
+    assert "model cnn failed to load: model file model.onnx has SHA-256" in err and "0" * 64 in err
+    assert "model mlp failed to load: model file model.pt cannot be loaded as torchscript" in err
     assert main(["stop", *argv]) == 0
     assert "not running" in capsys.readouterr().out  # serve cleaned up after itself
+
+
+@pytest.mark.parametrize("role", range(len(PORT_FLAGS)), ids=[flag.strip("-") for flag in PORT_FLAGS])
+def test_serve_refuses_each_taken_port_naming_its_flag_and_holder(store, tmp_path, ports, capsys, role: int):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[role]))
+        taken.listen()
+        assert main(["serve", "--model-store", str(store), "--run-dir", str(tmp_path), *port_flags(ports)]) == 2
+    err = capsys.readouterr().err
+    assert f"port {ports[role]} on 127.0.0.1 is already in use by " in err and f"(pid {os.getpid()})" in err
+    assert f"pass {PORT_FLAGS[role]} with a free port" in err
+    assert not (tmp_path / "server.json").exists()
+
+
+def test_serve_names_the_torchserve_that_holds_its_port(server, store, tmp_path, capsys):
+    port = server.url.rsplit(":", 1)[1]
+    assert main(["serve", "--model-store", str(store), "--run-dir", str(tmp_path), "--inference-port", port]) == 2
+    assert f"port {port} on 127.0.0.1 is already in use by a TorchServe (pid" in capsys.readouterr().err
+
+
+@pytest.fixture
+def foreign_torchserve():
+    """A process that TorchServe's and digits's checks take for TorchServe (its command line names the class)."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", TS_PROCESS])
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+def test_serve_refuses_a_torchserve_it_did_not_start_in_its_temp_dir(
+    store, tmp_path, ports, foreign_torchserve, capsys
+):
+    """Started by hand with TMPDIR=RUN_DIR/tmp: digits must neither delete its pid file nor start beside it."""
+    pid_file = tmp_path / "run" / "tmp" / ".model_server.pid"
+    pid_file.parent.mkdir(parents=True)
+    pid_file.write_text(str(foreign_torchserve))
+    argv = ["serve", "--model-store", str(store), "--run-dir", str(tmp_path / "run"), *port_flags(ports)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"a TorchServe that digits did not start (pid {foreign_torchserve}) is running" in err
+    assert "torchserve --stop" in err and len(err.strip().splitlines()) == 1
+    assert pid_file.read_text() == str(foreign_torchserve)
+
+
+def test_a_stale_pid_file_is_removed(tmp_path):
+    pid_file = tmp_path / "tmp" / ".model_server.pid"
+    pid_file.parent.mkdir()
+    pid_file.write_text(str(os.getpid()))  # alive, but not TorchServe: a reused pid
+    check_not_running(tmp_path)
+    assert not pid_file.exists()
 
 
 def test_serve_without_java_says_so(store, tmp_path, monkeypatch, capsys):
@@ -45,8 +112,28 @@ def test_serve_without_java_says_so(store, tmp_path, monkeypatch, capsys):
     assert "Java was not found" in capsys.readouterr().err
 
 
-def test_serve_without_archives_names_the_command_to_run(tmp_path, capsys):
+def test_serve_without_java_on_the_path_says_so(store, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert main(["serve", "--model-store", str(store), "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Java was not found (TorchServe needs Java 17): install it or set JAVA_HOME" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_serve_without_archives_names_the_command_to_run(tmp_path, ports, capsys):
     if shutil.which("java") is None:
         pytest.skip("needs java to get past the first check")
-    assert main(["serve", "--model-store", str(tmp_path), "--run-dir", str(tmp_path / "run")]) == 2
+    argv = ["serve", "--model-store", str(tmp_path), "--run-dir", str(tmp_path / "run"), *port_flags(ports)]
+    assert main(argv) == 2
     assert "holds no .mar archives; run `digits archive MODEL` first" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("host", "warns"), [("0.0.0.0", True), ("127.0.0.1", False), ("localhost", False)])
+def test_binding_beyond_loopback_warns(tmp_path, ports, capsys, host: str, warns: bool):
+    # an empty store stops serve right after the warning: nothing is ever exposed by this test
+    argv = ["serve", "--model-store", str(tmp_path), "--run-dir", str(tmp_path / "run"), "--bind", host]
+    assert main([*argv, *port_flags(ports)]) == 2
+    err = capsys.readouterr().err
+    assert (f"warning: binding TorchServe to {host}: it is reachable from other machines" in err) == warns
+    assert "holds no .mar archives" in err

@@ -1,0 +1,245 @@
+"""A corpus of malformed requests, each with the answer it must get, for the hostile-input test over HTTP.
+
+Each entry is a request as `requests.post` keyword arguments and the status and error `type` the handler
+must answer with (None: TorchServe's frontend answers before the handler sees the request). The image
+files are made here, byte by byte where a real encoder would refuse to write them (a header that claims
+100000x100000 pixels, a zero-sized image), so that the corpus needs no fixture files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from serving.config import MAX_REQUEST_BYTES
+
+DIGIT = np.zeros((28, 28), np.uint8)
+DIGIT[5:23, 12:16] = 255  # a "1", white on black
+# noise compresses badly, so that cutting a file in half cuts into its pixel data
+NOISE = (np.random.default_rng(0).random((96, 128)) * 255).astype(np.uint8)
+JSON = {"Content-Type": "application/json"}
+BINARY = {"Content-Type": "application/octet-stream"}
+TEXT = {"Content-Type": "text/plain"}
+
+
+@dataclass(frozen=True)
+class Hostile:
+    """One malformed request and the answer it must get."""
+
+    name: str
+    request: dict[str, Any]  # keyword arguments of requests.post
+    status: int
+    kind: str | None  # the handler's error type, or None when TorchServe itself answers
+    words: tuple[str, ...] = field(default=())  # the message must name the problem with these
+
+
+def encode(image: Image.Image, fmt: str, **save_args: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+def half(payload: bytes) -> bytes:
+    return payload[: len(payload) // 2]
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_claiming(width: int, height: int, extra_chunk: bytes = b"") -> bytes:
+    """A tiny PNG whose header claims `width` x `height` 8-bit gray pixels: a decompression bomb's shape."""
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    body = png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + png_chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + header + extra_chunk + body
+
+
+def png_text_bomb(megabytes: int = 64) -> bytes:
+    """A 28x28 PNG carrying a zTXt chunk of ~64 KB that inflates to `megabytes` MB."""
+    text = png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"A" * (megabytes << 20), 9))
+    return png_claiming(28, 28, text)
+
+
+def tiff_claiming(width: int, height: int) -> bytes:
+    """A baseline 8-bit gray TIFF, one strip, whose tags claim `width` x `height`."""
+    data_offset = 8 + 2 + 12 * 9 + 4
+    tags = [(256, width), (257, height), (258, 8), (259, 1), (262, 1), (273, data_offset), (277, 1), (278, height)]
+    entries = [struct.pack("<HHII", tag, 4, 1, value) for tag, value in [*tags, (279, 64)]]  # all LONG
+    ifd = struct.pack("<H", len(entries)) + b"".join(entries) + struct.pack("<I", 0)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + bytes(64)
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A real JPEG with its start-of-frame header patched to claim `width` x `height`."""
+    payload = bytearray(encode(Image.fromarray(DIGIT), "JPEG"))
+    sof = payload.index(b"\xff\xc0")  # baseline start of frame: length, precision, height, width
+    payload[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(payload)
+
+
+def bmp_claiming(width: int, height: int) -> bytes:
+    payload = bytearray(encode(Image.fromarray(DIGIT), "BMP"))
+    payload[18:26] = struct.pack("<ii", width, height)  # BITMAPINFOHEADER biWidth, biHeight
+    return bytes(payload)
+
+
+def gif_claiming(width: int, height: int) -> bytes:
+    payload = bytearray(encode(Image.fromarray(DIGIT), "GIF"))
+    payload[6:10] = struct.pack("<HH", width, height)  # logical screen
+    return bytes(payload)
+
+
+def webp_claiming(width: int, height: int) -> bytes:
+    payload = bytearray(encode(Image.fromarray(DIGIT).convert("RGB"), "WEBP", lossless=False))
+    assert payload[12:16] == b"VP8 " and payload[23:26] == b"\x9d\x01\x2a"  # lossy key frame
+    payload[26:30] = struct.pack("<HH", width, height)  # 14 bits each, scale bits zero
+    return bytes(payload)
+
+
+def animated_gif(frames: int, digit: np.ndarray = DIGIT) -> bytes:
+    images = [Image.fromarray(np.roll(digit, shift, axis=1)) for shift in range(frames)]
+    return encode(images[0], "GIF", save_all=True, append_images=images[1:], duration=10)
+
+
+def nested_json_text(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def pixels_json(values: list[Any]) -> bytes:
+    """784 pixels as JSON text, `values` first (json.dumps writes NaN and Infinity as Python does)."""
+    return json.dumps({"data": values + [0] * (784 - len(values))}).encode()
+
+
+def sixteen_bit_png(pixels: np.ndarray) -> bytes:
+    return encode(Image.fromarray(pixels.astype(np.uint16) * 257), "PNG")  # 255 -> 65535
+
+
+def cmyk(pixels: np.ndarray, fmt: str) -> bytes:
+    return encode(Image.fromarray(pixels).convert("CMYK"), fmt, **({"quality": 100} if fmt == "JPEG" else {}))
+
+
+def image_corpus() -> list[Hostile]:
+    """Truncated, corrupt and zero-sized files of each format, including 16-bit, CMYK and animated ones."""
+    png, gray_rgb = encode(Image.fromarray(NOISE), "PNG"), Image.fromarray(NOISE).convert("RGB")
+    corrupt_png = bytearray(png)
+    corrupt_png[60:80] = bytes(20)  # inside IDAT: the CRC no longer matches
+    return [
+        Hostile("png-signature-only", {"data": png[:8], "headers": BINARY}, 400, "CorruptImage", ("PNG",)),
+        Hostile("truncated-png", {"data": half(png), "headers": BINARY}, 400, "TruncatedImage", ("cut short",)),
+        Hostile("corrupt-png", {"data": bytes(corrupt_png), "headers": BINARY}, 400, "CorruptImage"),
+        Hostile("truncated-jpeg", {"data": half(encode(gray_rgb, "JPEG")), "headers": BINARY}, 400, "TruncatedImage"),
+        Hostile("truncated-gif", {"data": half(encode(gray_rgb, "GIF")), "headers": BINARY}, 400, "TruncatedImage"),
+        Hostile("truncated-bmp", {"data": half(encode(gray_rgb, "BMP")), "headers": BINARY}, 400, "TruncatedImage"),
+        Hostile("truncated-tiff", {"data": half(encode(gray_rgb, "TIFF")), "headers": BINARY}, 400, "TruncatedImage"),
+        Hostile("corrupt-webp", {"data": half(encode(gray_rgb, "WEBP")), "headers": BINARY}, 400, "CorruptImage"),
+        Hostile("zero-sized-png", {"data": png_claiming(0, 0), "headers": BINARY}, 400, "CorruptImage", ("PNG",)),
+        Hostile("zero-sized-tiff", {"data": tiff_claiming(0, 0), "headers": BINARY}, 400, "CorruptImage", ("TIFF",)),
+        Hostile(
+            "truncated-16-bit-png", {"data": half(sixteen_bit_png(NOISE)), "headers": BINARY}, 400, "TruncatedImage"
+        ),
+        Hostile("truncated-cmyk-jpeg", {"data": half(cmyk(NOISE, "JPEG")), "headers": BINARY}, 400, "TruncatedImage"),
+        Hostile("truncated-cmyk-tiff", {"data": half(cmyk(NOISE, "TIFF")), "headers": BINARY}, 400, "TruncatedImage"),
+        Hostile(
+            "float-tiff",
+            {"data": encode(Image.fromarray(DIGIT.astype(np.float32)), "TIFF"), "headers": BINARY},
+            415,
+            "UnsupportedImageMode",
+            ("32-bit",),
+        ),
+        Hostile(
+            "animated-gif-cut-in-frame-1", {"data": animated_gif(3)[:60], "headers": BINARY}, 400, "TruncatedImage"
+        ),
+        Hostile("blank-canvas", {"data": encode(Image.new("RGB", (300, 200), "white"), "PNG")}, 400, "NoDigit"),
+        Hostile("not-an-image-format", {"data": encode(Image.fromarray(DIGIT), "PCX")}, 415, "NotAnImage"),
+    ]
+
+
+def bomb_corpus() -> list[Hostile]:
+    """Images over the pixel limit, refused from their header; a PNG whose text chunk inflates to 64 MB."""
+    too_large = ("limit",)
+    return [
+        Hostile("png-4097x4096", {"data": png_claiming(4097, 4096)}, 413, "ImageTooLarge", ("4097x4096", "4096")),
+        Hostile("png-100000x100000", {"data": png_claiming(100_000, 100_000)}, 413, "ImageTooLarge", too_large),
+        Hostile("jpeg-60000x60000", {"data": jpeg_claiming(60_000, 60_000)}, 413, "ImageTooLarge", too_large),
+        Hostile("gif-65535x65535", {"data": gif_claiming(65_535, 65_535)}, 413, "ImageTooLarge", too_large),
+        Hostile("bmp-100000x100000", {"data": bmp_claiming(100_000, 100_000)}, 413, "ImageTooLarge", too_large),
+        Hostile("tiff-100000x100000", {"data": tiff_claiming(100_000, 100_000)}, 413, "ImageTooLarge", too_large),
+        Hostile("webp-16383x16383", {"data": webp_claiming(16_383, 16_383)}, 413, "ImageTooLarge", too_large),
+        Hostile("png-text-chunk-bomb", {"data": png_text_bomb()}, 413, "ImageTooLarge", ("decompress",)),
+    ]
+
+
+def json_corpus() -> list[Hostile]:
+    """Wrong and deeply nested JSON, NaN and infinities, huge numbers, strings, wrong shapes."""
+    rows = [[0] * 28 for _ in range(28)]
+    return [
+        Hostile("malformed-json", {"data": b'{"data": [1, 2,', "headers": JSON}, 400, "BadJson", ("parse",)),
+        Hostile("json-without-data", {"json": {"pixels": [0] * 784}}, 400, "BadJson", ('"data"',)),
+        Hostile("json-null", {"data": b"null", "headers": JSON}, 400, "BadJson"),
+        Hostile("json-number", {"data": b"7", "headers": JSON}, 400, "BadJson"),
+        Hostile("deep-json", {"data": nested_json_text(100_000), "headers": JSON}, 400, "BadJson", ("nested",)),
+        Hostile("deep-json-as-bytes", {"data": nested_json_text(100_000), "headers": BINARY}, 400, "BadJson"),
+        Hostile("deep-but-parsed-json", {"data": nested_json_text(500), "headers": JSON}, 400, "BadShape"),
+        Hostile("nan", {"data": pixels_json([float("nan")]), "headers": JSON}, 400, "BadPixels", ("finite",)),
+        Hostile("infinity", {"data": pixels_json([float("inf")]), "headers": JSON}, 400, "BadPixels", ("finite",)),
+        Hostile("1e400", {"data": b'{"data": [1e400' + b", 0" * 783 + b"]}", "headers": JSON}, 400, "BadPixels"),
+        Hostile("int-of-400-digits", {"data": pixels_json([10**400]), "headers": JSON}, 400, "BadPixels", ("10**15",)),
+        Hostile(
+            "int-of-5000-digits", {"data": b"[" + b"9" * 5000 + b", 0" * 783 + b"]", "headers": JSON}, 400, "BadJson"
+        ),
+        Hostile("negative-pixel", {"json": {"data": [-1] + [0] * 783}}, 400, "BadPixels", ("0..255",)),
+        Hostile("pixel-over-255", {"json": {"data": [256] + [0] * 783}}, 400, "BadPixels", ("0..255",)),
+        Hostile("string-pixels", {"json": {"data": ["0"] * 784}}, 400, "BadPixels", ("str",)),
+        Hostile("boolean-pixel", {"json": {"data": [True] + [0] * 783}}, 400, "BadPixels", ("bool",)),
+        Hostile("783-pixels", {"json": {"data": [0] * 783}}, 400, "BadShape", ("783",)),
+        Hostile("27-rows", {"json": {"data": rows[:27]}}, 400, "BadShape", ("27",)),
+        Hostile("three-channels", {"json": {"data": [rows, rows, rows]}}, 400, "BadShape"),
+        Hostile("huge-string", {"json": {"data": "A" * 5_000_001}}, 415, "NotAnImage", ("base64",)),
+    ]
+
+
+def transport_corpus() -> list[Hostile]:
+    """Empty bodies, prose, invalid base64, odd form fields, and bodies at TorchServe's size limit."""
+    at_limit = b"\x89PNG\r\n\x1a\n" + bytes(MAX_REQUEST_BYTES - 8)
+    return [
+        Hostile("empty-body", {"data": b"", "headers": BINARY}, 400, "EmptyBody", ("empty",)),
+        Hostile("whitespace-body", {"data": b" \r\n\t ", "headers": TEXT}, 400, "EmptyBody", ("empty",)),
+        Hostile("prose", {"data": "what digit is this? é".encode(), "headers": TEXT}, 415, "NotAnImage"),
+        Hostile("binary-junk", {"data": bytes(range(256)) * 8, "headers": BINARY}, 415, "NotAnImage"),
+        Hostile("invalid-base64", {"data": b"iVBORw0KGgo=AAAA==", "headers": TEXT}, 415, "NotAnImage", ("base64",)),
+        Hostile("base64-of-junk", {"data": b"bm90IGFuIGltYWdlIGF0IGFsbA==", "headers": TEXT}, 415, "NotAnImage"),
+        Hostile("data-url-of-junk", {"json": {"data": "data:image/png;base64,AAAA"}}, 415, "NotAnImage"),
+        Hostile("two-unnamed-form-fields", {"files": {"a": b"1", "b": b"2"}}, 400, "MissingInput", ("'data'",)),
+        Hostile("empty-form-field", {"files": {"data": ("d.png", b"", "image/png")}}, 400, "EmptyBody"),
+        Hostile("body-at-the-size-limit", {"data": at_limit, "headers": BINARY}, 400, "CorruptImage"),
+        # over max_request_size Netty answers before any handler: no JSON body, the reason phrase names it
+        Hostile("body-over-the-size-limit", {"data": at_limit + b"\x00", "headers": BINARY}, 413, None, ("Too Large",)),
+    ]
+
+
+def corpus() -> list[Hostile]:
+    entries = image_corpus() + bomb_corpus() + json_corpus() + transport_corpus()
+    names = [entry.name for entry in entries]
+    assert len(set(names)) == len(names), "corpus names must be unique"
+    return entries
+
+
+# Hostile-looking images that are legitimate digits, made from a 28x28 digit: each must be answered 200, with
+# the label the plain PNG of the same digit gets (the first frame is the digit; 16 bits map back exactly).
+UNUSUAL_BUT_VALID: dict[str, Callable[[np.ndarray], bytes]] = {
+    "16-bit-png": sixteen_bit_png,
+    "cmyk-jpeg": lambda digit: cmyk(digit, "JPEG"),
+    "cmyk-tiff": lambda digit: cmyk(digit, "TIFF"),
+    "animated-gif-of-400-frames": lambda digit: animated_gif(400, digit),
+    "apng-of-4-frames": lambda digit: encode(
+        Image.fromarray(digit), "PNG", save_all=True, append_images=[Image.fromarray(digit.T.copy())] * 3
+    ),
+}

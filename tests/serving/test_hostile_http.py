@@ -1,0 +1,92 @@
+"""Hostile input over real HTTP: every malformed request gets its own 4xx naming the problem, within a second,
+and the worker that read it lives on (same pid before and after the whole corpus).
+
+The corpus is in hostile_payloads.py; the handler's unit and property tests (tests/handlers) cover the same
+ground without TorchServe. Here the frontend, the worker protocol and the handler are all in the way.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+
+import pytest
+import requests
+from hostile_payloads import UNUSUAL_BUT_VALID, Hostile, corpus
+from PIL import Image
+
+CORPUS = corpus()
+DEADLINE_S = 1.0  # the issue's bound for each refusal
+
+
+@dataclass
+class Answer:
+    status: int
+    kind: str | None
+    message: str
+    seconds: float
+
+
+def send(server, request: dict) -> tuple[requests.Response, float]:
+    request = dict(request)
+    headers = {**request.pop("headers", {}), **server.headers()}
+    start = time.perf_counter()
+    response = requests.post(f"{server.url}/predictions/cnn", headers=headers, timeout=30, **request)
+    return response, time.perf_counter() - start
+
+
+def answer_of(response: requests.Response, seconds: float) -> Answer:
+    try:
+        body = response.json()
+    except ValueError:  # TorchServe's own refusals (413 over max_request_size) have no body: the reason names it
+        return Answer(response.status_code, None, response.reason, seconds)
+    return Answer(response.status_code, body.get("type"), body.get("message", ""), seconds)
+
+
+def worker(server, model: str = "cnn") -> dict:
+    headers = {"Authorization": f"Bearer {server.management_token}"}
+    described = requests.get(f"{server.management_url}/models/{model}", headers=headers, timeout=10)
+    return described.json()[0]["workers"][0]
+
+
+@pytest.fixture(scope="module")
+def answers(server) -> dict[str, Answer]:
+    """Sends the whole corpus once, one request at a time, checking the worker's pid before and after."""
+    before = worker(server)
+    results = {hostile.name: answer_of(*send(server, hostile.request)) for hostile in CORPUS}
+    after = worker(server)
+    assert after["status"] == "READY" and after["pid"] == before["pid"], f"worker restarted: {before} -> {after}"
+    return results
+
+
+def test_the_corpus_is_large_enough() -> None:
+    assert len(CORPUS) >= 30
+
+
+@pytest.mark.parametrize("hostile", CORPUS, ids=[hostile.name for hostile in CORPUS])
+def test_malformed_request_gets_its_4xx_naming_the_problem_in_time(answers, hostile: Hostile) -> None:
+    answer = answers[hostile.name]
+    assert (answer.status, answer.kind) == (hostile.status, hostile.kind), answer.message
+    assert 400 <= answer.status < 500
+    assert len(answer.message) >= 10
+    for word in hostile.words:
+        assert word.lower() in answer.message.lower(), answer.message
+    assert answer.seconds < DEADLINE_S, f"{hostile.name} took {answer.seconds:.2f} s"
+
+
+def test_the_worker_still_answers_right_after_the_corpus(server, answers, mnist, expected_labels) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(mnist.test_images[0], mode="L").save(buffer, format="PNG")
+    response, _ = send(server, {"data": buffer.getvalue()})
+    assert response.status_code == 200 and response.json()["label"] == expected_labels["cnn"][0]
+
+
+@pytest.mark.parametrize("name", sorted(UNUSUAL_BUT_VALID))
+def test_unusual_but_valid_images_are_read_like_the_plain_digit(server, mnist, expected_labels, name: str) -> None:
+    """16-bit, CMYK and animated images are digits too: answered 200, like the same digit as a plain PNG."""
+    payload = UNUSUAL_BUT_VALID[name](mnist.test_images[0])
+    response, seconds = send(server, {"data": payload})
+    assert response.status_code == 200, response.text
+    assert response.json()["label"] == expected_labels["cnn"][0]
+    assert seconds < DEADLINE_S
