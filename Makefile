@@ -7,9 +7,13 @@ DIGITS := $(VENV)/bin/digits
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 ARTIFACTS ?= artifacts
 DEMO_MODELS ?= mlp cnn
+BENCH_OUT ?= runs/bench
+# settings of both archives of each HTTP bench; empty: `digits archive`'s defaults (batch 8, 5 ms, 1 worker,
+# 1 thread), what `make demo` serves. E.g. make bench BENCH_HTTP="--workers 2"
+BENCH_HTTP ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-slow lint format clean
+.PHONY: help setup demo test test-slow lint format bench clean
 
 help: ## list the make targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -64,6 +68,22 @@ lint: setup ## ruff lint and format check
 format: setup ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+bench: setup ## benchmarks, offline and over HTTP against a no-op handler, for mlp and cnn (after make demo)
+	@for model in mlp cnn; do \
+	  test -f $(ARTIFACTS)/$$model/export.json || { echo "no $(ARTIFACTS)/$$model/export.json: run make demo first"; exit 1; }; \
+	  grep -q onnx-int8 $(ARTIFACTS)/$$model/export.json || \
+	    $(DIGITS) export $$model --artifacts $(ARTIFACTS) --quantize int8 || exit 1; \
+	done
+	$(DIGITS) bench offline cnn --artifacts $(ARTIFACTS) --out $(BENCH_OUT)/cnn-offline
+	$(DIGITS) bench offline mlp --artifacts $(ARTIFACTS) --out $(BENCH_OUT)/mlp-offline
+	$(DIGITS) samples --out $(BENCH_OUT)/inputs --count 1
+	$(DIGITS) bench http --model cnn --format onnx --artifacts $(ARTIFACTS) $(BENCH_HTTP) \
+	  --input $(BENCH_OUT)/inputs/test-00000_label-7.png --out $(BENCH_OUT)/cnn-onnx-http
+	$(DIGITS) bench http --model mlp --format torchscript --artifacts $(ARTIFACTS) $(BENCH_HTTP) \
+	  --input $(BENCH_OUT)/inputs/test-00000_label-7.png --out $(BENCH_OUT)/mlp-torchscript-http
+	$(DIGITS) bench http --model cnn --format onnx --artifacts $(ARTIFACTS) $(BENCH_HTTP) \
+	  --input $(BENCH_OUT)/inputs/drawn-00000_label-7.png --out $(BENCH_OUT)/cnn-onnx-drawn-http
 
 clean: ## remove generated artifacts, archives and run folders (keeps .venv and the MNIST cache)
 	rm -rf $(ARTIFACTS) runs samples

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from digits.bench_commands import BENCH_COMMANDS
 from digits.serving_commands import SERVING_COMMANDS
 
 if TYPE_CHECKING:
@@ -98,15 +99,30 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL", help="a registered model (see `digits models`)")
     _add_artifacts(p)
     p.add_argument("--opset", type=int, help="ONNX opset to target (default: the exporter's)")
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="also write model.int8.onnx (static QDQ, calibrated on training digits) and prove its predictions",
+    )
     _add_tolerances(p)
     p.set_defaults(func=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from export.convert import export_model
+    from export.convert import INT8_PARITY_MD, export_model
 
-    result = export_model(args.artifacts, args.model, args.opset, **_tolerances(args))
-    return _print_report(args, result.report, result.model_dir)
+    result = export_model(args.artifacts, args.model, args.opset, quantize=args.quantize, **_tolerances(args))
+    status = _print_report(args, result.report, result.model_dir)
+    if result.int8_report is not None:
+        print(result.int8_report.to_markdown(), end="")
+        if not result.int8_report.passed:
+            where = result.model_dir / INT8_PARITY_MD
+            print(
+                f"digits export: int8 parity failed; model.int8.onnx is not listed in export.json; see {where}",
+                file=sys.stderr,
+            )
+            return EXIT_PARITY_FAILED
+    return status
 
 
 def add_verify(sub: argparse._SubParsersAction) -> None:
@@ -165,6 +181,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_export,
     add_verify,
     *SERVING_COMMANDS,
+    *BENCH_COMMANDS,
 ]
 
 

@@ -67,7 +67,12 @@ def add_archive(sub: argparse._SubParsersAction) -> None:
         "STORE/NAME.mar. Refuses a model whose parity report is missing or failed.",
     )
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--format", required=True, choices=["torchscript", "onnx"], help="which exported file to serve")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["torchscript", "onnx", "onnx-int8"],
+        help="which exported file to serve (onnx-int8: `digits export MODEL --quantize int8` first)",
+    )
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="default: artifacts/")
     p.add_argument("--model-store", type=Path, default=DEFAULT_STORE, help="default: model_store/")
     p.add_argument("--name", help="model name in TorchServe and the URL (default: MODEL)")
@@ -75,13 +80,14 @@ def add_archive(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-delay", type=int, default=5, help="ms to wait to fill a batch (default 5)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--response-timeout", type=int, default=120, help="seconds (default 120)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per worker (default 1)")
     p.set_defaults(func=run_archive)
 
 
 def run_archive(args: argparse.Namespace) -> int:
     from serving.archive import ServingSettings, archive_model
 
-    settings = ServingSettings(args.batch_size, args.max_batch_delay, args.workers, args.response_timeout)
+    settings = ServingSettings(args.batch_size, args.max_batch_delay, args.workers, args.response_timeout, args.threads)
     archive_model(args.model, args.format, args.artifacts, args.model_store, args.name, settings)
     return 0
 
@@ -178,14 +184,18 @@ def run_stop(args: argparse.Namespace) -> int:
 def add_token(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("token", help="print the current TorchServe key (inference, or --management)")
     p.add_argument("--management", action="store_true", help="the management API's key")
+    p.add_argument(
+        "--refresh", action="store_true", help="ask TorchServe for a new key first (keys expire after 60 min)"
+    )
     _add_run_dir(p)
     p.set_defaults(func=run_token)
 
 
 def run_token(args: argparse.Namespace) -> int:
-    from serving.server import read_token
+    from serving.server import read_token, refresh_token
 
-    print(read_token(_run_dir(args), "management" if args.management else "inference"))
+    kind = "management" if args.management else "inference"
+    print(refresh_token(_run_dir(args), kind) if args.refresh else read_token(_run_dir(args), kind))
     return 0
 
 

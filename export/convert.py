@@ -2,6 +2,8 @@
 
 export: DIR/MODEL/checkpoint.pt -> model.pt, model.onnx -> parity.json, parity.md -> export.json.
 `export.json` is written only when parity passes, so its presence means "these files are proven".
+With `quantize="int8"`, model.onnx -> model.int8.onnx -> parity-int8.json, parity-int8.md, and export.json
+lists the int8 file only when its own (prediction) parity passes.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,14 @@ from export.parity import (
     ATOL,
     RTOL,
     ParityReport,
+    PredictionParity,
     check_parity,
+    check_prediction_parity,
     check_tolerances,
     eager_runner,
     file_backends,
     normalise,
+    onnxruntime_backend,
 )
 from export.torchscript import export_torchscript
 from training.checkpoint import load_checkpoint, rebuild_model
@@ -48,6 +53,11 @@ ONNX_FILE = "model.onnx"
 PARITY_JSON = "parity.json"
 PARITY_MD = "parity.md"
 MANIFEST_FILE = "export.json"
+INT8_FILE = "model.int8.onnx"
+INT8_FORMAT = "onnx-int8"  # its name in export.json's files and in `digits archive --format`
+INT8_PARITY_JSON = "parity-int8.json"
+INT8_PARITY_MD = "parity-int8.md"
+QUANTIZATIONS = ("int8",)
 EXAMPLE_BATCH = 2  # a batch of 1 lets the exporters bake the batch size in
 
 
@@ -55,8 +65,14 @@ EXAMPLE_BATCH = 2  # a batch of 1 lets the exporters bake the batch size in
 class ExportResult:
     model_dir: Path
     report: ParityReport
-    seconds: dict[str, float]  # step ("torchscript", "onnx", "parity") -> wall time
+    seconds: dict[str, float]  # step ("torchscript", "onnx", "parity", "int8") -> wall time
     sizes: dict[str, int]  # file name -> bytes
+    int8_report: PredictionParity | None = None  # with quantize="int8", once fp32 parity passed
+
+    @property
+    def passed(self) -> bool:
+        """Every file written is proven: fp32 parity, and int8's when it was asked for."""
+        return self.report.passed and (self.int8_report is None or self.int8_report.passed)
 
 
 def export_model(
@@ -68,6 +84,7 @@ def export_model(
     rtol: float = RTOL,
     samples: int | None = None,
     data_dir: Path | None = None,
+    quantize: str | None = None,
     log: Callable[[str], Any] = print,
 ) -> ExportResult:
     """Exports DIR/MODEL/checkpoint.pt to TorchScript and ONNX and proves parity on MNIST test digits.
@@ -76,10 +93,13 @@ def export_model(
         artifacts_dir: the folder holding MODEL/checkpoint.pt; the files are written next to it.
         opset: ai.onnx opset; None takes the exporter's default.
         samples: test digits for the whole-set check (None: all 10,000); tests use fewer.
+        quantize: "int8" also writes model.int8.onnx (once fp32 parity passes) and proves it on predictions.
     Returns:
-        The result; `result.report.passed` says whether the files may be used.
+        The result; `result.passed` says whether the files may be used.
     """
     check_tolerances(atol, rtol)
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ExportError(f"unknown quantisation {quantize!r}; known: {', '.join(QUANTIZATIONS)}")
     model_dir = Path(artifacts_dir) / model
     checkpoint = find_checkpoint(model_dir, model)
     ensure_writable(model_dir)
@@ -96,9 +116,52 @@ def export_model(
     with _timed(seconds, "parity"):
         report = prove_parity(eager, model_dir, meta, atol=atol, rtol=rtol, samples=samples, data_dir=data_dir, log=log)
     write_report(report, model_dir)
-    _write_or_withdraw_manifest(report, model_dir, meta, checkpoint_sha, log)
-    sizes = {name: (model_dir / name).stat().st_size for name in (TORCHSCRIPT_FILE, ONNX_FILE)}
-    return ExportResult(model_dir, report, seconds, sizes)
+    int8_report = None
+    if quantize == "int8" and report.passed:
+        with _timed(seconds, "int8"):
+            int8_report = export_int8(eager, model_dir, meta, samples=samples, data_dir=data_dir, log=log)
+    files = _proven_files(model_dir, int8_report)
+    _write_or_withdraw_manifest(report, model_dir, meta, checkpoint_sha, files, log)
+    sizes = {path.name: path.stat().st_size for path in files.values()}
+    return ExportResult(model_dir, report, seconds, sizes, int8_report)
+
+
+def export_int8(
+    eager: nn.Module, model_dir: Path, meta: dict, *, samples: int | None, data_dir: Path | None, log
+) -> PredictionParity:
+    """model.onnx -> model.int8.onnx, calibrated on training digits; proves it and writes parity-int8.*."""
+    from export.quantize import calibration_digits, quantize_int8
+    from training.data import load_mnist
+
+    data = load_mnist(data_dir, log=log)
+    calibration = normalise(calibration_digits(data.train_images), meta["mean"], meta["std"], meta["input_shape"])
+    start = time.perf_counter()
+    with _staged(model_dir / INT8_FILE) as path:
+        quantize_int8(model_dir / ONNX_FILE, path, calibration)
+    log(
+        _written(
+            model_dir / INT8_FILE,
+            f"int8 QDQ, calibrated on {len(calibration)} training digits",
+            time.perf_counter() - start,
+        )
+    )
+    n = len(data.test_labels) if samples is None else samples
+    images = normalise(data.test_images[:n], meta["mean"], meta["std"], meta["input_shape"])
+    backend = replace(onnxruntime_backend(model_dir / INT8_FILE, "ORT_ENABLE_ALL"), name="onnxruntime-int8")
+    report = check_prediction_parity(eager_runner(eager), backend, images, data.test_labels[:n], model=meta["model"])
+    with _staged(model_dir / INT8_PARITY_JSON) as path:
+        path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    with _staged(model_dir / INT8_PARITY_MD) as path:
+        path.write_text(report.to_markdown())
+    return report
+
+
+def _proven_files(model_dir: Path, int8_report: PredictionParity | None) -> dict[str, Path]:
+    """Format name -> file, for export.json: the int8 file only when its parity passed."""
+    files = {"torchscript": model_dir / TORCHSCRIPT_FILE, "onnx": model_dir / ONNX_FILE}
+    if int8_report is not None and int8_report.passed:
+        files[INT8_FORMAT] = model_dir / INT8_FILE
+    return files
 
 
 def verify_model(
@@ -209,14 +272,15 @@ def write_report(report: ParityReport, model_dir: Path) -> None:
         path.write_text(report.to_markdown())
 
 
-def _write_or_withdraw_manifest(report: ParityReport, model_dir: Path, meta: dict, checkpoint_sha: str, log) -> None:
+def _write_or_withdraw_manifest(
+    report: ParityReport, model_dir: Path, meta: dict, checkpoint_sha: str, files: dict[str, Path], log
+) -> None:
     # The archive step trusts export.json; a failed export must not leave one behind, old or new.
     manifest = model_dir / MANIFEST_FILE
     if not report.passed:
         manifest.unlink(missing_ok=True)
         log(f"parity failed: {MANIFEST_FILE} not written; see {model_dir / PARITY_MD}")
         return
-    files = {"torchscript": model_dir / TORCHSCRIPT_FILE, "onnx": model_dir / ONNX_FILE}
     with _staged(manifest) as path:
         path.write_text(json.dumps(export_manifest(meta, checkpoint_sha, files), indent=2) + "\n")
     log(f"wrote {model_dir / PARITY_JSON}, {PARITY_MD}, {MANIFEST_FILE}")

@@ -3,6 +3,9 @@
 Used by `digits export`, `digits verify` and the tests alike; the tolerances live here and nowhere else.
 An element passes when |value - eager| <= atol + rtol * |eager| (numpy's `allclose` rule); a check also
 needs the predicted class (argmax) to agree with eager on every sample.
+
+A quantised file cannot meet logit tolerances by design, so it is judged on predictions instead
+(`check_prediction_parity`): argmax agreement with eager and accuracy close to eager's, over the test set.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ RTOL = 1e-4
 BATCH_SIZES = (1, 2, 17, 256)
 FULL_SET_BATCH = 1000  # chunk size for the whole-test-set pass; bounds memory for resnet18
 ORT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL")
+# int8 against eager, over the test digits: predictions that change, and accuracy that moves either way
+INT8_MIN_AGREEMENT = 0.995
+INT8_MAX_ACCURACY_DIFF = 0.002  # 0.2 percentage points
 
 Runner = Callable[[np.ndarray], np.ndarray]  # (N, 1, 28, 28) float32 -> (N, 10) float32 logits
 
@@ -111,6 +117,80 @@ class ParityReport:
         if self.failures:
             lines += ["", "Failures:", *(f"- {f}" for f in self.failures)]
         return "\n".join(lines) + "\n"
+
+
+@dataclass
+class PredictionParity:
+    """A quantised file against eager, on predictions only (see the module docstring)."""
+
+    model: str
+    backend: str  # e.g. "onnxruntime int8"
+    samples: int
+    argmax_agreement: float
+    accuracy: float
+    reference_accuracy: float  # eager's
+    min_agreement: float = INT8_MIN_AGREEMENT
+    max_accuracy_diff: float = INT8_MAX_ACCURACY_DIFF
+    failure: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.failure is None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+    def to_markdown(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines = [
+            f"# Parity: {self.model} {self.backend} {verdict}",
+            "",
+            f"Predictions against eager PyTorch on {self.samples} MNIST test digits: argmax agreement must be at "
+            f"least {self.min_agreement:.1%} and accuracy within {self.max_accuracy_diff * 100:.1f} points of eager's.",
+            "",
+            "| backend | samples | argmax agreement | accuracy | eager accuracy | result |",
+            "| --- | ---: | ---: | ---: | ---: | --- |",
+            f"| {self.backend} | {self.samples} | {self.argmax_agreement:.4f} | {self.accuracy:.2%} | "
+            f"{self.reference_accuracy:.2%} | {'pass' if self.passed else 'FAIL'} |",
+        ]
+        if self.failure:
+            lines += ["", f"Failure: {self.failure}"]
+        return "\n".join(lines) + "\n"
+
+
+def check_prediction_parity(
+    reference: Runner, backend: Backend, images: np.ndarray, labels: np.ndarray, *, model: str = ""
+) -> PredictionParity:
+    """A quantised backend against eager on predictions, over all `images` (normalised, as for check_parity)."""
+    if len(images) != len(labels) or len(images) == 0:
+        raise ValueError(f"need as many labels as images, and some: got {len(images)} images, {len(labels)} labels")
+    expected = _run_chunked(reference, images).argmax(1)
+    actual = _run_chunked(backend.run, images).argmax(1)
+    result = PredictionParity(
+        model=model,
+        backend=backend.label,
+        samples=len(images),
+        argmax_agreement=float(np.mean(actual == expected)),
+        accuracy=float(np.mean(actual == labels)),
+        reference_accuracy=float(np.mean(expected == labels)),
+    )
+    result.failure = _prediction_failure(result)
+    return result
+
+
+def _prediction_failure(result: PredictionParity) -> str | None:
+    problems = []
+    if result.argmax_agreement < result.min_agreement:
+        changed = round((1 - result.argmax_agreement) * result.samples)
+        problems.append(
+            f"argmax agreement {result.argmax_agreement:.4f} < {result.min_agreement} ({changed} predictions changed)"
+        )
+    diff = result.accuracy - result.reference_accuracy
+    if abs(diff) > result.max_accuracy_diff + 1e-12:  # the margin absorbs float error at exactly 0.2 points
+        problems.append(
+            f"accuracy {result.accuracy:.2%} is {diff * 100:+.2f} points from eager's {result.reference_accuracy:.2%}"
+        )
+    return f"{result.backend}: " + "; ".join(problems) if problems else None
 
 
 def _table(checks: Sequence[ParityCheck]) -> list[str]:

@@ -34,8 +34,23 @@ class Batch:
         return dataclasses.replace(self, probabilities=probabilities)
 
 
+@dataclass(frozen=True)
+class Readings:
+    """One TorchServe batch read request by request, before it becomes a tensor."""
+
+    size: int  # requests in the batch, readable or not
+    rows: list[int]  # request index of each digit
+    digits: list[np.ndarray]  # (H, W) float32 0..255, white on black, one per readable request
+    errors: dict[int, RequestError]  # request index -> why it was refused
+
+
 def prepare_batch(data: list[Any], meta: DigitMeta) -> Batch:
     """Reads every request; those that fail are kept aside with their error."""
+    return assemble(read_batch(data, meta), meta)
+
+
+def read_batch(data: list[Any], meta: DigitMeta) -> Readings:
+    """Reads each request into a digit; one that fails is kept aside with its error, the rest go on."""
     digits, rows, errors = [], [], {}
     for index, row in enumerate(data):
         try:
@@ -45,7 +60,14 @@ def prepare_batch(data: list[Any], meta: DigitMeta) -> Batch:
             errors[index] = err
         else:
             rows.append(index)
-    return Batch(size=len(data), rows=rows, digits=normalise(digits, meta), errors=errors)
+    return Readings(len(data), rows, digits, errors)
+
+
+def assemble(readings: Readings, meta: DigitMeta) -> Batch:
+    """The readable digits as one normalised tensor."""
+    return Batch(
+        size=readings.size, rows=readings.rows, digits=normalise(readings.digits, meta), errors=readings.errors
+    )
 
 
 def normalise(digits: list[np.ndarray], meta: DigitMeta) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The TorchServe handler of the digits archives: `DigitHandler`, the one class of this module.
 
 An archive ships this file as its handler and, as extra files, its siblings `digit_errors.py`,
-`digit_imaging.py`, `digit_inputs.py`, `digit_model.py` and `digit_batch.py`, plus `digits_meta.json`.
+`digit_imaging.py`, `digit_inputs.py`, `digit_model.py`, `digit_batch.py` and `digit_metrics.py`, plus
+`digits_meta.json`.
 TorchServe 0.12.0 unpacks them side by side into the model dir, starts the worker with that dir as its
 working directory and on its PYTHONPATH (the frontend's `EnvironmentUtils.getEnvString` and
 `WorkerLifeCycle.startWorkerPython`), and imports the handler by bare module name
@@ -23,9 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from digit_batch import Batch, prediction_bodies, prepare_batch, to_probabilities
+import torch
+from digit_batch import Batch, assemble, prediction_bodies, prepare_batch, read_batch, to_probabilities
 from digit_errors import RequestError
+from digit_metrics import StageTimes
 from digit_model import (
+    ModelLoadError,
     check_predictor,
     choose_device,
     find_model_file,
@@ -53,6 +57,7 @@ class DigitHandler(BaseHandler):
         self.manifest = context.manifest
         self.device = choose_device(properties.get("gpu_id"))
         self.meta = read_metadata(model_dir)
+        set_threads(context.model_yaml_config)  # before loading: onnxruntime sizes its pool from torch's count
         model_path = find_model_file(model_dir, self.manifest, self.meta)
         verify_sha256(model_path, self.meta.sha256)
         self.model_pt_path = str(model_path)
@@ -76,9 +81,17 @@ class DigitHandler(BaseHandler):
         """
         start = time.perf_counter()
         self.context = context
-        batch = self.inference(self.preprocess(data))
-        answers = self.postprocess(batch)
+        times = StageTimes()
+        with times.stage("DecodeTime"):
+            readings = read_batch(data, self.meta)
+        with times.stage("PreprocessTime"):
+            batch = assemble(readings, self.meta)
+        with times.stage("InferenceTime"):
+            batch = self.inference(batch)
+        with times.stage("PostprocessTime"):
+            answers = self.postprocess(batch)
         milliseconds = round((time.perf_counter() - start) * 1000, 2)
+        times.report(context.metrics)  # the split, so that the next bottleneck shows (digit_metrics.py)
         context.metrics.add_time("HandlerTime", milliseconds, None, "ms")
         # one line a batch: shows that TorchServe batches, and how bad input is spread
         logger.info(
@@ -110,6 +123,18 @@ class DigitHandler(BaseHandler):
             error = batch.errors.get(index)
             bodies.append(answers[index] if error is None else refuse(self.context, index, error))
         return bodies
+
+
+def set_threads(model_yaml_config: dict | None) -> None:
+    """Intra-op threads of this worker, from model-config.yaml's `handler: {threads: N}` (the archive step's
+    --threads); without it, torch's default (OMP_NUM_THREADS, else every core) stays."""
+    threads = ((model_yaml_config or {}).get("handler") or {}).get("threads")
+    if threads is None:
+        return
+    if type(threads) is not int or threads < 1:
+        raise ModelLoadError(f"model-config.yaml handler.threads is {threads!r}, expected a positive integer")
+    torch.set_num_threads(threads)
+    logger.info("digits handler: %d intra-op thread(s) per worker", threads)
 
 
 def refuse(context: Any, index: int, error: RequestError) -> dict[str, Any]:

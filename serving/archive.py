@@ -2,11 +2,12 @@
 
 The archive carries everything the worker needs and nothing from this repo's other layers:
   - the model file (`model.pt` or `model.onnx`) as TorchServe's serialized file;
-  - `handlers/*.py` (the handler module plus its helper modules, flat in the model dir);
+  - `handlers/digit_*.py` (the handler module plus its helper modules, flat in the model dir);
   - `digits_meta.json`: normalisation, labels, input shape and the model file's SHA-256, copied from
     the export's `export.json`, for the handler to read;
   - `model-config.yaml`: batchSize, maxBatchDelay, workers and responseTimeout, which `digits serve`
-    reads back to write the `models=` entry of config.properties.
+    reads back to write the `models=` entry of config.properties, and the handler's own section
+    (`handler: {threads: N}`: intra-op threads per worker).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import yaml
 
 HANDLER_DIR = Path(__file__).resolve().parent.parent / "handlers"
 HANDLER_MODULE = "digit_handler.py"
+NOOP_HANDLER = "noop_handler.py"  # the benchmarks' ceiling; archived alone, never inside a model's archive
 META_NAME = "digits_meta.json"
 CONFIG_NAME = "model-config.yaml"
-FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx"}
+# archive format (export.json's name for the file) -> the runtime the handler loads it with
+FORMATS = {"torchscript": "torchscript", "onnx": "onnx", "onnx-int8": "onnx"}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")  # the archiver's own rule for model names
 
 
@@ -40,9 +43,13 @@ class ServingSettings:
     max_batch_delay: int = 5  # ms
     workers: int = 1
     response_timeout: int = 120  # s
+    # intra-op threads per worker (torch and onnxruntime). One: TorchServe's frontend and the clients need
+    # the other cores, and on small batches a second thread costs more in spinning than it saves in compute
+    threads: int = 1
 
     def validate(self) -> None:
-        for name, low in (("batch_size", 1), ("max_batch_delay", 0), ("workers", 1), ("response_timeout", 1)):
+        limits = (("batch_size", 1), ("max_batch_delay", 0), ("workers", 1), ("response_timeout", 1), ("threads", 1))
+        for name, low in limits:
             if getattr(self, name) < low:
                 flag = "--" + name.replace("_", "-")
                 raise ArchiveError(f"{flag} must be at least {low}, got {getattr(self, name)}")
@@ -54,6 +61,7 @@ class ServingSettings:
             "batchSize": self.batch_size,
             "maxBatchDelay": self.max_batch_delay,
             "responseTimeout": self.response_timeout,
+            "handler": {"threads": self.threads},  # read by the handler itself (context.model_yaml_config)
         }
 
 
@@ -71,9 +79,12 @@ def read_export(model_dir: Path, model: str) -> dict:
 
 
 def handler_files() -> tuple[Path, list[Path]]:
-    """The handler module and its sibling helper modules, all shipped flat in the archive."""
+    """The handler module and its sibling helper modules (`digit_*.py`), all shipped flat in the archive.
+
+    Only the `digit_` modules: other files in handlers/ (the no-op handler) are not the model's code.
+    """
     handler = HANDLER_DIR / HANDLER_MODULE
-    extras = sorted(p for p in HANDLER_DIR.glob("*.py") if p.name not in (HANDLER_MODULE, "__init__.py"))
+    extras = sorted(p for p in HANDLER_DIR.glob("digit_*.py") if p.name != HANDLER_MODULE)
     return handler, extras
 
 
@@ -82,7 +93,7 @@ def build_meta(export: dict, fmt: str, model_file: Path) -> dict:
     return {
         "model": export["model"],
         "model_file": model_file.name,
-        "format": fmt,
+        "format": FORMATS[fmt],  # the runtime: an int8 file is ONNX to the handler
         "sha256": entry["sha256"],
         "mean": export["mean"],
         "std": export["std"],
@@ -103,45 +114,73 @@ def archive_model(
     log=print,
 ) -> Path:
     """Writes `<store>/<name>.mar` and returns its path."""
-    from model_archiver.model_archiver_config import ModelArchiverConfig
-    from model_archiver.model_packaging import package_model
-    from model_archiver.model_packaging_utils import ModelExportUtils
-
     settings = settings or ServingSettings()
     settings.validate()
     name = name or model
     if fmt not in FORMATS:
         raise ArchiveError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
-    if not NAME_PATTERN.match(name):
-        raise ArchiveError(f"--name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit")
+    check_name(name)
     export = read_export(Path(artifacts) / model, model)
+    if fmt not in export["files"]:
+        raise ArchiveError(f"{model}'s export.json lists no {fmt} file; run `digits export {model} --quantize int8`")
     model_file = Path(artifacts) / model / export["files"][fmt]["path"]
     if not model_file.is_file():
         raise ArchiveError(f"{model_file} is missing; run `digits export {model}` again")
-    store = Path(store)
-    store.mkdir(parents=True, exist_ok=True)
     handler, extras = handler_files()
     with tempfile.TemporaryDirectory(prefix="digits-archive-") as tmp:
-        meta_path, config_path = Path(tmp) / META_NAME, Path(tmp) / CONFIG_NAME
+        meta_path = Path(tmp) / META_NAME
         meta_path.write_text(json.dumps(build_meta(export, fmt, model_file), indent=2) + "\n")
-        config_path.write_text(yaml.safe_dump(settings.to_yaml(), sort_keys=False))
-        config = ModelArchiverConfig(
-            model_name=name,
-            handler=str(handler),
-            version="1.0",
-            serialized_file=str(model_file),
-            extra_files=",".join(str(p) for p in [*extras, meta_path]),
-            export_path=str(store),
-            force=True,
-            config_file=str(config_path),
-        )
-        package_model(config, manifest=ModelExportUtils.generate_manifest_json(config))
-    mar = store / f"{name}.mar"
+        mar = package(name, handler, [*extras, meta_path], store, settings, serialized_file=model_file)
     log(
         f"wrote {mar} ({fmt}, {model_file.name}, batch {settings.batch_size}, "
         f"delay {settings.max_batch_delay} ms, {settings.workers} worker(s))"
     )
     return mar
+
+
+def archive_noop(store: Path, name: str = "noop", settings: ServingSettings | None = None) -> Path:
+    """Writes `<store>/<name>.mar` holding only the no-op handler: the frame's ceiling for benchmarks."""
+    settings = settings or ServingSettings()
+    settings.validate()
+    check_name(name)
+    return package(name, HANDLER_DIR / NOOP_HANDLER, [], store, settings)
+
+
+def check_name(name: str) -> None:
+    if not NAME_PATTERN.match(name):
+        raise ArchiveError(f"--name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit")
+
+
+def package(
+    name: str,
+    handler: Path,
+    extras: list[Path],
+    store: Path,
+    settings: ServingSettings,
+    serialized_file: Path | None = None,
+) -> Path:
+    """Runs torch-model-archiver's packaging with the settings as model-config.yaml; returns the .mar path."""
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_packaging import package_model
+    from model_archiver.model_packaging_utils import ModelExportUtils
+
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="digits-archive-") as tmp:
+        config_path = Path(tmp) / CONFIG_NAME
+        config_path.write_text(yaml.safe_dump(settings.to_yaml(), sort_keys=False))
+        config = ModelArchiverConfig(
+            model_name=name,
+            handler=str(handler),
+            version="1.0",
+            serialized_file=str(serialized_file) if serialized_file else None,
+            extra_files=",".join(str(p) for p in extras) or None,
+            export_path=str(store),
+            force=True,
+            config_file=str(config_path),
+        )
+        package_model(config, manifest=ModelExportUtils.generate_manifest_json(config))
+    return store / f"{name}.mar"
 
 
 def read_archive_settings(mar: Path) -> dict:

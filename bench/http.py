@@ -1,0 +1,231 @@
+"""`digits bench http`: a model's archive against the no-op ceiling, over HTTP, in one TorchServe.
+
+The run archives MODEL in FORMAT and the no-op handler with the same batch settings into a temporary
+store, starts TorchServe on free loopback ports (its run folder, logs included, is kept in OUT/torchserve),
+and at each concurrency loads the no-op and the model with the same body, alternating in short rounds so
+that whatever else the machine does in the meantime weighs on both alike. The handler's time split
+per batch (DecodeTime, PreprocessTime, InferenceTime, PostprocessTime, HandlerTime; see
+handlers/digit_metrics.py) is read back from TorchServe's model_metrics.log for each model run.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import re
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+
+from bench import BenchError
+from bench.load import LoadResult, Target, find_ab, pooled, run_load
+from bench.timing import machine
+from serving.archive import ServingSettings
+
+HOST = "127.0.0.1"
+NOOP = "noop"
+STAGES = ("DecodeTime", "PreprocessTime", "InferenceTime", "PostprocessTime", "HandlerTime")
+# model_metrics.log, log mode: "... - DecodeTime.Milliseconds:0.118|#ModelName:cnn,Level:Model|#hostname:..."
+METRIC_LINE = re.compile(r" - (\w+)\.(?:ms|Milliseconds):([0-9.]+)\|#ModelName:([^,|]+)")
+# model_log.log: "... W-9000-cnn_1.0-stdout MODEL_LOG - digits handler: batch of 8 request(s), ..."
+BATCH_LINE = re.compile(r"W-\d+-(\S+)_[\d.]+-stdout MODEL_LOG - digits handler: batch of (\d+) request")
+LOG_SETTLE_S = 0.5  # the frontend copies worker output into its logs asynchronously
+
+
+@dataclass(frozen=True)
+class HttpPlan:
+    """What one `digits bench http` run measures."""
+
+    model: str
+    fmt: str
+    artifacts: Path
+    body: Path
+    concurrency: tuple[int, ...]
+    requests: int  # per target and concurrency, split evenly over the rounds
+    rounds: int  # no-op, model, no-op, model, ... at each concurrency
+    warmup: int  # requests per target before the first measurement
+    settings: ServingSettings
+    generator: str  # "ab" or "python"
+
+
+@dataclass
+class HttpRow:
+    concurrency: int
+    model: LoadResult
+    noop: LoadResult
+    handler: dict[str, Any]  # the time split per batch, from the handler's metrics (see handler_summary)
+
+    @property
+    def ratio(self) -> float:
+        """Model requests per second over the no-op's: the share of the frame's ceiling the model keeps."""
+        return self.model.requests_per_s / self.noop.requests_per_s
+
+
+@dataclass
+class HttpReport:
+    plan: HttpPlan
+    body: dict  # what was sent: bytes, content type, image size and mode
+    machine: dict
+    rows: list[HttpRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        plan = {**asdict(self.plan), "artifacts": str(self.plan.artifacts), "body": str(self.plan.body)}
+        rows = [{**asdict(row), "ratio": round(row.ratio, 3)} for row in self.rows]
+        for row, source in zip(rows, self.rows, strict=True):
+            for target in ("model", "noop"):
+                del row[target]["samples_ms"]  # summarised in latency
+                row[target]["requests_per_s"] = getattr(source, target).requests_per_s
+        return {"plan": plan, "body": self.body, "machine": self.machine, "rows": rows}
+
+
+def run_http(plan: HttpPlan, run_dir: Path, log: Callable[[str], Any] = print) -> HttpReport:
+    """Archives, serves, loads and measures as the module docstring says; stops TorchServe in every case."""
+    if plan.generator == "ab":
+        find_ab()  # fail before minutes of archiving and start-up, not after
+    report = HttpReport(plan, describe_body(plan.body), machine())
+    with tempfile.TemporaryDirectory(prefix="digits-bench-store-") as store, serving(plan, Path(store), run_dir) as url:
+        token = read_inference_token(run_dir)
+        targets = {name: target_for(url, name, token, plan.body) for name in (NOOP, plan.model)}
+        check_answers(targets[plan.model])
+        for target in targets.values():
+            run_load(plan.generator, target, max(plan.concurrency), max(plan.warmup, max(plan.concurrency)))
+        logs = LogCursor(run_dir / "logs")
+        for concurrency in plan.concurrency:
+            logs.mark()
+            model, noop = measure_level(plan, targets, concurrency)
+            report.rows.append(HttpRow(concurrency, model, noop, handler_summary(logs.read(), plan.model)))
+            log(progress_line(report.rows[-1]))
+    return report
+
+
+def measure_level(plan: HttpPlan, targets: dict[str, Target], concurrency: int) -> tuple[LoadResult, LoadResult]:
+    """The model's and the no-op's loads at one concurrency, each pooled over the rounds."""
+    runs: dict[str, list[LoadResult]] = {NOOP: [], plan.model: []}
+    for _ in range(plan.rounds):
+        for name in (NOOP, plan.model):
+            runs[name].append(run_load(plan.generator, targets[name], concurrency, plan.requests // plan.rounds))
+    return pooled(runs[plan.model]), pooled(runs[NOOP])
+
+
+@contextmanager
+def serving(plan: HttpPlan, store: Path, run_dir: Path) -> Iterator[str]:
+    """The model's and the no-op's archives in `store`, served by a TorchServe of our own; yields its URL."""
+    from serving import server
+    from serving.archive import archive_model, archive_noop
+    from serving.config import Ports
+
+    archive_model(plan.model, plan.fmt, plan.artifacts, store, settings=plan.settings, log=lambda _: None)
+    archive_noop(store, NOOP, plan.settings)
+    ports = Ports(*free_ports(5))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state, _ = server.launch(store, run_dir, ports, HOST, foreground=False)
+    try:
+        server.wait_until_ready(state, run_dir)
+        yield state.inference_url
+    finally:
+        server.stop(run_dir)
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel reports free on loopback now (each bound once, then released)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def read_inference_token(run_dir: Path) -> str:
+    from serving.server import read_token
+
+    return read_token(run_dir)
+
+
+def target_for(url: str, model: str, token: str, body: Path) -> Target:
+    content_type = mimetypes.guess_type(body.name)[0] or "application/octet-stream"
+    return Target(f"{url}/predictions/{model}", token, body, content_type)
+
+
+def check_answers(target: Target) -> None:
+    """One request first: a body the model refuses would otherwise be measured as fast errors."""
+    headers = {"Authorization": f"Bearer {target.token}", "Content-Type": target.content_type}
+    response = requests.post(target.url, data=target.body.read_bytes(), headers=headers, timeout=30)
+    if response.status_code != 200:
+        raise BenchError(f"the model refuses {target.body}: {response.status_code} {response.text.strip()[:300]}")
+
+
+def describe_body(path: Path) -> dict:
+    """Bytes and content type of the request body and, for an image, its size and mode."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise BenchError(f"no input file {path}")
+    described = {"file": path.name, "bytes": path.stat().st_size, "content_type": mimetypes.guess_type(path.name)[0]}
+    try:
+        with Image.open(path) as image:
+            described |= {"format": image.format, "width": image.width, "height": image.height, "mode": image.mode}
+    except UnidentifiedImageError:
+        pass  # JSON or another body the handler reads: sent as it is
+    return described
+
+
+class LogCursor:
+    """Reads what TorchServe appended to its metrics and model logs since `mark()`."""
+
+    NAMES = ("model_metrics.log", "model_log.log")
+
+    def __init__(self, log_dir: Path) -> None:
+        self.paths = [log_dir / name for name in self.NAMES]
+        self.offsets = [0] * len(self.paths)
+
+    def mark(self) -> None:
+        self.offsets = [p.stat().st_size if p.is_file() else 0 for p in self.paths]
+
+    def read(self) -> tuple[str, str]:
+        time.sleep(LOG_SETTLE_S)
+        texts = []
+        for path, offset in zip(self.paths, self.offsets, strict=True):
+            with path.open("rb") as f:
+                f.seek(offset)
+                texts.append(f.read().decode("utf-8", errors="replace"))
+        return texts[0], texts[1]
+
+
+def handler_summary(logs: tuple[str, str], model: str) -> dict[str, Any]:
+    """Per stage: mean, p50 and p99 ms per batch; the number of batches and their mean size."""
+    metrics_log, model_log = logs
+    values: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    for name, value, model_name in METRIC_LINE.findall(metrics_log):
+        if model_name == model and name in values:
+            values[name].append(float(value))
+    sizes = [int(n) for name, n in BATCH_LINE.findall(model_log) if name == model]
+    summary: dict[str, Any] = {"batches": len(sizes), "mean_batch_size": float(np.mean(sizes)) if sizes else None}
+    for stage, ms in values.items():
+        summary[stage] = (
+            {
+                "mean_ms": float(np.mean(ms)),
+                "p50_ms": float(np.percentile(ms, 50)),
+                "p99_ms": float(np.percentile(ms, 99)),
+            }
+            if ms
+            else None
+        )
+    return summary
+
+
+def progress_line(row: HttpRow) -> str:
+    return (
+        f"  concurrency {row.concurrency:3}: model {row.model.requests_per_s:7.0f} req/s "
+        f"(p99 {row.model.latency.p99_ms:6.1f} ms, {row.model.errors} errors), "
+        f"no-op {row.noop.requests_per_s:7.0f} req/s, ratio {row.ratio:.2f}"
+    )

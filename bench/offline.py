@@ -1,0 +1,166 @@
+"""`digits bench offline`: eager PyTorch, TorchScript and onnxruntime side by side, against the fp32 peak.
+
+Every backend runs the same real MNIST test digits at each batch size, in one process, interleaved per
+batch size so that drift on a shared machine touches them alike. The peak is a large float32 matmul,
+measured at the start and at the end of the run (the higher is kept: the harder ceiling).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import BenchError
+from bench.timing import Latency, flops_per_sample, fp32_peak_gflops, machine, time_calls
+
+BATCH_SIZES = (1, 8, 64, 256)
+MIN_SECONDS = 1.0  # timed per backend and batch size, after warm-up
+MANIFEST_FILE = "export.json"
+INT8_FORMAT = "onnx-int8"
+
+Runner = Callable[[np.ndarray], np.ndarray]  # (N, 1, 28, 28) float32 -> (N, 10) scores
+
+
+@dataclass(frozen=True)
+class OfflineResult:
+    """One backend at one batch size."""
+
+    backend: str
+    batch_size: int
+    samples_per_s: float
+    latency: Latency  # per batch
+    reps: int
+    gflops: float  # from the model's FLOP count
+    peak_share: float  # gflops / the measured fp32 peak
+
+
+@dataclass
+class OfflineReport:
+    model: str
+    flops_per_sample: int
+    peak_gflops: float  # the higher of the two measurements below
+    peak_measurements: list[float]  # GFLOP/s at the start and at the end of the run
+    min_seconds: float
+    machine: dict
+    results: list[OfflineResult] = field(default_factory=list)
+
+    @property
+    def backends(self) -> list[str]:
+        return list(dict.fromkeys(r.backend for r in self.results))
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return sorted({r.batch_size for r in self.results})
+
+    def result(self, backend: str, batch_size: int) -> OfflineResult | None:
+        return next((r for r in self.results if (r.backend, r.batch_size) == (backend, batch_size)), None)
+
+    def ratio(self, numerator: str, denominator: str, batch_size: int) -> float | None:
+        """Samples per second of one backend over another's, at one batch size (None when either is missing)."""
+        top, bottom = self.result(numerator, batch_size), self.result(denominator, batch_size)
+        return top.samples_per_s / bottom.samples_per_s if top and bottom else None
+
+    def ratios(self) -> dict[str, float]:
+        """The comparisons this benchmark exists for, per batch size."""
+        pairs = [("onnxruntime", "eager"), ("torchscript", "eager"), ("onnxruntime-int8", "onnxruntime")]
+        found = {}
+        for top, bottom in pairs:
+            for n in self.batch_sizes:
+                value = self.ratio(top, bottom, n)
+                if value is not None:
+                    found[f"{top} / {bottom} at batch {n}"] = round(value, 3)
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratios": self.ratios()}
+
+
+def run_offline(
+    artifacts: Path,
+    model: str,
+    *,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    min_seconds: float = MIN_SECONDS,
+    data_dir: Path | None = None,
+    log: Callable[[str], Any] = print,
+) -> OfflineReport:
+    """Times every exported form of MODEL from ARTIFACTS/MODEL at each batch size; see the module docstring."""
+    check_batch_sizes(batch_sizes)
+    model_dir = Path(artifacts) / model
+    eager, meta = load_eager(model_dir, model)
+    runners = load_runners(model_dir, eager, model)
+    images = mnist_batch(meta, max(batch_sizes), data_dir)
+    log(f"bench offline {model}: measuring the fp32 peak")
+    start_peak = fp32_peak_gflops()
+    report = OfflineReport(
+        model, flops_per_sample(eager, meta["input_shape"]), start_peak, [start_peak], min_seconds, machine()
+    )
+    for n in batch_sizes:
+        for name, run in runners.items():
+            times = time_calls(lambda run=run, x=images[:n]: run(x), min_seconds=min_seconds)
+            report.results.append(summarise(name, n, times, report.flops_per_sample, start_peak))
+            log(f"  {name:17} batch {n:4}: {report.results[-1].samples_per_s:10.0f} samples/s")
+    report.peak_measurements.append(fp32_peak_gflops())
+    report.peak_gflops = max(report.peak_measurements)
+    report.results = [with_peak(r, report.peak_gflops) for r in report.results]
+    return report
+
+
+def check_batch_sizes(batch_sizes: Sequence[int]) -> None:
+    if not batch_sizes or any(n < 1 for n in batch_sizes):
+        raise BenchError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+
+
+def load_eager(model_dir: Path, model: str):
+    """The eager model from its checkpoint (eval mode) and the checkpoint's metadata."""
+    from export.convert import find_checkpoint, load_model_checkpoint
+    from training.checkpoint import rebuild_model
+
+    payload = load_model_checkpoint(find_checkpoint(model_dir, model), model)
+    return rebuild_model(payload), payload["metadata"]
+
+
+def load_runners(model_dir: Path, eager, model: str) -> dict[str, Runner]:
+    """Eager, and the exported files that export.json vouches for, loaded as `digits export` checks them."""
+    from export.parity import eager_runner, onnxruntime_backend, torchscript_backend
+
+    manifest_path = model_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise BenchError(f"no {manifest_path}: export the model with parity first (`digits export {model}`)")
+    files = json.loads(manifest_path.read_text())["files"]
+    runners: dict[str, Runner] = {
+        "eager": eager_runner(eager),
+        "torchscript": torchscript_backend(model_dir / files["torchscript"]["path"]).run,
+        "onnxruntime": onnxruntime_backend(model_dir / files["onnx"]["path"], "ORT_ENABLE_ALL").run,
+    }
+    if INT8_FORMAT in files:  # written by `digits export MODEL --quantize int8` once its parity passed
+        runners["onnxruntime-int8"] = onnxruntime_backend(model_dir / files[INT8_FORMAT]["path"], "ORT_ENABLE_ALL").run
+    return runners
+
+
+def mnist_batch(meta: dict, count: int, data_dir: Path | None) -> np.ndarray:
+    """(count, *input_shape) float32: real MNIST test digits, normalised as the checkpoint says, repeated if need be."""
+    from export.parity import normalise
+    from training.data import load_mnist
+
+    images = load_mnist(data_dir, log=lambda _: None).test_images
+    images = np.resize(images, (count, *images.shape[1:]))  # np.resize repeats; 10,000 is far above our batches
+    return normalise(images, meta["mean"], meta["std"], meta["input_shape"])
+
+
+def summarise(backend: str, batch_size: int, times_ms: list[float], flops: int, peak_gflops: float) -> OfflineResult:
+    # throughput from the mean batch time: it is what a stream of batches gets, stalls included
+    samples_per_s = batch_size / (float(np.mean(times_ms)) / 1000)
+    gflops = samples_per_s * flops / 1e9
+    return OfflineResult(
+        backend, batch_size, samples_per_s, Latency.of(times_ms), len(times_ms), gflops, gflops / peak_gflops
+    )
+
+
+def with_peak(result: OfflineResult, peak_gflops: float) -> OfflineResult:
+    return replace(result, peak_share=result.gflops / peak_gflops)

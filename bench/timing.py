@@ -1,0 +1,92 @@
+"""What every benchmark needs: latency percentiles, timed repetitions, FLOPs, the fp32 peak, the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+PEAK_MATMUL_SIZE = 2048  # 17 GFLOP a product: long enough to reach the peak, short enough to repeat
+PEAK_REPS = 8
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Percentiles of per-call (or per-request) times, in milliseconds."""
+
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+
+    @classmethod
+    def of(cls, milliseconds: Sequence[float]) -> Latency:
+        if len(milliseconds) == 0:
+            raise ValueError("no timings to summarise")
+        p50, p90, p99 = np.percentile(np.asarray(milliseconds, dtype=np.float64), [50, 90, 99])
+        return cls(float(p50), float(p90), float(p99))
+
+
+def time_calls(
+    call: Callable[[], object], *, min_seconds: float, min_reps: int = 10, warmup_reps: int = 3
+) -> list[float]:
+    """Calls `call` `warmup_reps` times untimed, then until both `min_seconds` and `min_reps` are reached.
+
+    Returns:
+        The wall time of each timed call, in ms.
+    """
+    for _ in range(warmup_reps):  # first calls pay for allocation, kernel selection, lazy initialisation
+        call()
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - started < min_seconds:
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def flops_per_sample(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """The model's own FLOP count for one sample (2 per multiply-add), from PyTorch's FLOP counter."""
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.zeros(1, *input_shape))
+    return int(counter.get_total_flops())
+
+
+def fp32_peak_gflops(size: int = PEAK_MATMUL_SIZE, reps: int = PEAK_REPS) -> float:
+    """This machine's fp32 peak as measured here: the best GFLOP/s of a large float32 matmul (MKL, all cores)."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator)
+    b = torch.randn(size, size, generator=generator)
+    best_ms = min(time_calls(lambda: torch.mm(a, b), min_seconds=0, min_reps=reps, warmup_reps=2))
+    return 2 * size**3 / (best_ms / 1000) / 1e9
+
+
+def cpu_model() -> str:
+    """The CPU's model name as `lscpu` shows it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What ran the benchmark: CPU, cores, threads, versions, and how busy the machine was when it started."""
+    return {
+        "cpu": cpu_model(),
+        "architecture": platform.machine(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "versions": {package: version(package) for package in ("torch", "onnxruntime", "torchserve")},
+    }

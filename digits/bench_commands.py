@@ -1,0 +1,149 @@
+"""`digits bench offline` and `digits bench http`: the benchmarks, each writing JSON, markdown and a plot."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_OUT = Path("runs") / "bench"
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark the exported models offline, or a served model over HTTP",
+        description="Side-by-side benchmarks, each against a ceiling measured in the same run.",
+    )
+    kinds = p.add_subparsers(dest="bench", required=True, metavar="KIND")
+    add_offline(kinds)
+    add_http(kinds)
+
+
+def add_offline(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser(
+        "offline",
+        help="eager vs TorchScript vs onnxruntime in-process, against the measured fp32 peak",
+        description="Time eager PyTorch, TorchScript, onnxruntime (and the int8 file, when exported) on MNIST "
+        "test digits at each batch size; writes bench-offline.json, .md and .png to OUT.",
+    )
+    p.add_argument("model", metavar="MODEL", help="an exported model (see `digits export`)")
+    p.add_argument(
+        "--artifacts", type=Path, default=Path("artifacts"), help="folder holding MODEL/ (default: artifacts/)"
+    )
+    p.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 64, 256), help="default 1,8,64,256")
+    p.add_argument(
+        "--min-seconds", type=float, default=1.0, help="timed seconds per backend and batch size (default 1)"
+    )
+    p.add_argument("--out", type=Path, help="output folder (default: runs/bench/MODEL-offline)")
+    p.set_defaults(func=run_offline)
+
+
+def run_offline(args: argparse.Namespace) -> int:
+    from bench.offline import run_offline as measure
+    from bench.report import write_offline
+
+    if args.min_seconds < 0:
+        raise ValueError(f"--min-seconds must be at least 0, got {args.min_seconds}")
+    report = measure(args.artifacts, args.model, batch_sizes=args.batch_sizes, min_seconds=args.min_seconds)
+    paths = write_offline(report, args.out or DEFAULT_OUT / f"{args.model}-offline")
+    print(paths[1].read_text(), end="")
+    print(f"wrote {', '.join(map(str, paths))}")
+    return 0
+
+
+def add_http(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser(
+        "http",
+        help="a served model against the no-op handler, over HTTP",
+        description="Archive MODEL and a no-op handler with the same batch settings, start TorchServe for the "
+        "run, and load both with the same body at each concurrency; writes bench-http.json, .md and .png to OUT.",
+    )
+    p.add_argument("--model", default="cnn", help="an exported model (default cnn)")
+    p.add_argument(
+        "--format", default="onnx", choices=["onnx", "torchscript", "onnx-int8"], help="file to serve (default onnx)"
+    )
+    p.add_argument(
+        "--artifacts", type=Path, default=Path("artifacts"), help="folder holding MODEL/ (default: artifacts/)"
+    )
+    p.add_argument("--input", type=Path, help="request body (default: MNIST test digit 0 as a 28x28 PNG)")
+    p.add_argument("--concurrency", type=_int_list, default=(1, 4, 16, 64), help="default 1,4,16,64")
+    p.add_argument("--requests", type=int, default=4000, help="requests per target and concurrency (default 4000)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="alternate no-op and model this many times per concurrency, --requests split over them (default 4)",
+    )
+    # TorchServe's frontend is Java: its JIT needs thousands of requests before the ceiling is the ceiling
+    p.add_argument("--warmup", type=int, default=4000, help="warm-up requests per target (default 4000)")
+    p.add_argument("--batch-size", type=int, default=8, help="TorchServe batch size of both archives (default 8)")
+    p.add_argument("--max-batch-delay", type=int, default=5, help="ms to wait to fill a batch (default 5)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes per archive (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per worker (default 1)")
+    p.add_argument(
+        "--load-generator",
+        default="ab",
+        choices=["ab", "python"],
+        help="ab (ApacheBench; default) or python (needs nothing installed, may be the bottleneck)",
+    )
+    p.add_argument("--out", type=Path, help="output folder (default: runs/bench/MODEL-FORMAT-http)")
+    p.set_defaults(func=run_http)
+
+
+def run_http(args: argparse.Namespace) -> int:
+    from bench.http import HttpPlan
+    from bench.http import run_http as measure
+    from bench.report import write_http
+    from serving.archive import ServingSettings
+
+    if args.rounds < 1 or args.requests // args.rounds < max(args.concurrency) or args.warmup < 0:
+        raise ValueError(
+            f"--requests / --rounds must be at least the highest concurrency ({max(args.concurrency)}), --rounds "
+            f"at least 1 and --warmup at least 0; got {args.requests}, {args.rounds} and {args.warmup}"
+        )
+    out = (args.out or DEFAULT_OUT / f"{args.model}-{args.format}-http").resolve()
+    settings = ServingSettings(
+        batch_size=args.batch_size, max_batch_delay=args.max_batch_delay, workers=args.workers, threads=args.threads
+    )
+    settings.validate()
+    body = args.input or default_input(out)
+    plan = HttpPlan(
+        model=args.model,
+        fmt=args.format,
+        artifacts=args.artifacts,
+        body=body,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        settings=settings,
+        generator=args.load_generator,
+    )
+    report = measure(plan, out / "torchserve")
+    paths = write_http(report, out)
+    print(paths[1].read_text(), end="")
+    print(f"wrote {', '.join(map(str, paths))}")
+    return 0
+
+
+def default_input(out: Path) -> Path:
+    """MNIST test digit 0 as the 28x28 PNG a client would send, written into the output folder."""
+    from training.data import load_mnist
+    from training.samples import write_samples
+
+    data = load_mnist(log=lambda _: None)
+    [path] = write_samples(data.test_images, data.test_labels, out, 1, drawn=False)
+    return path
+
+
+BENCH_COMMANDS = [add_bench]

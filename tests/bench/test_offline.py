@@ -1,0 +1,35 @@
+"""`digits bench offline` runs on a tiny configuration and writes valid reports."""
+
+from __future__ import annotations
+
+import json
+
+from digits.cli import main
+
+MLP_FLOPS = 2 * (784 * 128 + 128 * 10)  # two matmuls, a multiply and an add per weight
+
+
+def test_offline_bench_writes_json_markdown_and_plot(int8_artifacts, tmp_path, capsys):
+    out = tmp_path / "offline"
+    args = ["bench", "offline", "mlp", "--artifacts", str(int8_artifacts), "--batch-sizes", "1,4"]
+    assert main([*args, "--min-seconds", "0", "--out", str(out)]) == 0
+    report = json.loads((out / "bench-offline.json").read_text())
+    backends = {(r["backend"], r["batch_size"]) for r in report["results"]}
+    assert backends == {(b, n) for b in ("eager", "torchscript", "onnxruntime", "onnxruntime-int8") for n in (1, 4)}
+    assert report["flops_per_sample"] == MLP_FLOPS
+    assert report["peak_gflops"] == max(report["peak_measurements"]) > 0 and len(report["peak_measurements"]) == 2
+    for r in report["results"]:
+        assert r["samples_per_s"] > 0 and r["reps"] >= 10
+        assert 0 < r["latency"]["p50_ms"] <= r["latency"]["p99_ms"]
+        assert r["peak_share"] == r["gflops"] / report["peak_gflops"]
+    assert "onnxruntime / eager at batch 4" in report["ratios"]
+    assert "onnxruntime-int8 / onnxruntime at batch 4" in report["ratios"]
+    markdown = (out / "bench-offline.md").read_text()
+    assert "| backend | batch | samples/s |" in markdown and "onnxruntime-int8" in markdown
+    assert (out / "bench-offline.png").read_bytes().startswith(b"\x89PNG")
+    assert markdown in capsys.readouterr().out
+
+
+def test_offline_bench_of_an_unexported_model_names_the_command(tmp_path, capsys):
+    assert main(["bench", "offline", "cnn", "--artifacts", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "digits train cnn" in capsys.readouterr().err
