@@ -171,3 +171,21 @@ def test_metadata_reaches_the_client_unchanged(server):
     described = requests.get(f"{server.management_url}/models/cnn", headers=headers, timeout=10).json()[0]
     assert described["batchSize"] == 8 and described["maxBatchDelay"] == 20
     assert json.loads(json.dumps(described))["modelName"] == "cnn"
+
+
+def test_token_refresh_replaces_the_inference_key(server, mnist, capsys):
+    from digits.cli import main
+
+    old = server.token
+    assert main(["token", "--refresh", "--run-dir", str(server.run_dir)]) == 0
+    new = capsys.readouterr().out.strip()
+    assert new and new != old
+    server.token = new  # the rest of the session's tests use the live key
+    assert post(server, "cnn", data=png(mnist.test_images[0])).status_code == 200
+    stale = requests.post(
+        f"{server.url}/predictions/cnn",
+        data=png(mnist.test_images[0]),
+        headers={"Authorization": f"Bearer {old}"},
+        timeout=30,
+    )
+    assert stale.status_code == 400 and "Token Authorization failed" in stale.json()["message"]
