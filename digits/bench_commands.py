@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from digits.arguments import add_artifacts
+
 DEFAULT_OUT = Path("runs") / "bench"
 
 
@@ -37,9 +39,7 @@ def add_offline(kinds: argparse._SubParsersAction) -> None:
         "test digits at each batch size; writes bench-offline.json, .md and .png to OUT.",
     )
     p.add_argument("model", metavar="MODEL", help="an exported model (see `digits export`)")
-    p.add_argument(
-        "--artifacts", type=Path, default=Path("artifacts"), help="folder holding MODEL/ (default: artifacts/)"
-    )
+    add_artifacts(p)
     p.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 64, 256), help="default 1,8,64,256")
     p.add_argument(
         "--min-seconds", type=float, default=1.0, help="timed seconds per backend and batch size (default 1)"
@@ -72,9 +72,7 @@ def add_http(kinds: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--format", default="onnx", choices=["onnx", "torchscript", "onnx-int8"], help="file to serve (default onnx)"
     )
-    p.add_argument(
-        "--artifacts", type=Path, default=Path("artifacts"), help="folder holding MODEL/ (default: artifacts/)"
-    )
+    add_artifacts(p)
     p.add_argument("--input", type=Path, help="request body (default: MNIST test digit 0 as a 28x28 PNG)")
     p.add_argument("--concurrency", type=_int_list, default=(1, 4, 16, 64), help="default 1,4,16,64")
     p.add_argument("--requests", type=int, default=4000, help="requests per target and concurrency (default 4000)")

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from digits.arguments import add_artifacts, add_data_dir
 from digits.bench_commands import BENCH_COMMANDS
 from digits.serving_commands import SERVING_COMMANDS
 
@@ -34,7 +35,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="peak Adam learning rate of the one-cycle schedule (default 1e-3)")
     p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value (default: off)")
     p.add_argument("--out", type=Path, default=Path("artifacts"), help="output folder (default: artifacts/)")
-    p.add_argument("--data-dir", type=Path, help="MNIST folder (default: $DIGITS_DATA, else ~/.cache/digits/data)")
+    add_data_dir(p)
     p.add_argument("--limit", type=int, help="use only the first N training and test images (smoke runs)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same machine, same model")
@@ -97,7 +98,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         "export.json. Exits 1 when parity fails.",
     )
     p.add_argument("model", metavar="MODEL", help="a registered model (see `digits models`)")
-    _add_artifacts(p)
+    add_artifacts(p)
     p.add_argument("--opset", type=int, help="ONNX opset to target (default: the exporter's)")
     p.add_argument(
         "--quantize",
@@ -134,7 +135,7 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
         "Exits 1 when parity fails.",
     )
     p.add_argument("model", metavar="MODEL", help="a registered model (see `digits models`)")
-    _add_artifacts(p)
+    add_artifacts(p)
     _add_tolerances(p)
     p.set_defaults(func=run_verify)
 
@@ -144,12 +145,6 @@ def run_verify(args: argparse.Namespace) -> int:
 
     report = verify_model(args.artifacts, args.model, **_tolerances(args))
     return _print_report(args, report, args.artifacts / args.model)
-
-
-def _add_artifacts(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--artifacts", type=Path, default=Path("artifacts"), help="folder holding MODEL/ (default: artifacts/)"
-    )
 
 
 def _add_tolerances(p: argparse.ArgumentParser) -> None:

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from digits.arguments import add_artifacts, add_data_dir
+
 DEFAULT_STORE = Path("model_store")
 
 
@@ -73,7 +75,7 @@ def add_archive(sub: argparse._SubParsersAction) -> None:
         choices=["torchscript", "onnx", "onnx-int8"],
         help="which exported file to serve (onnx-int8: `digits export MODEL --quantize int8` first)",
     )
-    p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="default: artifacts/")
+    add_artifacts(p)
     p.add_argument("--model-store", type=Path, default=DEFAULT_STORE, help="default: model_store/")
     p.add_argument("--name", help="model name in TorchServe and the URL (default: MODEL)")
     p.add_argument("--batch-size", type=int, default=8, help="TorchServe batch size (default 8)")
@@ -232,7 +234,7 @@ def add_samples(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("samples"), help="default: samples/")
     p.add_argument("--count", type=int, default=5, help="digits to write (default 5)")
-    p.add_argument("--data-dir", type=Path, help="MNIST folder (default: $DIGITS_DATA, else ~/.cache/digits/data)")
+    add_data_dir(p)
     p.set_defaults(func=run_samples)
 
 
@@ -260,7 +262,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drawn", action="store_true", help="send each digit drawn large, off-centre, on white RGB")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     p.add_argument("--url", help="inference URL (default: the one `digits serve` started)")
-    p.add_argument("--data-dir", type=Path, help="MNIST folder (default: $DIGITS_DATA, else ~/.cache/digits/data)")
+    add_data_dir(p)
     _add_run_dir(p)
     p.set_defaults(func=run_evaluate)
 
