@@ -80,5 +80,8 @@ def classify_many(
         body = response.json()
         return Prediction(str(index), 200, body["label"], body["confidence"])
 
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        return list(pool.map(one, range(len(payloads))))
+    try:
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            return list(pool.map(one, range(len(payloads))))
+    except requests.ConnectionError:
+        raise ServeError(f"cannot reach {url}; is TorchServe running? (`digits serve`)") from None

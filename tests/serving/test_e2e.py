@@ -189,3 +189,14 @@ def test_token_refresh_replaces_the_inference_key(server, mnist, capsys):
         timeout=30,
     )
     assert stale.status_code == 400 and "Token Authorization failed" in stale.json()["message"]
+
+
+def test_evaluate_reports_accuracy_and_a_dead_url_is_one_line(server, capsys, ports):
+    from digits.cli import main
+
+    assert main(["evaluate", "--count", "20", "--run-dir", str(server.run_dir)]) == 0
+    assert re.search(r"cnn: \d+/20 right \(\d+\.\d\d%\), 0 failed, 28x28 PNG", capsys.readouterr().out)
+    dead = f"http://127.0.0.1:{ports[0]}"  # a free port: nothing listens there
+    assert main(["evaluate", "--count", "2", "--url", dead, "--run-dir", str(server.run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach {dead}" in err and "Traceback" not in err
