@@ -25,21 +25,25 @@ def content_type(path: Path) -> str:
     return guessed or "application/octet-stream"
 
 
-def predict_file(path: Path, url: str, model: str, token: str, timeout: float = 30) -> Prediction:
-    data = Path(path).read_bytes()
-    response = requests.post(
-        f"{url}/predictions/{model}",
-        data=data,
-        timeout=timeout,
-        headers={"Authorization": f"Bearer {token}", "Content-Type": content_type(path)},
-    )
+def send(name: str, payload: bytes, content: str, url: str, model: str, token: str, timeout: float = 30) -> Prediction:
+    """One POST to /predictions/MODEL; a refusal comes back as the status and the server's message."""
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": content}
+    response = requests.post(f"{url}/predictions/{model}", data=payload, headers=headers, timeout=timeout)
     try:
         body = response.json()
     except ValueError:
-        body = {"message": response.text.strip()}
+        body = {"message": response.text.strip()[:200]}
     if response.status_code != 200:
-        return Prediction(str(path), response.status_code, error=body.get("message", str(body)))
-    return Prediction(str(path), 200, body["label"], body["confidence"])
+        return Prediction(name, response.status_code, error=body.get("message", str(body)))
+    return Prediction(name, 200, body["label"], body["confidence"])
+
+
+def predict_file(path: Path, url: str, model: str, token: str, timeout: float = 30) -> Prediction:
+    return send(str(path), Path(path).read_bytes(), content_type(path), url, model, token, timeout)
+
+
+def _unreachable(url: str) -> ServeError:
+    return ServeError(f"cannot reach {url}; is TorchServe running? (`digits serve`)")
 
 
 def resolve_endpoint(run_dir: Path, url: str | None, token: str | None) -> tuple[str, str]:
@@ -62,7 +66,7 @@ def predict_files(
     try:
         return [predict_file(Path(f), url, model, token) for f in files]
     except requests.ConnectionError:
-        raise ServeError(f"cannot reach {url}; is TorchServe running? (`digits serve`)") from None
+        raise _unreachable(url) from None
 
 
 def classify_many(
@@ -71,17 +75,11 @@ def classify_many(
     """Sends every payload concurrently (a thread per connection) and returns the answers in order."""
     from concurrent.futures import ThreadPoolExecutor
 
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": content}
-
     def one(index: int) -> Prediction:
-        response = requests.post(f"{url}/predictions/{model}", data=payloads[index], headers=headers, timeout=60)
-        if response.status_code != 200:
-            return Prediction(str(index), response.status_code, error=response.text.strip()[:200])
-        body = response.json()
-        return Prediction(str(index), 200, body["label"], body["confidence"])
+        return send(str(index), payloads[index], content, url, model, token, timeout=60)
 
     try:
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             return list(pool.map(one, range(len(payloads))))
     except requests.ConnectionError:
-        raise ServeError(f"cannot reach {url}; is TorchServe running? (`digits serve`)") from None
+        raise _unreachable(url) from None
