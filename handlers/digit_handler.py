@@ -33,6 +33,7 @@ from digit_model import (
     check_predictor,
     choose_device,
     find_model_file,
+    keep_fp32_exact,
     load_predictor,
     read_metadata,
     verify_sha256,
@@ -56,6 +57,7 @@ class DigitHandler(BaseHandler):
         model_dir = Path(properties["model_dir"])
         self.manifest = context.manifest
         self.device = choose_device(properties.get("gpu_id"))
+        keep_fp32_exact()  # the import of BaseHandler switched Ampere+ GPUs to TF32
         self.meta = read_metadata(model_dir)
         set_threads(context.model_yaml_config)  # before loading: onnxruntime sizes its pool from torch's count
         model_path = find_model_file(model_dir, self.manifest, self.meta)

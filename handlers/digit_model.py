@@ -166,6 +166,19 @@ def choose_device(gpu_id: int | str | None) -> torch.device:
     return device
 
 
+def keep_fp32_exact() -> None:
+    """Undoes the TF32 switch that importing TorchServe's BaseHandler flips on Ampere and newer GPUs.
+
+    ts/torch_handler/base_handler.py calls `torch.set_float32_matmul_precision("high")` at import when the
+    GPU's compute capability is 8.0 or more, so every float32 matmul of the worker would run in TF32 (about
+    three decimal digits), and cuDNN convolutions use TF32 by default. The served model must be the one whose
+    parity the export proved (atol 1e-5 on the logits), so this worker computes in full float32.
+    """
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def load_predictor(path: Path, device: torch.device) -> Predictor:
     """Loads the model file with the runtime its extension calls for.
 

@@ -203,6 +203,24 @@ def test_handler_stays_on_cpu_without_a_gpu_id(model_dirs) -> None:
     assert initialize(model_dirs["torchscript"]).device == torch.device("cpu")
 
 
+def test_handler_undoes_the_tf32_switch_of_torchserve(model_dirs) -> None:
+    # importing BaseHandler on an Ampere+ GPU sets "high" (TF32); the served model must stay the exported one
+    previous = (
+        torch.get_float32_matmul_precision(),
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+    )
+    try:
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+        initialize(model_dirs["torchscript"])
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(previous[0])
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous[1:]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fmt", sorted(MODEL_FILES))
@@ -220,4 +238,5 @@ def test_serves_on_cuda(model_dirs, tiny_model, mnist_test, caplog, fmt: str) ->
         tiny_model(torch.from_numpy((digits / 255.0 - 0.1307) / 0.3081).float()[:, None]), 1
     ).detach()
     got = torch.tensor([a.body["probabilities"] for a in answers], dtype=torch.float64)
-    assert torch.allclose(got, expected.double(), atol=1e-4)  # TF32 and cuDNN may round differently
+    # full float32 on the GPU (keep_fp32_exact): within the export's parity tolerance of the CPU model
+    assert torch.allclose(got, expected.double(), atol=1e-5)
