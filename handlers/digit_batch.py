@@ -7,6 +7,7 @@ batch operation each.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,3 +96,8 @@ def prediction_bodies(probabilities: torch.Tensor, labels: tuple[str, ...]) -> l
 def label_value(label: str) -> int | str:
     """MNIST's labels "0".."9" answer as ints, as clients compare them with digits; other labels as given."""
     return int(label) if label.isascii() and label.isdigit() else label
+
+
+def json_body(body: dict[str, Any]) -> bytes:
+    """A response body as compact JSON bytes, through json's C encoder."""
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")

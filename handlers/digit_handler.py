@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from digit_batch import Batch, assemble, prediction_bodies, prepare_batch, read_batch, to_probabilities
+from digit_batch import (
+    Batch,
+    assemble,
+    json_body,
+    prediction_bodies,
+    prepare_batch,
+    read_batch,
+    to_probabilities,
+)
 from digit_errors import RequestError
 from digit_metrics import StageTimes
 from digit_model import (
@@ -74,7 +82,7 @@ class DigitHandler(BaseHandler):
             self.device,
         )
 
-    def handle(self, data: list[Any], context: Any) -> list[dict[str, Any]]:
+    def handle(self, data: list[Any], context: Any) -> list[bytes]:
         """TorchServe's entry point for a batch: read, one forward pass, answer each request.
 
         Replaces BaseHandler.handle, which switches to Captum explanations or a "describe" mode whenever
@@ -114,8 +122,12 @@ class DigitHandler(BaseHandler):
         return batch.with_probabilities(to_probabilities(self.model(batch.digits)))
 
     @timed
-    def postprocess(self, batch: Batch) -> list[dict[str, Any]]:
-        """One JSON body per request, in request order, with a per-request status for the refused ones."""
+    def postprocess(self, batch: Batch) -> list[bytes]:
+        """One JSON body per request, in request order, with a per-request status for the refused ones.
+
+        Bodies go back as bytes: given a dict, TorchServe's worker would encode it with `json.dumps(indent=2)`,
+        which bypasses the C encoder; that alone took a fifth of the worker's time per request (cProfile).
+        """
         answers = {}
         if batch.rows:
             answers = dict(zip(batch.rows, prediction_bodies(batch.probabilities, self.meta.labels), strict=True))
@@ -123,7 +135,7 @@ class DigitHandler(BaseHandler):
         for index in range(batch.size):
             self.context.set_response_content_type(index, "application/json")
             error = batch.errors.get(index)
-            bodies.append(answers[index] if error is None else refuse(self.context, index, error))
+            bodies.append(json_body(answers[index] if error is None else refuse(self.context, index, error)))
         return bodies
 
 

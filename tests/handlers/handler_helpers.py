@@ -125,7 +125,7 @@ class Answer:
     status: int
     phrase: str | None
     content_type: str | None
-    body: Any
+    body: Any  # the JSON body, parsed as a client would
 
 
 def run_batch(handler: Any, context: Context, rows: list[Any], headers: list[dict] | None = None) -> list[Answer]:
@@ -136,8 +136,9 @@ def run_batch(handler: Any, context: Context, rows: list[Any], headers: list[dic
     assert isinstance(outputs, list) and len(outputs) == len(rows)
     answers = []
     for index, body in enumerate(outputs):
+        assert isinstance(body, bytes), f"answer {index} is {type(body).__name__}; the handler sends JSON bytes"
         status, phrase = context.get_response_status(index)
-        answers.append(Answer(status, phrase, context.get_response_content_type(index), body))
+        answers.append(Answer(status, phrase, context.get_response_content_type(index), json.loads(body)))
     return answers
 
 
