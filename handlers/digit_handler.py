@@ -1,8 +1,8 @@
 """The TorchServe handler of the digits archives: `DigitHandler`, the one class of this module.
 
 An archive ships this file as its handler and, as extra files, its siblings `digit_errors.py`,
-`digit_imaging.py`, `digit_inputs.py`, `digit_model.py`, `digit_batch.py` and `digit_metrics.py`, plus
-`digits_meta.json`.
+`digit_imaging.py`, `digit_inputs.py`, `digit_png.py`, `digit_model.py`, `digit_batch.py` and
+`digit_metrics.py`, plus `digits_meta.json`.
 TorchServe 0.12.0 unpacks them side by side into the model dir, starts the worker with that dir as its
 working directory and on its PYTHONPATH (the frontend's `EnvironmentUtils.getEnvString` and
 `WorkerLifeCycle.startWorkerPython`), and imports the handler by bare module name
@@ -46,6 +46,7 @@ from digit_model import (
     read_metadata,
     verify_sha256,
 )
+from digit_png import fast_png_available
 from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 
@@ -75,11 +76,12 @@ class DigitHandler(BaseHandler):
         check_predictor(self.model, self.meta)
         self.initialized = True
         logger.info(
-            "digits handler: serving %s (%s, test accuracy %s) on %s",
+            "digits handler: serving %s (%s, test accuracy %s) on %s; PNG decoding: %s",
             self.meta.model or model_path.stem,
             self.meta.format,
             self.meta.test_accuracy,
             self.device,
+            "libspng for plain 8-bit PNGs" if fast_png_available() else "Pillow only (pyspng is not installed)",
         )
 
     def handle(self, data: list[Any], context: Any) -> list[bytes]:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from digit_errors import RequestError, bad_request, too_large, unsupported
 from digit_imaging import frame_digit, to_grayscale
+from digit_png import decode_plain_png
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # far above any digit photo; TorchServe's max_request_size is the first wall
@@ -134,8 +135,11 @@ def decode_base64(text: bytes) -> bytes:
 
 
 def read_image(payload: bytes, size: tuple[int, int], *, encoded: bool = False) -> np.ndarray:
-    """Decodes image bytes and frames the digit they show."""
-    return frame_digit(to_grayscale(decode_image(payload, encoded=encoded)), size)
+    """Decodes image bytes and frames the digit they show: plain PNGs through libspng, the rest through Pillow."""
+    gray = decode_plain_png(payload, MAX_PIXELS)
+    if gray is None:
+        gray = to_grayscale(decode_image(payload, encoded=encoded))
+    return frame_digit(gray, size)
 
 
 def decode_image(payload: bytes, *, encoded: bool = False) -> Image.Image:
