@@ -21,6 +21,11 @@ BOX_FRACTION = 20 / 28
 LIGHT_BACKGROUND = 127.5  # border median above this: dark ink on a light background, so invert
 MIN_CONTRAST = 16.0  # ink must stand this far above the background, or there is no digit to read
 NOISE_FLOOR = 0.1  # ink fainter than this fraction of the strongest ink is background noise
+# Shrinking a crop many times over: Pillow first box-reduces by a whole factor while the image stays at
+# least this many times the target, then applies LANCZOS (Image.resize's reducing_gap). On a 126x157 crop
+# of a 280x280 drawing: 116 -> 38 us; on all 10,000 test digits drawn large, cnn 99.16% (99.15% without),
+# mlp 98.24% (the same).
+REDUCING_GAP = 2.0
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -142,7 +147,7 @@ def fit_box(ink: Image.Image, box: int) -> np.ndarray:
     scale = box / max(height, width)
     new_size = (max(1, round(width * scale)), max(1, round(height * scale)))  # Pillow wants (W, H)
     # LANCZOS widens its kernel when shrinking, so it anti-aliases like MNIST's normalisation did
-    resized = np.asarray(ink.resize(new_size, Image.Resampling.LANCZOS), dtype=np.float32)
+    resized = np.asarray(ink.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP), np.float32)
     peak = float(resized.max())
     # thin strokes fade when shrunk a lot, and MNIST strokes peak at full white
     return np.clip(resized * (255.0 / peak), 0.0, 255.0) if peak > 0 else resized
