@@ -1,8 +1,11 @@
 """`digits bench offline`: eager PyTorch, TorchScript and onnxruntime side by side, against the fp32 peak.
 
-Every backend runs the same real MNIST test digits at each batch size, in one process, interleaved per
-batch size so that drift on a shared machine touches them alike. The peak is a large float32 matmul,
-measured at the start and at the end of the run (the higher is kept: the harder ceiling).
+Every backend runs the same real MNIST test digits at each batch size, in one process. At each batch size
+the backends take turns, ROUNDS times, each turn a slice of the timed seconds, and each backend's times are
+pooled: a burst of other work on a shared machine then lands on every backend alike instead of on whichever
+one happened to be running (one window per backend let the int8/fp32 ratio swing from 0.94 to 2.25 for one
+file). The peak is a large float32 matmul, measured at the start and at the end of the run (the higher is
+kept: the harder ceiling).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from bench.timing import Latency, flops_per_sample, fp32_peak_gflops, machine, t
 
 BATCH_SIZES = (1, 8, 64, 256)
 MIN_SECONDS = 1.0  # timed per backend and batch size, after warm-up
+ROUNDS = 5  # turns each backend takes at each batch size
 MANIFEST_FILE = "export.json"
 INT8_FORMAT = "onnx-int8"
 
@@ -46,6 +50,7 @@ class OfflineReport:
     peak_gflops: float  # the higher of the two measurements below
     peak_measurements: list[float]  # GFLOP/s at the start and at the end of the run
     min_seconds: float
+    rounds: int
     machine: dict
     results: list[OfflineResult] = field(default_factory=list)
 
@@ -86,6 +91,7 @@ def run_offline(
     *,
     batch_sizes: Sequence[int] = BATCH_SIZES,
     min_seconds: float = MIN_SECONDS,
+    rounds: int = ROUNDS,
     data_dir: Path | None = None,
     log: Callable[[str], Any] = print,
 ) -> OfflineReport:
@@ -98,17 +104,30 @@ def run_offline(
     log(f"bench offline {model}: measuring the fp32 peak")
     start_peak = fp32_peak_gflops()
     report = OfflineReport(
-        model, flops_per_sample(eager, meta["input_shape"]), start_peak, [start_peak], min_seconds, machine()
+        model, flops_per_sample(eager, meta["input_shape"]), start_peak, [start_peak], min_seconds, rounds, machine()
     )
     for n in batch_sizes:
-        for name, run in runners.items():
-            times = time_calls(lambda run=run, x=images[:n]: run(x), min_seconds=min_seconds)
+        for name, times in time_in_turns(runners, images[:n], min_seconds, rounds).items():
             report.results.append(summarise(name, n, times, report.flops_per_sample, start_peak))
             log(f"  {name:17} batch {n:4}: {report.results[-1].samples_per_s:10.0f} samples/s")
     report.peak_measurements.append(fp32_peak_gflops())
     report.peak_gflops = max(report.peak_measurements)
     report.results = [with_peak(r, report.peak_gflops) for r in report.results]
     return report
+
+
+def time_in_turns(runners: dict[str, Runner], batch: np.ndarray, min_seconds: float, rounds: int) -> dict[str, list]:
+    """Each runner's call times on `batch` (ms), the runners taking `rounds` turns of min_seconds / rounds each."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for turn in range(rounds):
+        for name, run in runners.items():
+            times[name] += time_calls(
+                lambda run=run: run(batch),
+                min_seconds=min_seconds / rounds,
+                min_reps=max(1, 10 // rounds),
+                warmup_reps=3 if turn == 0 else 1,  # later turns: one call to bring caches back, untimed
+            )
+    return times
 
 
 def check_batch_sizes(batch_sizes: Sequence[int]) -> None:

@@ -76,7 +76,8 @@ def offline_markdown(report: OfflineReport) -> str:
         "",
         f"{report.flops_per_sample / 1e6:.2f} MFLOP per sample (PyTorch's FLOP counter). Measured fp32 peak: "
         f"{report.peak_gflops:.0f} GFLOP/s (float32 matmul; start, end: {peaks}). At least "
-        f"{report.min_seconds:g} s per backend and batch size, after warm-up.",
+        f"{report.min_seconds:g} s per backend and batch size, after warm-up, in {report.rounds} turns taken in "
+        "rotation by the backends.",
         "",
         machine_line(report.machine),
         "",

@@ -44,6 +44,12 @@ def add_offline(kinds: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--min-seconds", type=float, default=1.0, help="timed seconds per backend and batch size (default 1)"
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="turns the backends take at each batch size, sharing those seconds (default 5)",
+    )
     p.add_argument("--out", type=Path, help="output folder (default: runs/bench/MODEL-offline)")
     p.set_defaults(func=run_offline)
 
@@ -52,9 +58,13 @@ def run_offline(args: argparse.Namespace) -> int:
     from bench.offline import run_offline as measure
     from bench.report import write_offline
 
-    if args.min_seconds < 0:
-        raise ValueError(f"--min-seconds must be at least 0, got {args.min_seconds}")
-    report = measure(args.artifacts, args.model, batch_sizes=args.batch_sizes, min_seconds=args.min_seconds)
+    if args.min_seconds < 0 or args.rounds < 1:
+        raise ValueError(
+            f"--min-seconds must be at least 0 and --rounds at least 1, got {args.min_seconds} and {args.rounds}"
+        )
+    report = measure(
+        args.artifacts, args.model, batch_sizes=args.batch_sizes, min_seconds=args.min_seconds, rounds=args.rounds
+    )
     paths = write_offline(report, args.out or DEFAULT_OUT / f"{args.model}-offline")
     print(paths[1].read_text(), end="")
     print(f"wrote {', '.join(map(str, paths))}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from digits.cli import main
 
 MLP_FLOPS = 2 * (784 * 128 + 128 * 10)  # two matmuls, a multiply and an add per weight
@@ -33,3 +35,19 @@ def test_offline_bench_writes_json_markdown_and_plot(int8_artifacts, tmp_path, c
 def test_offline_bench_of_an_unexported_model_names_the_command(tmp_path, capsys):
     assert main(["bench", "offline", "cnn", "--artifacts", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "digits train cnn" in capsys.readouterr().err
+
+
+def test_backends_take_turns_so_a_burst_of_load_lands_on_all_of_them():
+    from bench.offline import time_in_turns
+
+    calls = []
+    runners = {name: (lambda batch, name=name: calls.append(name)) for name in ("a", "b")}
+    times = time_in_turns(runners, np.zeros((1, 1, 28, 28), np.float32), min_seconds=0, rounds=3)
+    assert [len(t) for t in times.values()] == [9, 9]  # 10 // 3 timed calls a turn, three turns pooled
+    turns = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]
+    assert turns == ["a", "b"] * 3  # a, b, a, b, a, b: each turn one backend's run of calls
+
+
+def test_offline_bench_refuses_zero_rounds(tmp_path, capsys):
+    assert main(["bench", "offline", "mlp", "--artifacts", str(tmp_path), "--rounds", "0"]) == 2
+    assert "--rounds" in capsys.readouterr().err
