@@ -84,13 +84,22 @@ def to_probabilities(scores: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores.double(), dim=1)
 
 
-def prediction_bodies(probabilities: torch.Tensor, labels: tuple[str, ...]) -> list[dict[str, Any]]:
-    """One `{"label", "confidence", "probabilities"}` per row."""
+def prediction_bodies(probabilities: torch.Tensor, labels: tuple[str, ...]) -> list[bytes]:
+    """One JSON body `{"label", "confidence", "probabilities"}` per row, numbers to 7 significant digits.
+
+    Seven digits are what the model's float32 logits carry. Written with float formatting rather than
+    json.dumps: the shortest round-trip repr of 11 doubles was 21 us a request, most of postprocessing.
+    """
     confidences, indices = probabilities.max(dim=1)
+    names = [json.dumps(label_value(label)) for label in labels]  # strings quoted and escaped as JSON
     return [
-        {"label": label_value(labels[index]), "confidence": confidence, "probabilities": row}
+        f'{{"label":{names[index]},"confidence":{confidence:.7g},"probabilities":[{_numbers(row)}]}}'.encode()
         for index, confidence, row in zip(indices.tolist(), confidences.tolist(), probabilities.tolist(), strict=True)
     ]
+
+
+def _numbers(row: list[float]) -> str:
+    return ",".join([f"{value:.7g}" for value in row])
 
 
 def label_value(label: str) -> int | str:
@@ -99,5 +108,5 @@ def label_value(label: str) -> int | str:
 
 
 def json_body(body: dict[str, Any]) -> bytes:
-    """A response body as compact JSON bytes, through json's C encoder."""
+    """An error body as compact JSON bytes, through json's C encoder."""
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")

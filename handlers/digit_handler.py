@@ -137,7 +137,7 @@ class DigitHandler(BaseHandler):
         for index in range(batch.size):
             self.context.set_response_content_type(index, "application/json")
             error = batch.errors.get(index)
-            bodies.append(json_body(answers[index] if error is None else refuse(self.context, index, error)))
+            bodies.append(answers[index] if error is None else json_body(refuse(self.context, index, error)))
         return bodies
 
 

@@ -240,3 +240,20 @@ def test_serves_on_cuda(model_dirs, tiny_model, mnist_test, caplog, fmt: str) ->
     got = torch.tensor([a.body["probabilities"] for a in answers], dtype=torch.float64)
     # full float32 on the GPU (keep_fp32_exact): within the export's parity tolerance of the CPU model
     assert torch.allclose(got, expected.double(), atol=1e-5)
+
+
+def test_answers_are_json_with_seven_significant_digits(model_dir, mnist_test) -> None:
+    labels = [f'say "{i}" \\ ü' for i in range(10)]  # labels JSON must escape
+    edit_metadata(model_dir, labels=labels)
+    handler = initialize(model_dir)
+    context = make_context(model_dir)
+    rows = [{"body": png_bytes(d)} for d in mnist_test[0][:16]]
+    answers = run_batch(handler, context, rows)  # run_batch parses each body with json.loads
+    scores = handler.model(handler.preprocess(rows).digits)
+    expected = torch.softmax(scores.double(), dim=1)
+    for answer, row in zip(answers, expected, strict=True):
+        got = torch.tensor(answer.body["probabilities"], dtype=torch.float64)
+        assert torch.allclose(got, row, rtol=5e-7, atol=0)  # seven significant digits
+        assert answer.body["confidence"] == max(answer.body["probabilities"])
+        index = int(row.argmax())
+        assert answer.body["label"] == labels[index]
