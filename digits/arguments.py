@@ -14,3 +14,28 @@ def add_artifacts(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--artifacts", type=Path, default=Path("artifacts"), help="folder holding MODEL/ (default: artifacts/)"
     )
+
+
+def add_serving_settings(p: argparse.ArgumentParser, *, of: str = "") -> None:
+    """--batch-size, --max-batch-delay, --workers and --threads, their defaults from serving.ServingSettings."""
+    from serving.archive import ServingSettings
+
+    default = ServingSettings()
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=default.batch_size,
+        help=f"TorchServe batch size{of} (default {default.batch_size})",
+    )
+    p.add_argument(
+        "--max-batch-delay",
+        type=int,
+        default=default.max_batch_delay,
+        help=f"ms to wait to fill a batch (default {default.max_batch_delay})",
+    )
+    p.add_argument(
+        "--workers", type=int, default=default.workers, help=f"worker processes{of} (default {default.workers})"
+    )
+    p.add_argument(
+        "--threads", type=int, default=default.threads, help=f"intra-op threads per worker (default {default.threads})"
+    )

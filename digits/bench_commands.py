@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from digits.arguments import add_artifacts
+from digits.arguments import add_artifacts, add_serving_settings
 
 DEFAULT_OUT = Path("runs") / "bench"
 
@@ -94,10 +94,7 @@ def add_http(kinds: argparse._SubParsersAction) -> None:
     )
     # TorchServe's frontend is Java: its JIT needs thousands of requests before the ceiling is the ceiling
     p.add_argument("--warmup", type=int, default=4000, help="warm-up requests per target (default 4000)")
-    p.add_argument("--batch-size", type=int, default=8, help="TorchServe batch size of both archives (default 8)")
-    p.add_argument("--max-batch-delay", type=int, default=5, help="ms to wait to fill a batch (default 5)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes per archive (default 1)")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads per worker (default 1)")
+    add_serving_settings(p, of=" of both archives")
     p.add_argument(
         "--load-generator",
         default="ab",

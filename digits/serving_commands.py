@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from digits.arguments import add_artifacts, add_data_dir
+from digits.arguments import add_artifacts, add_data_dir, add_serving_settings
 
 DEFAULT_STORE = Path("model_store")
 
@@ -78,11 +78,8 @@ def add_archive(sub: argparse._SubParsersAction) -> None:
     add_artifacts(p)
     p.add_argument("--model-store", type=Path, default=DEFAULT_STORE, help="default: model_store/")
     p.add_argument("--name", help="model name in TorchServe and the URL (default: MODEL)")
-    p.add_argument("--batch-size", type=int, default=8, help="TorchServe batch size (default 8)")
-    p.add_argument("--max-batch-delay", type=int, default=5, help="ms to wait to fill a batch (default 5)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    add_serving_settings(p)
     p.add_argument("--response-timeout", type=int, default=120, help="seconds (default 120)")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads per worker (default 1)")
     p.set_defaults(func=run_archive)
 
 
