@@ -61,6 +61,7 @@ class HttpRow:
     model: LoadResult
     noop: LoadResult
     handler: dict[str, Any]  # the time split per batch, from the handler's metrics (see handler_summary)
+    round_ratios: list[float] = field(default_factory=list)  # model / no-op of each round: the run's spread
 
     @property
     def ratio(self) -> float:
@@ -99,19 +100,21 @@ def run_http(plan: HttpPlan, run_dir: Path, log: Callable[[str], Any] = print) -
         logs = LogCursor(run_dir / "logs")
         for concurrency in plan.concurrency:
             logs.mark()
-            model, noop = measure_level(plan, targets, concurrency)
-            report.rows.append(HttpRow(concurrency, model, noop, handler_summary(logs.read(), plan.model)))
+            runs = measure_level(plan, targets, concurrency)
+            model, noop = pooled(runs[plan.model]), pooled(runs[NOOP])
+            ratios = [m.requests_per_s / n.requests_per_s for m, n in zip(runs[plan.model], runs[NOOP], strict=True)]
+            report.rows.append(HttpRow(concurrency, model, noop, handler_summary(logs.read(), plan.model), ratios))
             log(progress_line(report.rows[-1]))
     return report
 
 
-def measure_level(plan: HttpPlan, targets: dict[str, Target], concurrency: int) -> tuple[LoadResult, LoadResult]:
-    """The model's and the no-op's loads at one concurrency, each pooled over the rounds."""
+def measure_level(plan: HttpPlan, targets: dict[str, Target], concurrency: int) -> dict[str, list[LoadResult]]:
+    """The no-op's and the model's loads at one concurrency, round by round, alternating."""
     runs: dict[str, list[LoadResult]] = {NOOP: [], plan.model: []}
     for _ in range(plan.rounds):
         for name in (NOOP, plan.model):
             runs[name].append(run_load(plan.generator, targets[name], concurrency, plan.requests // plan.rounds))
-    return pooled(runs[plan.model]), pooled(runs[NOOP])
+    return runs
 
 
 @contextmanager
@@ -227,5 +230,6 @@ def progress_line(row: HttpRow) -> str:
     return (
         f"  concurrency {row.concurrency:3}: model {row.model.requests_per_s:7.0f} req/s "
         f"(p99 {row.model.latency.p99_ms:6.1f} ms, {row.model.errors} errors), "
-        f"no-op {row.noop.requests_per_s:7.0f} req/s, ratio {row.ratio:.2f}"
+        f"no-op {row.noop.requests_per_s:7.0f} req/s, ratio {row.ratio:.2f} "
+        f"(rounds {min(row.round_ratios):.2f}-{max(row.round_ratios):.2f})"
     )

@@ -29,6 +29,9 @@ def test_http_bench_writes_json_markdown_and_plot(int8_artifacts, tmp_path, caps
             assert row[target]["requests"] == 16 and row[target]["errors"] == 0
             assert row[target]["requests_per_s"] > 0
         assert row["ratio"] == pytest.approx(row["model"]["requests_per_s"] / row["noop"]["requests_per_s"], abs=1e-3)
+        # equal requests a round: the pooled ratio is a time-weighted mean of the rounds' ratios
+        assert len(row["round_ratios"]) == 2 and min(row["round_ratios"]) - 1e-3 <= row["ratio"]
+        assert row["ratio"] <= max(row["round_ratios"]) + 1e-3
         split = row["handler"]
         assert split["batches"] >= 8 and split["mean_batch_size"] >= 1  # 16 requests, batches of at most 2
         assert all(split[stage]["mean_ms"] >= 0 for stage in STAGES)
