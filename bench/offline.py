@@ -4,8 +4,9 @@ Every backend runs the same real MNIST test digits at each batch size, in one pr
 the backends take turns, ROUNDS times, each turn a slice of the timed seconds, and each backend's times are
 pooled: a burst of other work on a shared machine then lands on every backend alike instead of on whichever
 one happened to be running (one window per backend let the int8/fp32 ratio swing from 0.94 to 2.25 for one
-file). The peak is a large float32 matmul, measured at the start and at the end of the run (the higher is
-kept: the harder ceiling).
+file). The peak is a large float32 matmul, measured at the start, after every round of turns and at the
+end; the best is kept, the hardest ceiling (measured only at the start and the end, a burst of load on this
+machine once put it at 181 GFLOP/s, below what onnxruntime itself reached in the same run).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from bench.timing import Latency, flops_per_sample, fp32_peak_gflops, machine, t
 BATCH_SIZES = (1, 8, 64, 256)
 MIN_SECONDS = 1.0  # timed per backend and batch size, after warm-up
 ROUNDS = 5  # turns each backend takes at each batch size
+PEAK_REPS_BETWEEN_TURNS = 2  # matmuls after each round of turns (the start and the end take the default)
 MANIFEST_FILE = "export.json"
 INT8_FORMAT = "onnx-int8"
 
@@ -47,8 +49,8 @@ class OfflineResult:
 class OfflineReport:
     model: str
     flops_per_sample: int
-    peak_gflops: float  # the higher of the two measurements below
-    peak_measurements: list[float]  # GFLOP/s at the start and at the end of the run
+    peak_gflops: float  # the best of the measurements below
+    peak_measurements: list[float]  # GFLOP/s: at the start, after each round of turns, at the end
     min_seconds: float
     rounds: int
     machine: dict
@@ -106,8 +108,12 @@ def run_offline(
     report = OfflineReport(
         model, flops_per_sample(eager, meta["input_shape"]), start_peak, [start_peak], min_seconds, rounds, machine()
     )
+
+    def measure_peak() -> None:
+        report.peak_measurements.append(fp32_peak_gflops(reps=PEAK_REPS_BETWEEN_TURNS))
+
     for n in batch_sizes:
-        for name, times in time_in_turns(runners, images[:n], min_seconds, rounds).items():
+        for name, times in time_in_turns(runners, images[:n], min_seconds, rounds, measure_peak).items():
             report.results.append(summarise(name, n, times, report.flops_per_sample, start_peak))
             log(f"  {name:17} batch {n:4}: {report.results[-1].samples_per_s:10.0f} samples/s")
     report.peak_measurements.append(fp32_peak_gflops())
@@ -116,8 +122,15 @@ def run_offline(
     return report
 
 
-def time_in_turns(runners: dict[str, Runner], batch: np.ndarray, min_seconds: float, rounds: int) -> dict[str, list]:
-    """Each runner's call times on `batch` (ms), the runners taking `rounds` turns of min_seconds / rounds each."""
+def time_in_turns(
+    runners: dict[str, Runner],
+    batch: np.ndarray,
+    min_seconds: float,
+    rounds: int,
+    after_round: Callable[[], Any] = lambda: None,
+) -> dict[str, list]:
+    """Each runner's call times on `batch` (ms), the runners taking `rounds` turns of min_seconds / rounds each;
+    `after_round` is called after each round of turns."""
     times: dict[str, list[float]] = {name: [] for name in runners}
     for turn in range(rounds):
         for name, run in runners.items():
@@ -127,6 +140,7 @@ def time_in_turns(runners: dict[str, Runner], batch: np.ndarray, min_seconds: fl
                 min_reps=max(1, 10 // rounds),
                 warmup_reps=3 if turn == 0 else 1,  # later turns: one call to bring caches back, untimed
             )
+        after_round()
     return times
 
 

@@ -70,12 +70,13 @@ def offline_markdown(report: OfflineReport) -> str:
         if r.batch_size == n
     ]
     header = ["backend", "batch", "samples/s", "p50 ms/batch", "p99 ms/batch", "GFLOP/s", "of fp32 peak"]
-    peaks = ", ".join(f"{p:.0f}" for p in report.peak_measurements)
+    low, high = min(report.peak_measurements), max(report.peak_measurements)
     lines = [
         f"# Offline benchmark: {report.model}",
         "",
         f"{report.flops_per_sample / 1e6:.2f} MFLOP per sample (PyTorch's FLOP counter). Measured fp32 peak: "
-        f"{report.peak_gflops:.0f} GFLOP/s (float32 matmul; start, end: {peaks}). At least "
+        f"{report.peak_gflops:.0f} GFLOP/s (float32 matmul, best of {len(report.peak_measurements)} measurements "
+        f"spread over the run, which ranged {low:.0f}-{high:.0f}). At least "
         f"{report.min_seconds:g} s per backend and batch size, after warm-up, in {report.rounds} turns taken in "
         "rotation by the backends.",
         "",
