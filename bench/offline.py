@@ -12,6 +12,7 @@ machine once put it at 181 GFLOP/s, below what onnxruntime itself reached in the
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,6 +26,9 @@ from bench.timing import Latency, flops_per_sample, fp32_peak_gflops, machine, t
 BATCH_SIZES = (1, 8, 64, 256)
 MIN_SECONDS = 1.0  # timed per backend and batch size, after warm-up
 ROUNDS = 5  # turns each backend takes at each batch size
+# Untimed pause before each turn: the previous runtime's worker threads spin-wait a while after their last
+# call (PyTorch's OpenMP pool, onnxruntime's intra-op pool) and would take cores from the next backend.
+SETTLE_S = 0.2
 PEAK_REPS_BETWEEN_TURNS = 2  # matmuls after each round of turns (the start and the end take the default)
 MANIFEST_FILE = "export.json"
 INT8_FORMAT = "onnx-int8"
@@ -134,6 +138,7 @@ def time_in_turns(
     times: dict[str, list[float]] = {name: [] for name in runners}
     for turn in range(rounds):
         for name, run in runners.items():
+            time.sleep(SETTLE_S)
             times[name] += time_calls(
                 lambda run=run: run(batch),
                 min_seconds=min_seconds / rounds,
