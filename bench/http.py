@@ -4,8 +4,8 @@ The run archives MODEL in FORMAT and the no-op handler with the same batch setti
 store, starts TorchServe on free loopback ports (its run folder, logs included, is kept in OUT/torchserve),
 and at each concurrency loads the no-op and the model with the same body, alternating in short rounds so
 that whatever else the machine does in the meantime weighs on both alike. The handler's time split
-per batch (DecodeTime, PreprocessTime, InferenceTime, PostprocessTime, HandlerTime; see
-handlers/digit_metrics.py) is read back from TorchServe's model_metrics.log for each model run.
+per batch (DecodeTime, PreprocessTime, InferenceTime, PostprocessTime; see handlers/digit_metrics.py) and
+TorchServe's own PredictionTime (the whole batch) are read back from model_metrics.log for each model run.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from serving.archive import ServingSettings
 
 HOST = "127.0.0.1"
 NOOP = "noop"
-STAGES = ("DecodeTime", "PreprocessTime", "InferenceTime", "PostprocessTime", "HandlerTime")
+STAGES = ("DecodeTime", "PreprocessTime", "InferenceTime", "PostprocessTime", "PredictionTime")
 # model_metrics.log, log mode: "... - DecodeTime.Milliseconds:0.118|#ModelName:cnn,Level:Model|#hostname:..."
 METRIC_LINE = re.compile(r" - (\w+)\.(?:ms|Milliseconds):([0-9.]+)\|#ModelName:([^,|]+)")
 # model_log.log: "... W-9000-cnn_1.0-stdout MODEL_LOG - digits handler: batch of 8 request(s), ..."

@@ -1,6 +1,7 @@
 """The handler's time split per batch, reported as TorchServe custom metrics.
 
-Four stages, one gauge each, in milliseconds per batch (ModelName and Level dimensions, as HandlerTime):
+Four stages, one gauge each, in milliseconds per batch (ModelName and Level dimensions, as TorchServe's
+own PredictionTime, which times the whole batch):
   - DecodeTime: every request's body read into a framed digit (parsing, image decoding, MNIST framing);
   - PreprocessTime: the digits stacked into one tensor and normalised;
   - InferenceTime: the forward pass and the softmax;
@@ -39,5 +40,5 @@ class StageTimes:
     def report(self, metrics: Any) -> None:
         """Adds one time metric per stage timed, to TorchServe's metrics cache of the batch."""
         for name, value in self.milliseconds.items():
-            # idx None: the batch's metric, tagged with all its request ids, as HandlerTime is
+            # idx None: the batch's metric, tagged with all its request ids, as PredictionTime is
             metrics.add_time(name, value, None, "ms")
