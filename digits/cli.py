@@ -131,8 +131,8 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
         "verify",
         help="re-run the parity checks on exported files",
         description="Check DIR/MODEL/model.onnx (ONNX checker, inputs, outputs, metadata) and compare model.pt "
-        "and model.onnx with the eager model again, without exporting; rewrites parity.json and parity.md. "
-        "Exits 1 when parity fails.",
+        "and model.onnx with the eager model again, without exporting; rewrites parity.json and parity.md, and "
+        "for model.int8.onnx, when there is one, parity-int8.json and .md. Exits 1 when parity fails.",
     )
     p.add_argument("model", metavar="MODEL", help="a registered model (see `digits models`)")
     add_artifacts(p)
@@ -141,10 +141,18 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from export.convert import verify_model
+    from export.convert import INT8_PARITY_MD, verify_int8, verify_model
 
     report = verify_model(args.artifacts, args.model, **_tolerances(args))
-    return _print_report(args, report, args.artifacts / args.model)
+    status = _print_report(args, report, args.artifacts / args.model)
+    int8_report = verify_int8(args.artifacts, args.model)
+    if int8_report is not None:
+        print(int8_report.to_markdown(), end="")
+        if not int8_report.passed:
+            where = args.artifacts / args.model / INT8_PARITY_MD
+            print(f"digits verify: int8 parity failed; see {where}", file=sys.stderr)
+            return EXIT_PARITY_FAILED
+    return status
 
 
 def _add_tolerances(p: argparse.ArgumentParser) -> None:

@@ -120,6 +120,8 @@ def export_model(
     if quantize == "int8" and report.passed:
         with _timed(seconds, "int8"):
             int8_report = export_int8(eager, model_dir, meta, samples=samples, data_dir=data_dir, log=log)
+    else:
+        remove_stale_int8(model_dir, log)
     files = _proven_files(model_dir, int8_report)
     _write_or_withdraw_manifest(report, model_dir, meta, checkpoint_sha, files, log)
     sizes = {path.name: path.stat().st_size for path in files.values()}
@@ -145,6 +147,11 @@ def export_int8(
             time.perf_counter() - start,
         )
     )
+    return prove_int8(eager, model_dir, meta, data, samples)
+
+
+def prove_int8(eager: nn.Module, model_dir: Path, meta: dict, data, samples: int | None) -> PredictionParity:
+    """Prediction parity of model.int8.onnx with eager on the test digits; writes parity-int8.json and .md."""
     n = len(data.test_labels) if samples is None else samples
     images = normalise(data.test_images[:n], meta["mean"], meta["std"], meta["input_shape"])
     backend = replace(onnxruntime_backend(model_dir / INT8_FILE, "ORT_ENABLE_ALL"), name="onnxruntime-int8")
@@ -154,6 +161,29 @@ def export_int8(
     with _staged(model_dir / INT8_PARITY_MD) as path:
         path.write_text(report.to_markdown())
     return report
+
+
+def remove_stale_int8(model_dir: Path, log) -> None:
+    """Deletes model.int8.onnx and its reports: they were made from the model.onnx this export replaced."""
+    stale = [model_dir / name for name in (INT8_FILE, INT8_PARITY_JSON, INT8_PARITY_MD)]
+    if (model_dir / INT8_FILE).exists():
+        log(f"removed {model_dir / INT8_FILE}: it was quantised from the replaced model.onnx (add --quantize int8)")
+    for path in stale:
+        path.unlink(missing_ok=True)
+
+
+def verify_int8(
+    artifacts_dir: Path, model: str, *, samples: int | None = None, data_dir: Path | None = None, log=print
+) -> PredictionParity | None:
+    """Re-runs model.int8.onnx's prediction parity when there is one (None when there is not)."""
+    from training.data import load_mnist
+
+    model_dir = Path(artifacts_dir) / model
+    if not (model_dir / INT8_FILE).is_file():
+        return None
+    payload = load_model_checkpoint(find_checkpoint(model_dir, model), model)
+    eager, meta = rebuild_model(payload), payload["metadata"]
+    return prove_int8(eager, model_dir, meta, load_mnist(data_dir, log=log), samples)
 
 
 def _proven_files(model_dir: Path, int8_report: PredictionParity | None) -> dict[str, Path]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -133,3 +135,30 @@ def test_int8_cnn_keeps_its_image_block_in_fp32(exported, mnist, tmp_path):
     assert not any(n.op_type == "MaxPool" and producers.get(n.input[0]) == "QuantizeLinear" for n in nodes)
     reshape = next(n for n in nodes if n.op_type == "Reshape")
     assert producers[reshape.input[0]] != "Transpose"
+
+
+def _copy_of(int8_artifacts, tmp_path):
+    return Path(shutil.copytree(int8_artifacts, tmp_path / "artifacts"))
+
+
+def test_verify_rechecks_the_int8_file(int8_artifacts, tmp_path, capsys):
+    artifacts = _copy_of(int8_artifacts, tmp_path)
+    assert main(["verify", "mlp", "--artifacts", str(artifacts)]) == 0
+    assert "onnxruntime-int8" in capsys.readouterr().out
+    # zero the int8 weights of the first layer: the file still loads, its predictions are garbage
+    path = artifacts / "mlp" / INT8_FILE
+    quantized = onnx.load(path)
+    weights = next(t for t in quantized.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2)
+    weights.CopyFrom(onnx.numpy_helper.from_array(np.zeros(tuple(weights.dims), np.int8), weights.name))
+    onnx.save(quantized, path)
+    assert main(["verify", "mlp", "--artifacts", str(artifacts)]) == 1
+    assert "int8 parity failed" in capsys.readouterr().err
+    assert not json.loads((artifacts / "mlp" / INT8_PARITY_JSON).read_text())["passed"]
+
+
+def test_exporting_again_without_quantize_removes_the_old_int8_file(int8_artifacts, tmp_path, capsys):
+    artifacts = _copy_of(int8_artifacts, tmp_path)
+    assert main(["export", "mlp", "--artifacts", str(artifacts)]) == 0
+    assert f"removed {artifacts / 'mlp' / INT8_FILE}" in capsys.readouterr().out
+    assert not (artifacts / "mlp" / INT8_FILE).exists() and not (artifacts / "mlp" / INT8_PARITY_JSON).exists()
+    assert INT8_FORMAT not in json.loads((artifacts / "mlp" / "export.json").read_text())["files"]
