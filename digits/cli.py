@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import io
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -209,7 +212,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, in the handler below, not as a traceback at exit
+        return status
+    except BrokenPipeError:  # `digits serve | head`: the reader closed the pipe; stop quietly, as a shell tool does
+        _silence_stdout()
+        return 128 + signal.SIGPIPE
     except _known_errors() as err:
         message = str(err) if not isinstance(err, OSError) or not err.filename else f"{err.strerror}: {err.filename}"
         print(f"digits {args.command}: error: {message}", file=sys.stderr)
@@ -217,6 +225,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"digits {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null, so that Python's final flush does not raise again (Python's docs, SIGPIPE)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass  # stdout is not a file descriptor (a test's capture): nothing will flush into the closed pipe
 
 
 if __name__ == "__main__":
