@@ -77,6 +77,9 @@ def allowed_urls(store: Path) -> str:
     return f"file://{literal}/[A-Za-z0-9_][A-Za-z0-9_.-]*[.]mar"
 
 
+LOG_CONFIG = Path(__file__).resolve().with_name("log4j2.xml")
+
+
 def render_config(store: Path, ports: Ports, host: str = "127.0.0.1") -> str:
     store = Path(store).resolve()
     archives = list_archives(store)
@@ -109,6 +112,9 @@ def render_config(store: Path, ports: Ports, host: str = "127.0.0.1") -> str:
         # workers talk over unix sockets named after this number (/tmp/.ts.sock.N): derive it from the
         # inference port so that two servers on different ports never share a socket
         "initial_worker_port": str(9000 + ports.inference % 50000),
+        # TorchServe's logging, made affordable (see the file's header): DEBUG lines per request, every line
+        # twice in ts_log.log and once more in the never-rotated stdout cost frontend time and disk
+        "vmargs": f"-Dlog4j.configurationFile={LOG_CONFIG.as_uri()}",
     }
     header = "# written by `digits serve`/`digits config`; regenerate rather than edit\n"
     return header + "".join(f"{k}={v}\n" for k, v in lines.items())
