@@ -1,5 +1,9 @@
 """Repacks TorchServe's model-server.jar: entries stored (xz compresses them better), foreign natives dropped."""
-import re, sys, zipfile
+
+import re
+import sys
+import zipfile
+
 src, dst = sys.argv[1], sys.argv[2]
 FOREIGN = re.compile(r"META-INF/native/(.*(windows|osx|macos|aarch_64|kqueue).*|linux32/.*)")
 kept = dropped = 0
