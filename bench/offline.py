@@ -46,7 +46,10 @@ class OfflineResult:
     latency: Latency  # per batch
     reps: int
     gflops: float  # from the model's FLOP count
-    peak_share: float  # gflops / the measured fp32 peak
+    peak_share: float  # gflops / the best fp32 peak of the run
+    # median over the rounds of (this round's GFLOP/s) / (the peak measured right after the round): on a
+    # machine whose speed drifts (the peak ranged 147-270 GFLOP/s within one run), the like-for-like figure
+    paired_peak_share: float
 
 
 @dataclass
@@ -117,8 +120,9 @@ def run_offline(
         report.peak_measurements.append(fp32_peak_gflops(reps=PEAK_REPS_BETWEEN_TURNS))
 
     for n in batch_sizes:
-        for name, times in time_in_turns(runners, images[:n], min_seconds, rounds, measure_peak).items():
-            report.results.append(summarise(name, n, times, report.flops_per_sample, start_peak))
+        for name, turns in time_in_turns(runners, images[:n], min_seconds, rounds, measure_peak).items():
+            paired = paired_share(n, turns, report.peak_measurements[-rounds:], report.flops_per_sample)
+            report.results.append(summarise(name, n, sum(turns, []), report.flops_per_sample, start_peak, paired))
             log(f"  {name:17} batch {n:4}: {report.results[-1].samples_per_s:10.0f} samples/s")
     report.peak_measurements.append(fp32_peak_gflops())
     report.peak_gflops = max(report.peak_measurements)
@@ -132,18 +136,20 @@ def time_in_turns(
     min_seconds: float,
     rounds: int,
     after_round: Callable[[], Any] = lambda: None,
-) -> dict[str, list]:
-    """Each runner's call times on `batch` (ms), the runners taking `rounds` turns of min_seconds / rounds each;
-    `after_round` is called after each round of turns."""
-    times: dict[str, list[float]] = {name: [] for name in runners}
+) -> dict[str, list[list[float]]]:
+    """Each runner's call times on `batch` (ms), turn by turn, the runners taking `rounds` turns of
+    min_seconds / rounds each; `after_round` is called after each round of turns."""
+    times: dict[str, list[list[float]]] = {name: [] for name in runners}
     for turn in range(rounds):
         for name, run in runners.items():
             time.sleep(SETTLE_S)
-            times[name] += time_calls(
-                lambda run=run: run(batch),
-                min_seconds=min_seconds / rounds,
-                min_reps=max(1, 10 // rounds),
-                warmup_reps=3 if turn == 0 else 1,  # later turns: one call to bring caches back, untimed
+            times[name].append(
+                time_calls(
+                    lambda run=run: run(batch),
+                    min_seconds=min_seconds / rounds,
+                    min_reps=max(1, 10 // rounds),
+                    warmup_reps=3 if turn == 0 else 1,  # later turns: one call to bring caches back, untimed
+                )
             )
         after_round()
     return times
@@ -191,13 +197,32 @@ def mnist_batch(meta: dict, count: int, data_dir: Path | None) -> np.ndarray:
     return normalise(images, meta["mean"], meta["std"], meta["input_shape"])
 
 
-def summarise(backend: str, batch_size: int, times_ms: list[float], flops: int, peak_gflops: float) -> OfflineResult:
-    # throughput from the mean batch time: it is what a stream of batches gets, stalls included
-    samples_per_s = batch_size / (float(np.mean(times_ms)) / 1000)
+def summarise(
+    backend: str, batch_size: int, times_ms: list[float], flops: int, peak_gflops: float, paired_peak_share: float
+) -> OfflineResult:
+    samples_per_s = throughput(batch_size, times_ms)
     gflops = samples_per_s * flops / 1e9
     return OfflineResult(
-        backend, batch_size, samples_per_s, Latency.of(times_ms), len(times_ms), gflops, gflops / peak_gflops
+        backend,
+        batch_size,
+        samples_per_s,
+        Latency.of(times_ms),
+        len(times_ms),
+        gflops,
+        gflops / peak_gflops,
+        paired_peak_share,
     )
+
+
+def throughput(batch_size: int, times_ms: list[float]) -> float:
+    """Samples per second from the mean batch time: what a stream of batches gets, stalls included."""
+    return batch_size / (float(np.mean(times_ms)) / 1000)
+
+
+def paired_share(batch_size: int, turns: list[list[float]], peaks: list[float], flops: int) -> float:
+    """Median over the rounds of the turn's GFLOP/s over the peak measured right after that round."""
+    shares = [throughput(batch_size, t) * flops / 1e9 / peak for t, peak in zip(turns, peaks, strict=True)]
+    return float(np.median(shares))
 
 
 def with_peak(result: OfflineResult, peak_gflops: float) -> OfflineResult:

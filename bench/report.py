@@ -64,12 +64,22 @@ def offline_markdown(report: OfflineReport) -> str:
             f"{r.latency.p99_ms:.3f}",
             f"{r.gflops:.1f}",
             f"{r.peak_share:.0%}",
+            f"{r.paired_peak_share:.0%}",
         ]
         for n in report.batch_sizes
         for r in report.results
         if r.batch_size == n
     ]
-    header = ["backend", "batch", "samples/s", "p50 ms/batch", "p99 ms/batch", "GFLOP/s", "of fp32 peak"]
+    header = [
+        "backend",
+        "batch",
+        "samples/s",
+        "p50 ms/batch",
+        "p99 ms/batch",
+        "GFLOP/s",
+        "of the best fp32 peak",
+        "of the peak beside it (median of rounds)",
+    ]
     low, high = min(report.peak_measurements), max(report.peak_measurements)
     lines = [
         f"# Offline benchmark: {report.model}",
@@ -89,6 +99,12 @@ def offline_markdown(report: OfflineReport) -> str:
     if "onnxruntime-int8" in report.backends:
         # the share is of the fp32 peak: int8 multiply-adds (VNNI) are several times cheaper, so it can pass 100%
         lines += ["", "int8 rows count the model's FLOPs as if fp32: their share of the fp32 peak can exceed 100%."]
+    lines += [
+        "",
+        "The last column sets each round's throughput against the fp32 peak measured right after that round "
+        "(median over the rounds): this machine's speed drifts within a run, and the best peak alone sets one "
+        "fast moment against an average over slow and fast ones.",
+    ]
     return "\n".join(lines) + "\n"
 
 

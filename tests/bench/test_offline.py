@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from digits.cli import main
 
@@ -25,6 +26,7 @@ def test_offline_bench_writes_json_markdown_and_plot(int8_artifacts, tmp_path, c
         assert r["samples_per_s"] > 0 and r["reps"] >= 10
         assert 0 < r["latency"]["p50_ms"] <= r["latency"]["p99_ms"]
         assert r["peak_share"] == r["gflops"] / report["peak_gflops"]
+        assert r["paired_peak_share"] > 0
     assert "onnxruntime / eager at batch 4" in report["ratios"]
     assert "onnxruntime-int8 / onnxruntime at batch 4" in report["ratios"]
     markdown = (out / "bench-offline.md").read_text()
@@ -44,7 +46,7 @@ def test_backends_take_turns_so_a_burst_of_load_lands_on_all_of_them():
     calls = []
     runners = {name: (lambda batch, name=name: calls.append(name)) for name in ("a", "b")}
     times = time_in_turns(runners, np.zeros((1, 1, 28, 28), np.float32), min_seconds=0, rounds=3)
-    assert [len(t) for t in times.values()] == [9, 9]  # 10 // 3 timed calls a turn, three turns pooled
+    assert [[len(turn) for turn in turns] for turns in times.values()] == [[3, 3, 3]] * 2  # 10 // 3 calls a turn
     turns = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]
     assert turns == ["a", "b"] * 3  # a, b, a, b, a, b: each turn one backend's run of calls
 
@@ -52,3 +54,12 @@ def test_backends_take_turns_so_a_burst_of_load_lands_on_all_of_them():
 def test_offline_bench_refuses_zero_rounds(tmp_path, capsys):
     assert main(["bench", "offline", "mlp", "--artifacts", str(tmp_path), "--rounds", "0"]) == 2
     assert "--rounds" in capsys.readouterr().err
+
+
+def test_the_paired_share_sets_each_round_against_its_own_peak():
+    from bench.offline import paired_share
+
+    # two rounds of 1 ms batches of 10 samples with 1 MFLOP each: 10 GFLOP/s; peaks of 20 then 40 GFLOP/s
+    assert paired_share(10, [[1.0], [1.0]], [20.0, 40.0], 1_000_000) == pytest.approx((0.5 + 0.25) / 2)
+    # a slow round beside a slow peak counts as fully as a fast one beside a fast peak
+    assert paired_share(10, [[2.0], [1.0], [1.0]], [5.0, 10.0, 10.0], 1_000_000) == pytest.approx(1.0)
