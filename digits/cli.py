@@ -113,20 +113,13 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from export.convert import INT8_PARITY_MD, export_model
+    from export.convert import export_model
 
     result = export_model(args.artifacts, args.model, args.opset, quantize=args.quantize, **_tolerances(args))
     status = _print_report(args, result.report, result.model_dir)
-    if result.int8_report is not None:
-        print(result.int8_report.to_markdown(), end="")
-        if not result.int8_report.passed:
-            where = result.model_dir / INT8_PARITY_MD
-            print(
-                f"digits export: int8 parity failed; model.int8.onnx is not listed in export.json; see {where}",
-                file=sys.stderr,
-            )
-            return EXIT_PARITY_FAILED
-    return status
+    return _print_int8_report(
+        args, result.int8_report, result.model_dir, status, "model.int8.onnx is not listed in export.json; "
+    )
 
 
 def add_verify(sub: argparse._SubParsersAction) -> None:
@@ -144,18 +137,24 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from export.convert import INT8_PARITY_MD, verify_int8, verify_model
+    from export.convert import verify_model
 
-    report = verify_model(args.artifacts, args.model, **_tolerances(args))
+    report, int8_report = verify_model(args.artifacts, args.model, **_tolerances(args))
     status = _print_report(args, report, args.artifacts / args.model)
-    int8_report = verify_int8(args.artifacts, args.model)
-    if int8_report is not None:
-        print(int8_report.to_markdown(), end="")
-        if not int8_report.passed:
-            where = args.artifacts / args.model / INT8_PARITY_MD
-            print(f"digits verify: int8 parity failed; see {where}", file=sys.stderr)
-            return EXIT_PARITY_FAILED
-    return status
+    return _print_int8_report(args, int8_report, args.artifacts / args.model, status)
+
+
+def _print_int8_report(args: argparse.Namespace, report, model_dir: Path, status: int, consequence: str = "") -> int:
+    """Prints the int8 file's prediction parity, if one was checked; exit 1 when it failed, else `status`."""
+    from export.convert import INT8_PARITY_MD
+
+    if report is None:
+        return status
+    print(report.to_markdown(), end="")
+    if report.passed:
+        return status
+    print(f"digits {args.command}: int8 parity failed; {consequence}see {model_dir / INT8_PARITY_MD}", file=sys.stderr)
+    return EXIT_PARITY_FAILED
 
 
 def _add_tolerances(p: argparse.ArgumentParser) -> None:

@@ -172,20 +172,6 @@ def remove_stale_int8(model_dir: Path, log) -> None:
         path.unlink(missing_ok=True)
 
 
-def verify_int8(
-    artifacts_dir: Path, model: str, *, samples: int | None = None, data_dir: Path | None = None, log=print
-) -> PredictionParity | None:
-    """Re-runs model.int8.onnx's prediction parity when there is one (None when there is not)."""
-    from training.data import load_mnist
-
-    model_dir = Path(artifacts_dir) / model
-    if not (model_dir / INT8_FILE).is_file():
-        return None
-    payload = load_model_checkpoint(find_checkpoint(model_dir, model), model)
-    eager, meta = rebuild_model(payload), payload["metadata"]
-    return prove_int8(eager, model_dir, meta, load_mnist(data_dir, log=log), samples)
-
-
 def _proven_files(model_dir: Path, int8_report: PredictionParity | None) -> dict[str, Path]:
     """Format name -> file, for export.json: the int8 file only when its parity passed."""
     files = {"torchscript": model_dir / TORCHSCRIPT_FILE, "onnx": model_dir / ONNX_FILE}
@@ -203,8 +189,13 @@ def verify_model(
     samples: int | None = None,
     data_dir: Path | None = None,
     log: Callable[[str], Any] = print,
-) -> ParityReport:
-    """Re-runs the checks on files already exported, without exporting; rewrites parity.json and parity.md."""
+) -> tuple[ParityReport, PredictionParity | None]:
+    """Re-runs the checks on files already exported, without exporting; rewrites parity.json and parity.md.
+
+    Returns:
+        The fp32 parity report, and model.int8.onnx's prediction parity when there is one (rewriting
+        parity-int8.json and .md), else None.
+    """
     check_tolerances(atol, rtol)
     model_dir = Path(artifacts_dir) / model
     checkpoint = find_checkpoint(model_dir, model)
@@ -218,7 +209,12 @@ def verify_model(
     ensure_writable(model_dir)
     report = prove_parity(eager, model_dir, meta, atol=atol, rtol=rtol, samples=samples, data_dir=data_dir, log=log)
     write_report(report, model_dir)
-    return report
+    int8_report = None
+    if (model_dir / INT8_FILE).is_file():
+        from training.data import load_mnist
+
+        int8_report = prove_int8(eager, model_dir, meta, load_mnist(data_dir, log=log), samples)
+    return report, int8_report
 
 
 def find_checkpoint(model_dir: Path, model: str) -> Path:
