@@ -34,8 +34,10 @@ NOOP = "noop"
 STAGES = ("DecodeTime", "PreprocessTime", "InferenceTime", "PostprocessTime", "PredictionTime")
 # model_metrics.log, log mode: "... - DecodeTime.Milliseconds:0.118|#ModelName:cnn,Level:Model|#hostname:..."
 METRIC_LINE = re.compile(r" - (\w+)\.(?:ms|Milliseconds):([0-9.]+)\|#ModelName:([^,|]+)")
-# model_log.log: "... W-9000-cnn_1.0-stdout MODEL_LOG - digits handler: batch of 8 request(s), ..."
-BATCH_LINE = re.compile(r"W-\d+-(\S+)_[\d.]+-stdout MODEL_LOG - digits handler: batch of (\d+) request")
+# TorchServe's PredictionTime names every request of its batch: "...|#hostname:vm,requestID:id1,id2,timestamp:..."
+BATCH_LINE = re.compile(
+    r" - PredictionTime\.\w+:[0-9.]+\|#ModelName:([^,|]+)[^|\n]*\|#hostname:[^,\n]*,requestID:([^\n]*),timestamp:"
+)
 LOG_SETTLE_S = 0.5  # the frontend copies worker output into its logs asynchronously
 
 
@@ -183,35 +185,29 @@ def describe_body(path: Path) -> dict:
 
 
 class LogCursor:
-    """Reads what TorchServe appended to its metrics and model logs since `mark()`."""
-
-    NAMES = ("model_metrics.log", "model_log.log")
+    """Reads what TorchServe appended to its metrics log since `mark()`."""
 
     def __init__(self, log_dir: Path) -> None:
-        self.paths = [log_dir / name for name in self.NAMES]
-        self.offsets = [0] * len(self.paths)
+        self.path = log_dir / "model_metrics.log"
+        self.offset = 0
 
     def mark(self) -> None:
-        self.offsets = [p.stat().st_size if p.is_file() else 0 for p in self.paths]
+        self.offset = self.path.stat().st_size if self.path.is_file() else 0
 
-    def read(self) -> tuple[str, str]:
+    def read(self) -> str:
         time.sleep(LOG_SETTLE_S)
-        texts = []
-        for path, offset in zip(self.paths, self.offsets, strict=True):
-            with path.open("rb") as f:
-                f.seek(offset)
-                texts.append(f.read().decode("utf-8", errors="replace"))
-        return texts[0], texts[1]
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            return f.read().decode("utf-8", errors="replace")
 
 
-def handler_summary(logs: tuple[str, str], model: str) -> dict[str, Any]:
+def handler_summary(metrics_log: str, model: str) -> dict[str, Any]:
     """Per stage: mean, p50 and p99 ms per batch; the number of batches and their mean size."""
-    metrics_log, model_log = logs
     values: dict[str, list[float]] = {stage: [] for stage in STAGES}
     for name, value, model_name in METRIC_LINE.findall(metrics_log):
         if model_name == model and name in values:
             values[name].append(float(value))
-    sizes = [int(n) for name, n in BATCH_LINE.findall(model_log) if name == model]
+    sizes = [request_ids.count(",") + 1 for name, request_ids in BATCH_LINE.findall(metrics_log) if name == model]
     summary: dict[str, Any] = {"batches": len(sizes), "mean_batch_size": float(np.mean(sizes)) if sizes else None}
     for stage, ms in values.items():
         summary[stage] = (

@@ -7,6 +7,7 @@ batch operation each.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -72,11 +73,18 @@ def assemble(readings: Readings, meta: DigitMeta) -> Batch:
 
 
 def normalise(digits: list[np.ndarray], meta: DigitMeta) -> torch.Tensor:
-    """Stacks (H, W) 0..255 digits into (N, C, H, W), scaled to 0..1 and standardised like training."""
+    """Stacks (H, W) 0..255 digits into (N, C, H, W), scaled to 0..1 and standardised like training.
+
+    In place, in numpy: the same float32 operations, in the same order, as `(x / 255 - mean) / std` in torch
+    (bit for bit), at half the cost on a batch of 16 digits, where each torch call's set-up outweighs its work.
+    """
     if not digits:
         return torch.empty((0, *meta.input_shape))
-    batch = torch.from_numpy(np.stack(digits)).reshape(len(digits), *meta.input_shape)
-    return (batch / 255.0 - meta.mean) / meta.std
+    batch = np.concatenate(digits).reshape(len(digits), *meta.input_shape)  # a fresh array: safe to scale in place
+    batch /= 255.0
+    batch -= meta.mean
+    batch /= meta.std
+    return torch.from_numpy(batch)
 
 
 def to_probabilities(scores: torch.Tensor) -> torch.Tensor:
@@ -87,19 +95,27 @@ def to_probabilities(scores: torch.Tensor) -> torch.Tensor:
 def prediction_bodies(probabilities: torch.Tensor, labels: tuple[str, ...]) -> list[bytes]:
     """One JSON body `{"label", "confidence", "probabilities"}` per row, numbers to 7 significant digits.
 
-    Seven digits are what the model's float32 logits carry. Written with float formatting rather than
+    Seven digits are what the model's float32 logits carry. Written with one %-format a label rather than
     json.dumps: the shortest round-trip repr of 11 doubles was 21 us a request, most of postprocessing.
+    The label is the first of the most probable classes.
     """
-    confidences, indices = probabilities.max(dim=1)
-    names = [json.dumps(label_value(label)) for label in labels]  # strings quoted and escaped as JSON
+    templates = body_templates(labels)
+    bodies = []
+    for row in probabilities.tolist():
+        confidence = max(row)
+        bodies.append((templates[row.index(confidence)] % (confidence, *row)).encode())
+    return bodies
+
+
+@functools.lru_cache(maxsize=8)
+def body_templates(labels: tuple[str, ...]) -> list[str]:
+    """Per label, the body with %-placeholders for the confidence and each class's probability."""
+    numbers = ",".join(["%.7g"] * len(labels))
+    # the label as JSON (strings quoted and escaped), its %-signs doubled so that formatting leaves them be
     return [
-        f'{{"label":{names[index]},"confidence":{confidence:.7g},"probabilities":[{_numbers(row)}]}}'.encode()
-        for index, confidence, row in zip(indices.tolist(), confidences.tolist(), probabilities.tolist(), strict=True)
+        f'{{"label":{json.dumps(label_value(label)).replace("%", "%%")},"confidence":%.7g,"probabilities":[{numbers}]}}'
+        for label in labels
     ]
-
-
-def _numbers(row: list[float]) -> str:
-    return ",".join([f"{value:.7g}" for value in row])
 
 
 def label_value(label: str) -> int | str:

@@ -20,7 +20,6 @@ Requests and answers: see `digit_inputs.py` for what a request may hold. Each re
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +90,6 @@ class DigitHandler(BaseHandler):
         request 0 of the batch carries an `explain` or `describe` header: a client's header would then fail
         the whole batch, as this handler has neither mode.
         """
-        start = time.perf_counter()
         self.context = context
         times = StageTimes()
         with times.stage("DecodeTime"):
@@ -102,15 +100,10 @@ class DigitHandler(BaseHandler):
             batch = self.inference(batch)
         with times.stage("PostprocessTime"):
             answers = self.postprocess(batch)
-        milliseconds = round((time.perf_counter() - start) * 1000, 2)
         # the split, so that the next bottleneck shows (digit_metrics.py). No HandlerTime beside it, as
-        # BaseHandler.handle would add: TorchServe's own PredictionTime already times the whole call, and each
-        # metric is a line the frontend parses and logs twice (ts_log.log and model_metrics.log)
-        times.report(context.metrics)
-        # one line a batch: shows that TorchServe batches, and how bad input is spread
-        logger.info(
-            "digits handler: batch of %d request(s), %d refused, %.2f ms", batch.size, len(batch.errors), milliseconds
-        )
+        # BaseHandler.handle would add, and no log line a batch: TorchServe's own PredictionTime already times
+        # the whole call and names every request of the batch, and each line is work for the frontend
+        times.report(context)
         return answers
 
     @timed

@@ -98,24 +98,12 @@ def write_model_dir(directory: Path, model: nn.Module, fmt: str, *, with_handler
     return directory
 
 
-class StandInMetrics:
-    """Records what the handler reports, like TorchServe's metrics cache."""
-
-    def __init__(self) -> None:
-        self.times: list[tuple[str, float]] = []
-
-    def add_time(self, name: str, value: float, idx: Any = None, unit: str = "ms") -> None:
-        self.times.append((name, value))
-
-
 def make_context(model_dir: Path, *, gpu_id: int | None = None, manifest: dict | None = None) -> Context:
     """TorchServe's own Context, filled as ts/service.py fills it for a worker."""
     if manifest is None:
         manifest_path = model_dir / "MAR-INF" / "MANIFEST.json"
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
-    return Context(
-        "tiny", str(model_dir), manifest, 8, gpu_id, "0.12.0", metrics=StandInMetrics(), model_yaml_config={}
-    )
+    return Context("tiny", str(model_dir), manifest, 8, gpu_id, "0.12.0", model_yaml_config={})
 
 
 @dataclass

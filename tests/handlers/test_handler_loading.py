@@ -243,7 +243,7 @@ def test_serves_on_cuda(model_dirs, tiny_model, mnist_test, caplog, fmt: str) ->
 
 
 def test_answers_are_json_with_seven_significant_digits(model_dir, mnist_test) -> None:
-    labels = [f'say "{i}" \\ ü' for i in range(10)]  # labels JSON must escape
+    labels = [f'say "{i}" \\ ü, 100% %s' for i in range(10)]  # labels JSON must escape, and %-signs
     edit_metadata(model_dir, labels=labels)
     handler = initialize(model_dir)
     context = make_context(model_dir)
