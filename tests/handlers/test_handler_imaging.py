@@ -63,6 +63,16 @@ def test_light_background_is_judged_from_the_border() -> None:
     assert np.array_equal(frame_digit(dark, (28, 28)), framed)
 
 
+@pytest.mark.parametrize("shape", [(28, 28), (1, 5), (5, 1), (2, 2), (3, 7), (280, 280), (51, 40)])
+def test_border_median_is_the_median_of_the_outermost_pixels(shape) -> None:
+    rng = np.random.default_rng(sum(shape))
+    for _ in range(20):
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        outer = np.ones(shape, dtype=bool)
+        outer[1:-1, 1:-1] = False  # every pixel of the first and last row and column, each once
+        assert border_median(image) == np.median(image[outer])
+
+
 def test_aspect_ratio_is_kept() -> None:
     page = np.zeros((300, 300), np.float32)
     page[50:250, 140:190] = 255  # a 200x50 bar
