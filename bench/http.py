@@ -5,7 +5,8 @@ store, starts TorchServe on free loopback ports (its run folder, logs included, 
 and at each concurrency loads the no-op and the model with the same body, alternating in short rounds so
 that whatever else the machine does in the meantime weighs on both alike. The handler's time split
 per batch (DecodeTime, PreprocessTime, InferenceTime, PostprocessTime; see handlers/digit_metrics.py) and
-TorchServe's own PredictionTime (the whole batch) are read back from model_metrics.log for each model run.
+TorchServe's own PredictionTime (the whole batch) are read back from model_metrics.log for each model run;
+the request ids PredictionTime names give each batch's size.
 """
 
 from __future__ import annotations
