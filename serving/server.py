@@ -245,6 +245,7 @@ def wait_until_ready(state: ServerState, run_dir: Path, timeout: float = READY_T
     while pending:
         failed = failed_models(run_dir, pending)
         if failed:  # checked first: a worker's own reason beats "TorchServe exited"
+            failed = every_failure(state, run_dir, pending, deadline)
             log = run_dir / "logs" / "model_log.log"
             reasons = "\n".join(f"model {model} failed to load: {load_failure(log, model)}" for model in failed)
             raise ServeError(f"{reasons}\nlast lines of {log}:\n{log_tail(log)}")
@@ -263,6 +264,20 @@ def wait_until_ready(state: ServerState, run_dir: Path, timeout: float = READY_T
 # TorchServe retries a worker that fails to load forever, with back-off; two failures are enough to know
 WORKER_DIED = "Backend worker process died"
 LOAD_FAILED_AFTER = 2
+# Once one model has failed, how long the others still pending get to fail too or answer, so that one
+# `digits serve` names every broken model rather than the first to fail twice
+FAILURE_GRACE_S = 15.0
+
+
+def every_failure(state: ServerState, run_dir: Path, pending: list[str], deadline: float) -> list[str]:
+    """The pending models that failed to load, once each has failed or answered (or the grace is over)."""
+    until = min(time.monotonic() + FAILURE_GRACE_S, deadline)
+    while True:
+        failed = failed_models(run_dir, pending)
+        undecided = [m for m in pending if m not in failed and not _answers(state, run_dir, m)]
+        if not undecided or time.monotonic() > until or not is_running(state):
+            return failed
+        time.sleep(0.5)
 
 
 def failed_models(run_dir: Path, models: list[str]) -> list[str]:

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from serving_helpers import PORT_FLAGS, port_flags
 
 from digits.cli import main
+from serving import server
 from serving.archive import META_NAME
 from serving.server import TS_PROCESS, check_not_running
 
@@ -137,3 +139,29 @@ def test_binding_beyond_loopback_warns(tmp_path, ports, capsys, host: str, warns
     err = capsys.readouterr().err
     assert (f"warning: binding TorchServe to {host}: it is reachable from other machines" in err) == warns
     assert "holds no .mar archives" in err
+
+
+def test_every_broken_model_is_named_even_when_one_fails_later(tmp_path, monkeypatch):
+    # cnn's worker has died twice; mlp's dies twice a second later: serve must wait for it and name both
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "model_log.log"
+
+    def failure(model: str, reason: str) -> str:
+        prefix = f"2026-11-26T15:00:00,000 [INFO ] W-9000-{model}_1.0-stdout MODEL_LOG - "
+        return f"{prefix}Failed to load model {model}, exception {reason}\n{prefix}Backend worker process died.\n"
+
+    log.write_text(failure("cnn", "digest mismatch") * 2)
+    state = server.ServerState(0, "127.0.0.1", {"inference": 9}, str(tmp_path), "", ["cnn", "mlp"])
+    monkeypatch.setattr(server, "is_running", lambda _: True)
+    monkeypatch.setattr(server, "_answers", lambda *_: False)
+    later = threading.Timer(1.0, lambda: log.open("a").write(failure("mlp", "cannot be loaded") * 2))
+    later.start()
+    try:
+        with pytest.raises(server.ServeError) as raised:
+            server.wait_until_ready(state, tmp_path, timeout=30)
+    finally:
+        later.cancel()
+    message = str(raised.value)
+    assert "model cnn failed to load: digest mismatch" in message
+    assert "model mlp failed to load: cannot be loaded" in message
