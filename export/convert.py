@@ -45,6 +45,7 @@ from export.parity import (
 )
 from export.torchscript import export_torchscript
 from training.checkpoint import load_checkpoint, rebuild_model
+from training.data import load_mnist
 from training.models import list_models
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -114,12 +115,13 @@ def export_model(
         opset_used = _write_onnx(eager, model_dir / ONNX_FILE, example, meta, checkpoint_sha, opset)
     log(_written(model_dir / ONNX_FILE, f"ONNX opset {opset_used}", seconds["onnx"]))
     with _timed(seconds, "parity"):
-        report = prove_parity(eager, model_dir, meta, atol=atol, rtol=rtol, samples=samples, data_dir=data_dir, log=log)
+        data = load_mnist(data_dir, log=log)  # once: the fp32 and the int8 checks read the same digits
+        report = prove_parity(eager, model_dir, meta, data, atol=atol, rtol=rtol, samples=samples)
     write_report(report, model_dir)
     int8_report = None
     if quantize == "int8" and report.passed:
         with _timed(seconds, "int8"):
-            int8_report = export_int8(eager, model_dir, meta, samples=samples, data_dir=data_dir, log=log)
+            int8_report = export_int8(eager, model_dir, meta, data, samples=samples, log=log)
     else:
         remove_stale_int8(model_dir, log)
     files = _proven_files(model_dir, int8_report)
@@ -128,14 +130,10 @@ def export_model(
     return ExportResult(model_dir, report, seconds, sizes, int8_report)
 
 
-def export_int8(
-    eager: nn.Module, model_dir: Path, meta: dict, *, samples: int | None, data_dir: Path | None, log
-) -> PredictionParity:
+def export_int8(eager: nn.Module, model_dir: Path, meta: dict, data, *, samples: int | None, log) -> PredictionParity:
     """model.onnx -> model.int8.onnx, calibrated on training digits; proves it and writes parity-int8.*."""
     from export.quantize import calibration_digits, quantize_int8
-    from training.data import load_mnist
 
-    data = load_mnist(data_dir, log=log)
     calibration = normalise(calibration_digits(data.train_images), meta["mean"], meta["std"], meta["input_shape"])
     start = time.perf_counter()
     with _staged(model_dir / INT8_FILE) as path:
@@ -207,13 +205,12 @@ def verify_model(
     eager, meta = rebuild_model(payload), payload["metadata"]
     check_exported_onnx(model_dir / ONNX_FILE, meta, sha256_file(checkpoint), rerun)
     ensure_writable(model_dir)
-    report = prove_parity(eager, model_dir, meta, atol=atol, rtol=rtol, samples=samples, data_dir=data_dir, log=log)
+    data = load_mnist(data_dir, log=log)  # once: the fp32 and the int8 checks read the same digits
+    report = prove_parity(eager, model_dir, meta, data, atol=atol, rtol=rtol, samples=samples)
     write_report(report, model_dir)
     int8_report = None
     if (model_dir / INT8_FILE).is_file():
-        from training.data import load_mnist
-
-        int8_report = prove_int8(eager, model_dir, meta, load_mnist(data_dir, log=log), samples)
+        int8_report = prove_int8(eager, model_dir, meta, data, samples)
     return report, int8_report
 
 
@@ -272,17 +269,14 @@ def prove_parity(
     eager: nn.Module,
     model_dir: Path,
     meta: dict,
+    data,
     *,
     atol: float,
     rtol: float,
     samples: int | None,
-    data_dir: Path | None,
-    log: Callable[[str], Any],
 ) -> ParityReport:
-    """Eager against model.pt and model.onnx from `model_dir`, on the first `samples` MNIST test digits."""
-    from training.data import load_mnist
-
-    data = load_mnist(data_dir, log=log)
+    """Eager against model.pt and model.onnx from `model_dir`, on the first `samples` of MNIST's test digits
+    (`data`, from `training.data.load_mnist`)."""
     n = len(data.test_labels) if samples is None else samples
     images = normalise(data.test_images[:n], meta["mean"], meta["std"], meta["input_shape"])
     backends = file_backends(model_dir / TORCHSCRIPT_FILE, model_dir / ONNX_FILE)
