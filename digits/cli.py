@@ -108,6 +108,16 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         choices=["int8"],
         help="also write model.int8.onnx (static QDQ, calibrated on training digits) and prove its predictions",
     )
+    p.add_argument(
+        "--pt2",
+        action="store_true",
+        help="also write model.pt2: torch.export + AOTInductor, compiled for --device, in the same parity report",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="what model.pt2 is compiled for: auto (CUDA when there is a GPU, else CPU), cpu, cuda or cuda:N",
+    )
     _add_tolerances(p)
     p.set_defaults(func=run_export)
 
@@ -115,7 +125,15 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from export.convert import export_model
 
-    result = export_model(args.artifacts, args.model, args.opset, quantize=args.quantize, **_tolerances(args))
+    result = export_model(
+        args.artifacts,
+        args.model,
+        args.opset,
+        quantize=args.quantize,
+        pt2=args.pt2,
+        device=args.device,
+        **_tolerances(args),
+    )
     status = _print_report(args, result.report, result.model_dir)
     return _print_int8_report(
         args, result.int8_report, result.model_dir, status, "model.int8.onnx is not listed in export.json; "

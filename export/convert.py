@@ -3,7 +3,8 @@
 export: DIR/MODEL/checkpoint.pt -> model.pt, model.onnx -> parity.json, parity.md -> export.json.
 `export.json` is written only when parity passes, so its presence means "these files are proven".
 With `quantize="int8"`, model.onnx -> model.int8.onnx -> parity-int8.json, parity-int8.md, and export.json
-lists the int8 file only when its own (prediction) parity passes.
+lists the int8 file only when its own (prediction) parity passes. With `pt2=True`, also model.pt2 (AOTInductor,
+compiled for the device it is exported on), proven in the same parity report as the other files.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from torch import nn
 
 from export import ExportError
 from export.metadata import (
+    NORMALISATION,
+    carried_metadata,
     check_metadata_matches,
     decode_onnx_metadata,
     export_manifest,
@@ -42,7 +45,9 @@ from export.parity import (
     file_backends,
     normalise,
     onnxruntime_backend,
+    pt2_backend,
 )
+from export.pt2 import check_loadable, export_pt2, read_pt2_metadata
 from export.torchscript import export_torchscript
 from training.checkpoint import load_checkpoint, rebuild_model
 from training.data import load_mnist
@@ -59,6 +64,8 @@ INT8_FORMAT = "onnx-int8"  # its name in export.json's files and in `digits arch
 INT8_PARITY_JSON = "parity-int8.json"
 INT8_PARITY_MD = "parity-int8.md"
 QUANTIZATIONS = ("int8",)
+PT2_FILE = "model.pt2"
+PT2_FORMAT = "pt2"  # its name in export.json's files and in `digits archive --format`
 EXAMPLE_BATCH = 2  # a batch of 1 lets the exporters bake the batch size in
 
 
@@ -66,7 +73,7 @@ EXAMPLE_BATCH = 2  # a batch of 1 lets the exporters bake the batch size in
 class ExportResult:
     model_dir: Path
     report: ParityReport
-    seconds: dict[str, float]  # step ("torchscript", "onnx", "parity", "int8") -> wall time
+    seconds: dict[str, float]  # step ("torchscript", "onnx", "pt2", "parity", "int8", "total") -> wall time
     sizes: dict[str, int]  # file name -> bytes
     int8_report: PredictionParity | None = None  # with quantize="int8", once fp32 parity passed
 
@@ -86,6 +93,8 @@ def export_model(
     samples: int | None = None,
     data_dir: Path | None = None,
     quantize: str | None = None,
+    pt2: bool = False,
+    device: str = "auto",
     log: Callable[[str], Any] = print,
 ) -> ExportResult:
     """Exports DIR/MODEL/checkpoint.pt to TorchScript and ONNX and proves parity on MNIST test digits.
@@ -95,6 +104,7 @@ def export_model(
         opset: ai.onnx opset; None takes the exporter's default.
         samples: test digits for the whole-set check (None: all 10,000); tests use fewer.
         quantize: "int8" also writes model.int8.onnx (once fp32 parity passes) and proves it on predictions.
+        pt2: also writes model.pt2, compiled by AOTInductor for `device` ("auto": CUDA when there is a GPU).
     Returns:
         The result; `result.passed` says whether the files may be used.
     """
@@ -104,6 +114,7 @@ def export_model(
     model_dir = Path(artifacts_dir) / model
     checkpoint = find_checkpoint(model_dir, model)
     ensure_writable(model_dir)
+    started = time.perf_counter()
     payload = load_model_checkpoint(checkpoint, model)
     eager, meta, checkpoint_sha = rebuild_model(payload), payload["metadata"], sha256_file(checkpoint)
     example = example_input(meta["input_shape"])
@@ -114,6 +125,12 @@ def export_model(
     with _timed(seconds, "onnx"):
         opset_used = _write_onnx(eager, model_dir / ONNX_FILE, example, meta, checkpoint_sha, opset)
     log(_written(model_dir / ONNX_FILE, f"ONNX opset {opset_used}", seconds["onnx"]))
+    if pt2:
+        with _timed(seconds, "pt2"):
+            target = _write_pt2(eager, model_dir / PT2_FILE, example, meta, checkpoint_sha, pt2_device(device))
+        log(_written(model_dir / PT2_FILE, f"AOTInductor for {target}", seconds["pt2"]))
+    else:
+        remove_stale_pt2(model_dir, model, log)
     with _timed(seconds, "parity"):
         data = load_mnist(data_dir, log=log)  # once: the fp32 and the int8 checks read the same digits
         report = prove_parity(eager, model_dir, meta, data, atol=atol, rtol=rtol, samples=samples)
@@ -127,7 +144,61 @@ def export_model(
     files = _proven_files(model_dir, int8_report)
     _write_or_withdraw_manifest(report, model_dir, meta, checkpoint_sha, files, log)
     sizes = {path.name: path.stat().st_size for path in files.values()}
+    seconds["total"] = time.perf_counter() - started
+    log(f"exported {model} in {seconds['total']:.1f} s ({_steps(seconds)})")
     return ExportResult(model_dir, report, seconds, sizes, int8_report)
+
+
+def _steps(seconds: dict[str, float]) -> str:
+    return ", ".join(f"{step} {s:.1f} s" for step, s in seconds.items() if step != "total")
+
+
+def pt2_device(device: str) -> torch.device:
+    """"auto": the GPU when CUDA is there, else the CPU; otherwise the device named, which must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ExportError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ExportError(f"--device {device}: CUDA is not available here")
+    if chosen.type not in ("cpu", "cuda"):
+        raise ExportError(f"--device {device}: .pt2 packages are compiled for cpu or cuda")
+    return chosen
+
+
+def _write_pt2(
+    eager: nn.Module, path: Path, example: torch.Tensor, meta: dict, checkpoint_sha: str, device: torch.device
+) -> str:
+    """Exports, compiles and packages for `device`, then reads the metadata back as `verify` would; returns
+    what it was compiled for, for the log."""
+    carried = {**carried_metadata(meta), "checkpoint_sha256": checkpoint_sha, "normalisation": NORMALISATION}
+    # the staged name keeps the .pt2 suffix that torch's packager expects
+    staging = path.with_name(f".partial{path.name}")
+    try:
+        export_pt2(eager, staging, example, carried, device)
+        written = check_exported_pt2(staging, meta, checkpoint_sha, "this is a bug in the export step")
+        staging.replace(path)
+    finally:
+        staging.unlink(missing_ok=True)
+        eager.cpu()  # the eager reference runs on the CPU
+    return f"{written['device']} {written['target']}"
+
+
+def check_exported_pt2(path: Path, meta: dict, checkpoint_sha: str, rerun: str) -> dict:
+    """The package's metadata against the checkpoint, and whether this machine may load it; returns it."""
+    written = read_pt2_metadata(path)
+    check_metadata_matches(written, meta, checkpoint_sha, where=f"{path} ({rerun})")
+    check_loadable(written, torch.device(written["device"]), str(path))
+    return written
+
+
+def remove_stale_pt2(model_dir: Path, model: str, log) -> None:
+    """Deletes model.pt2: it was compiled from the model this export replaced."""
+    if (model_dir / PT2_FILE).exists():
+        log(f"removed {model_dir / PT2_FILE}: it was compiled from the replaced export (add --pt2: digits export {model} --pt2)")
+        (model_dir / PT2_FILE).unlink()
 
 
 def export_int8(eager: nn.Module, model_dir: Path, meta: dict, data, *, samples: int | None, log) -> PredictionParity:
@@ -173,6 +244,8 @@ def remove_stale_int8(model_dir: Path, log) -> None:
 def _proven_files(model_dir: Path, int8_report: PredictionParity | None) -> dict[str, Path]:
     """Format name -> file, for export.json: the int8 file only when its parity passed."""
     files = {"torchscript": model_dir / TORCHSCRIPT_FILE, "onnx": model_dir / ONNX_FILE}
+    if (model_dir / PT2_FILE).is_file():  # in the parity report that decides whether export.json is written
+        files[PT2_FORMAT] = model_dir / PT2_FILE
     if int8_report is not None and int8_report.passed:
         files[INT8_FORMAT] = model_dir / INT8_FILE
     return files
@@ -204,6 +277,8 @@ def verify_model(
     payload = load_model_checkpoint(checkpoint, model)
     eager, meta = rebuild_model(payload), payload["metadata"]
     check_exported_onnx(model_dir / ONNX_FILE, meta, sha256_file(checkpoint), rerun)
+    if (model_dir / PT2_FILE).is_file():
+        check_exported_pt2(model_dir / PT2_FILE, meta, sha256_file(checkpoint), f"{rerun} --pt2")
     ensure_writable(model_dir)
     data = load_mnist(data_dir, log=log)  # once: the fp32 and the int8 checks read the same digits
     report = prove_parity(eager, model_dir, meta, data, atol=atol, rtol=rtol, samples=samples)
@@ -280,6 +355,8 @@ def prove_parity(
     n = len(data.test_labels) if samples is None else samples
     images = normalise(data.test_images[:n], meta["mean"], meta["std"], meta["input_shape"])
     backends = file_backends(model_dir / TORCHSCRIPT_FILE, model_dir / ONNX_FILE)
+    if (model_dir / PT2_FILE).is_file():
+        backends.append(pt2_backend(model_dir / PT2_FILE))
     return check_parity(
         eager_runner(eager), backends, images, data.test_labels[:n], model=meta["model"], atol=atol, rtol=rtol
     )

@@ -21,6 +21,7 @@ from torch import nn
 
 from export import ExportError
 from export.onnx import INPUT_NAME, OUTPUT_NAME
+from export.pt2 import load_pt2, read_pt2_metadata
 from export.torchscript import load_torchscript
 
 ATOL = 1e-5
@@ -41,8 +42,8 @@ Runner = Callable[[np.ndarray], np.ndarray]  # (N, 1, 28, 28) float32 -> (N, 10)
 class Backend:
     """One way of running the exported model, compared against eager."""
 
-    name: str  # "torchscript" or "onnxruntime"
-    ort_optimization: str | None  # onnxruntime's graph optimisation level, None for torchscript
+    name: str  # "torchscript", "onnxruntime" or "aotinductor"
+    ort_optimization: str | None  # onnxruntime's graph optimisation level, None for the others
     run: Runner
 
     @property
@@ -415,6 +416,18 @@ def onnxruntime_backend(path: Path, optimization: str) -> Backend:
         return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
 
     return Backend("onnxruntime", optimization, run)
+
+
+def pt2_backend(path: Path) -> Backend:
+    """model.pt2 loaded back from disk, on the device it was compiled for (its metadata says which)."""
+    device = torch.device(read_pt2_metadata(path)["device"])
+    compiled = load_pt2(path, device)
+
+    def run(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return compiled(torch.from_numpy(images).to(device)).cpu().numpy()
+
+    return Backend("aotinductor", None, run)
 
 
 def file_backends(torchscript_path: Path, onnx_path: Path) -> list[Backend]:

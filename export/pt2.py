@@ -1,0 +1,170 @@
+"""AOTInductor's `.pt2`: `torch.export` with a dynamic batch, compiled ahead of time for one device.
+
+PyTorch's supported path to deployment (TorchScript is deprecated). The package is a zip holding the
+compiled model (a shared library built with `-march=native`, so tied to the CPU family it was built on,
+or CUDA kernels for one GPU architecture) and our metadata as `extra/digits_meta.json`, which
+`read_pt2_metadata` reads with `zipfile` alone: nothing is compiled or loaded to read it.
+
+What the compiled model does not check, `load_pt2` does, by name and before loading: the torch build that
+compiled it (AOTInductor's C++ ABI follows it), the device type, and the CPU's instruction set or the GPU's
+compute capability (a mismatch would otherwise fail at load with a linker error, or crash on an illegal
+instruction). Its runner refuses a batch outside the exported range, which the compiled code assumes
+without checking.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export import ExportError
+
+MIN_BATCH = 1
+# The largest batch a package accepts. The compiled code specialises nothing on it, so it only has to
+# cover every caller: parity's whole-set chunks (1,000), the bench's batches, and TorchServe's batchSize.
+MAX_BATCH = 4096
+META_ENTRY = "digits_meta.json"  # under the package's extra/ folder (torch.export.pt2_archive's EXTRA_DIR)
+EXTRA_DIR = "extra/"
+# Inductor options, measured on cnn at batch 64 on this CPU (README, "Which format"): freezing turns the
+# weights into constants, so that Inductor can prepack them for oneDNN and fuse each conv/linear with its
+# ReLU; without it every call reorders the weights. It needs the compile to run without autograd.
+INDUCTOR_CONFIGS = {"freezing": True}
+# the metadata keys a package must carry for `load_pt2` to trust it
+REQUIRED_KEYS = ("torch_version", "device", "min_batch", "max_batch", "target")
+
+Pt2Runner = Callable[[torch.Tensor], torch.Tensor]  # (N, C, H, W) float32 on its device -> (N, classes)
+
+
+def export_pt2(model: nn.Module, path: Path, example: torch.Tensor, metadata: dict, device: torch.device) -> Path:
+    """Exports `model` (in the mode the caller chose) with a dynamic batch, compiles it for `device` and
+    writes the package to `path` (which must end in .pt2), with `metadata` plus the build facts inside.
+
+    Args:
+        example: (N, C, H, W) float32 with N >= 2: torch.export specialises a dimension of size 1.
+        metadata: JSON-serialisable facts (normalisation, labels, checkpoint digest) to carry.
+    """
+    if example.dim() < 1 or len(example) < 2:
+        raise ValueError(f"export needs an example batch of at least 2, got shape {tuple(example.shape)}")
+    program = _export_program(model.to(device), example.to(device))
+    options = {**INDUCTOR_CONFIGS, "aot_inductor.package": True}
+    with torch.no_grad():  # freezing applies only to a graph compiled without autograd
+        files = torch._inductor.aot_compile(program.module(), (example.to(device),), options=options)
+    extra = {META_ENTRY: json.dumps({**metadata, **build_facts(device)}, indent=2)}
+    from torch.export.pt2_archive._package import package_pt2
+
+    package_pt2(str(path), aoti_files=files, extra_files=extra)
+    return Path(path)
+
+
+def _export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    batch = torch.export.Dim("batch", min=MIN_BATCH, max=MAX_BATCH)
+    try:
+        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    except Exception as err:  # torch.export raises several error types (UserError, guard violations)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ExportError(f"torch.export of {type(model).__name__} failed: {reason}") from None
+
+
+def build_facts(device: torch.device) -> dict:
+    """What the compiled code depends on, for `check_loadable` to compare at load."""
+    return {
+        "torch_version": torch.__version__,
+        "device": device.type,
+        "target": device_target(device),
+        "min_batch": MIN_BATCH,
+        "max_batch": MAX_BATCH,
+    }
+
+
+def device_target(device: torch.device) -> str:
+    """The instruction set the code was compiled for: the CPU's vector ISA, or the GPU's compute capability."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"sm_{major}{minor}"
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return str(pick_vec_isa()) or "no vector ISA"
+
+
+def supported_targets(device: torch.device) -> list[str]:
+    """Targets whose code this machine runs on `device`."""
+    if device.type == "cuda":
+        return [device_target(device)]
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    return [str(isa) for isa in valid_vec_isa_list()] or ["no vector ISA"]
+
+
+def read_pt2_metadata(path: Path) -> dict:
+    """The package's extra/digits_meta.json, read without compiling or loading anything."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(f"/{EXTRA_DIR}{META_ENTRY}")]
+            if len(names) != 1:
+                raise ExportError(f"{path} carries no {EXTRA_DIR}{META_ENTRY}; re-export with `digits export --pt2`")
+            meta = json.loads(archive.read(names[0]))
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ExportError(f"{path} is not a .pt2 package: {err}") from None
+    except ValueError as err:
+        raise ExportError(f"{path}: {META_ENTRY} is not JSON ({err}); re-export with `digits export --pt2`") from None
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise ExportError(f"{path}: {META_ENTRY} lacks {', '.join(missing)}; re-export with `digits export --pt2`")
+    return meta
+
+
+def check_loadable(meta: dict, device: torch.device, where: str) -> None:
+    """Refuses, naming the difference, a package compiled for another torch, device type or target."""
+    rerun = "re-export it here with `digits export MODEL --pt2`"
+    if meta["torch_version"] != torch.__version__:
+        raise ExportError(
+            f"{where} was compiled by torch {meta['torch_version']}, this is torch {torch.__version__}; {rerun}"
+        )
+    if meta["device"] != device.type:
+        raise ExportError(f"{where} was compiled for {meta['device']}, this loads it on {device.type}; {rerun}")
+    if meta["target"] not in supported_targets(device):
+        raise ExportError(
+            f"{where} was compiled for {meta['device']} {meta['target']}; this {device.type} runs "
+            f"{', '.join(supported_targets(device))}; {rerun}"
+        )
+
+
+def load_pt2(path: Path, device: torch.device | str = "cpu") -> Pt2Runner:
+    """The package's compiled model on `device`, behind a check of each batch; raises ExportError for a
+    package this machine must not load (see `check_loadable`)."""
+    device = torch.device(device)
+    meta = read_pt2_metadata(path)
+    check_loadable(meta, device, str(path))
+    try:
+        # device_index -1: the CPU, or the current CUDA device
+        index = -1 if device.index is None else device.index
+        compiled = torch._inductor.aoti_load_package(str(path), device_index=index)
+    except RuntimeError as err:
+        raise ExportError(f"{path} cannot be loaded: {str(err).strip().splitlines()[0]}") from None
+    return _checked_runner(compiled, meta, str(path))
+
+
+def _checked_runner(compiled: Callable, meta: dict, where: str) -> Pt2Runner:
+    low, high, shape = meta["min_batch"], meta["max_batch"], meta.get("input_shape")
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        check_batch(images, low, high, shape, where)
+        return compiled(images)
+
+    return run
+
+
+def check_batch(images: torch.Tensor, low: int, high: int, input_shape: list[int] | None, where: str) -> None:
+    """A clear error for what the compiled code would misread: a batch outside [low, high], a wrong shape."""
+    if images.dim() == 0 or not low <= len(images) <= high:
+        size = "a 0-d tensor" if images.dim() == 0 else f"a batch of {len(images)}"
+        raise ValueError(f"{where} takes batches of {low} to {high} digits, got {size}")
+    if input_shape is not None and list(images.shape[1:]) != list(input_shape):
+        raise ValueError(f"{where} takes (N, {', '.join(map(str, input_shape))}), got {tuple(images.shape)}")
+    if images.dtype != torch.float32:
+        raise ValueError(f"{where} takes float32, got {images.dtype}")
