@@ -130,7 +130,7 @@ def export_model(
             target = _write_pt2(eager, model_dir / PT2_FILE, example, meta, checkpoint_sha, pt2_device(device))
         log(_written(model_dir / PT2_FILE, f"AOTInductor for {target}", seconds["pt2"]))
     else:
-        remove_stale_pt2(model_dir, model, log)
+        remove_stale_pt2(model_dir, log)
     with _timed(seconds, "parity"):
         data = load_mnist(data_dir, log=log)  # once: the fp32 and the int8 checks read the same digits
         report = prove_parity(eager, model_dir, meta, data, atol=atol, rtol=rtol, samples=samples)
@@ -154,7 +154,7 @@ def _steps(seconds: dict[str, float]) -> str:
 
 
 def pt2_device(device: str) -> torch.device:
-    """"auto": the GPU when CUDA is there, else the CPU; otherwise the device named, which must exist."""
+    """ "auto": the GPU when CUDA is there, else the CPU; otherwise the device named, which must exist."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -194,10 +194,10 @@ def check_exported_pt2(path: Path, meta: dict, checkpoint_sha: str, rerun: str) 
     return written
 
 
-def remove_stale_pt2(model_dir: Path, model: str, log) -> None:
+def remove_stale_pt2(model_dir: Path, log) -> None:
     """Deletes model.pt2: it was compiled from the model this export replaced."""
     if (model_dir / PT2_FILE).exists():
-        log(f"removed {model_dir / PT2_FILE}: it was compiled from the replaced export (add --pt2: digits export {model} --pt2)")
+        log(f"removed {model_dir / PT2_FILE}: it was compiled from the replaced model (add --pt2 to keep one)")
         (model_dir / PT2_FILE).unlink()
 
 
