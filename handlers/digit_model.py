@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import re
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 META_FILE = "digits_meta.json"
-FORMAT_BY_SUFFIX = {".pt": "torchscript", ".onnx": "onnx"}
+FORMAT_BY_SUFFIX = {".pt": "torchscript", ".onnx": "onnx", ".pt2": "pt2"}
+# inside a .pt2 package (AOTInductor, `digits export --pt2`): the build facts the compiled code depends on
+PT2_META_ENTRY = "extra/digits_meta.json"
+PT2_REQUIRED_KEYS = ("torch_version", "device", "target", "min_batch", "max_batch")
 REQUIRED_KEYS = ("format", "sha256", "mean", "std", "labels", "input_shape", "layout")
 REBUILD = "rebuild the archive with `digits archive`"
 
@@ -37,7 +41,7 @@ class ModelLoadError(RuntimeError):
 class DigitMeta:
     """The archive's metadata file, checked."""
 
-    format: str  # "onnx" | "torchscript"
+    format: str  # "onnx" | "torchscript" | "pt2"
     sha256: str  # hex digest of the model file
     mean: float  # normalisation, applied to intensities scaled to 0..1
     std: float
@@ -187,8 +191,9 @@ def load_predictor(path: Path, device: torch.device) -> Predictor:
             as exported: the export itself is broken, or the archive was built around a damaged file.
     """
     fmt = FORMAT_BY_SUFFIX[path.suffix]
+    loaders = {"torchscript": load_torchscript, "onnx": load_onnx, "pt2": load_pt2}
     try:
-        return load_torchscript(path, device) if fmt == "torchscript" else load_onnx(path, device)
+        return loaders[fmt](path, device)
     except ModelLoadError:
         raise
     except Exception as err:  # each runtime has its own error types for an unreadable file
@@ -226,6 +231,67 @@ def load_onnx(path: Path, device: torch.device) -> Predictor:
         return torch.from_numpy(session.run(None, {input_name: images.cpu().numpy()})[0]).float()
 
     return predict
+
+
+def load_pt2(path: Path, device: torch.device) -> Predictor:
+    """An AOTInductor package on `device`, which must be what it was compiled for; refuses a batch outside
+    the package's range, which the compiled code does not check."""
+    facts = read_pt2_facts(path)
+    check_pt2_loadable(facts, device, path.name)
+    index = -1 if device.index is None else device.index  # -1: the CPU, or the current CUDA device
+    compiled = torch._inductor.aoti_load_package(str(path), device_index=index)
+    low, high = facts["min_batch"], facts["max_batch"]
+    logger.info("digits handler: loaded AOTInductor %s on %s (batches %d to %d)", path.name, device, low, high)
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        if not low <= len(images) <= high:
+            raise ValueError(f"{path.name} takes batches of {low} to {high} digits, got {len(images)}")
+        with torch.inference_mode():
+            return compiled(images.to(device)).float().cpu()
+
+    return predict
+
+
+def read_pt2_facts(path: Path) -> dict[str, Any]:
+    """The package's own metadata (written by `digits export --pt2`), read from the zip without loading code."""
+    # a file that is no zip raises zipfile.BadZipFile, which load_predictor reports as a damaged archive
+    with zipfile.ZipFile(path) as package:
+        names = [n for n in package.namelist() if n.endswith("/" + PT2_META_ENTRY)]
+        facts = json.loads(package.read(names[0])) if len(names) == 1 else None
+    missing = [key for key in PT2_REQUIRED_KEYS if key not in (facts or {})]
+    if missing:
+        raise ModelLoadError(f"model file {path.name} lacks {PT2_META_ENTRY} keys {', '.join(missing)}; {PT2_REBUILD}")
+    return facts
+
+
+PT2_REBUILD = "re-export it where it will run (`digits export MODEL --pt2`) and rebuild the archive"
+
+
+def check_pt2_loadable(facts: Mapping[str, Any], device: torch.device, name: str) -> None:
+    """Refuses by name a package compiled by another torch, for another device type, CPU ISA or GPU arch."""
+    if facts["torch_version"] != torch.__version__:
+        raise ModelLoadError(
+            f"{name} was compiled by torch {facts['torch_version']}; this worker runs torch {torch.__version__}: "
+            f"{PT2_REBUILD}"
+        )
+    if facts["device"] != device.type:
+        raise ModelLoadError(f"{name} was compiled for {facts['device']}; this worker runs on {device}: {PT2_REBUILD}")
+    supported = pt2_targets(device)
+    if facts["target"] not in supported:
+        raise ModelLoadError(
+            f"{name} was compiled for {facts['device']} {facts['target']}; this worker's {device.type} runs "
+            f"{', '.join(supported)}: {PT2_REBUILD}"
+        )
+
+
+def pt2_targets(device: torch.device) -> list[str]:
+    """What compiled code this worker can run: its GPU's architecture, or its CPU's vector instruction sets."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return [f"sm_{major}{minor}"]
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    return [str(isa) for isa in valid_vec_isa_list()] or ["no vector ISA"]
 
 
 def onnx_providers(ort: Any, device: torch.device) -> list[Any]:

@@ -27,7 +27,7 @@ NOOP_HANDLER = "noop_handler.py"  # the benchmarks' ceiling; archived alone, nev
 META_NAME = "digits_meta.json"
 CONFIG_NAME = "model-config.yaml"
 # archive format (export.json's name for the file) -> the runtime the handler loads it with
-FORMATS = {"torchscript": "torchscript", "onnx": "onnx", "onnx-int8": "onnx"}
+FORMATS = {"torchscript": "torchscript", "onnx": "onnx", "onnx-int8": "onnx", "pt2": "pt2"}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")  # the archiver's own rule for model names
 
 

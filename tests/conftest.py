@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,3 +25,31 @@ def int8_artifacts(tmp_path_factory) -> Path:
     result = export_model(out, "mlp", quantize="int8", log=lambda _: None)
     assert result.passed, result.int8_report
     return out
+
+
+@pytest.fixture(scope="session")
+def pt2_artifacts(tmp_path_factory) -> Path:
+    """An artifacts folder holding mlp trained on 6,000 digits, exported with --pt2 for the CPU: the suite's one
+    AOTInductor compile of a registered model (about 30 s; the mlp compiles fastest). Read-only: copy first."""
+    out = tmp_path_factory.mktemp("pt2-artifacts")
+    train(TrainConfig(model="mlp", epochs=1, limit=6000, out=out, quiet=True), log=lambda _: None)
+    result = export_model(out, "mlp", pt2=True, device="cpu", samples=1000, log=lambda _: None)
+    assert result.passed, result.report.failures
+    return out
+
+
+@pytest.fixture(scope="session")
+def forge_pt2() -> Callable[..., Path]:
+    """(package, copy, **changes) -> copy: the package with its extra/digits_meta.json changed, as a package
+    compiled elsewhere would say it (its compiled code untouched)."""
+
+    def forge(package: Path, copy: Path, **changes) -> Path:
+        with zipfile.ZipFile(package) as source, zipfile.ZipFile(copy, "w") as target:
+            for item in source.infolist():
+                data = source.read(item)
+                if item.filename.endswith("/extra/digits_meta.json"):
+                    data = json.dumps({**json.loads(data), **changes}).encode()
+                target.writestr(item, data)
+        return copy
+
+    return forge

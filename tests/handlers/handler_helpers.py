@@ -25,7 +25,7 @@ HANDLERS_DIR = Path(__file__).resolve().parents[2] / "handlers"
 
 MEAN, STD = 0.1307, 0.3081
 LABELS = [str(d) for d in range(10)]
-MODEL_FILES = {"torchscript": "model.pt", "onnx": "model.onnx"}
+MODEL_FILES = {"torchscript": "model.pt", "onnx": "model.onnx", "pt2": "model.pt2"}
 
 
 class TinyNet(nn.Module):
@@ -40,10 +40,17 @@ class TinyNet(nn.Module):
         return torch.log_softmax(self.fc(torch.relu(self.conv(x)).flatten(1)), dim=1)
 
 
-def save_model(model: nn.Module, path: Path) -> None:
-    """Writes `model` as TorchScript (.pt) or ONNX with a dynamic batch (.onnx)."""
+def save_model(model: nn.Module, path: Path, device: str = "cpu") -> None:
+    """Writes `model` as TorchScript (.pt), ONNX with a dynamic batch (.onnx), or an AOTInductor package
+    compiled for `device` (.pt2, as `digits export --pt2` writes it)."""
     model = model.eval()
     example = torch.zeros(2, 1, 28, 28)
+    if path.suffix == ".pt2":
+        from export.pt2 import export_pt2  # fixture data only: the handler itself never imports export
+
+        export_pt2(model, path, example, {}, torch.device(device))
+        model.cpu()
+        return
     with warnings.catch_warnings():
         # TorchScript and the TorchScript-based ONNX exporter are deprecated; the issue asks for both
         # formats, and this exporter is 30x faster than the dynamo one for fixtures
@@ -83,11 +90,13 @@ def metadata_for(model_path: Path, fmt: str) -> dict[str, Any]:
     }
 
 
-def write_model_dir(directory: Path, model: nn.Module, fmt: str, *, with_handler_files: bool = False) -> Path:
+def write_model_dir(
+    directory: Path, model: nn.Module, fmt: str, *, with_handler_files: bool = False, device: str = "cpu"
+) -> Path:
     """Lays out a model dir as TorchServe unpacks an archive: model file, metadata, MAR-INF/MANIFEST.json."""
     directory.mkdir(parents=True, exist_ok=True)
     model_path = directory / MODEL_FILES[fmt]
-    save_model(model, model_path)
+    save_model(model, model_path, device)
     (directory / "digits_meta.json").write_text(json.dumps(metadata_for(model_path, fmt)))
     (directory / "MAR-INF").mkdir(exist_ok=True)
     manifest = {"model": {"modelName": "tiny", "serializedFile": model_path.name, "handler": "digit_handler.py"}}

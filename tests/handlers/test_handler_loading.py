@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 
 import digit_model
@@ -14,7 +16,7 @@ import pytest
 import torch
 from digit_handler import DigitHandler
 from digit_model import ModelLoadError, choose_device
-from handler_helpers import MODEL_FILES, TinyNet, make_context, png_bytes, run_batch, write_model_dir
+from handler_helpers import MODEL_FILES, TinyNet, make_context, png_bytes, run_batch, sha256_of, write_model_dir
 from torch import nn
 
 
@@ -224,16 +226,18 @@ def test_handler_undoes_the_tf32_switch_of_torchserve(model_dirs) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fmt", sorted(MODEL_FILES))
-def test_serves_on_cuda(model_dirs, tiny_model, mnist_test, caplog, fmt: str) -> None:
+def test_serves_on_cuda(model_dirs, tiny_model, mnist_test, caplog, tmp_path, fmt: str) -> None:
     import onnxruntime as ort
 
+    # a .pt2 package is compiled for one device: the GPU worker gets one compiled for CUDA
+    directory = write_model_dir(tmp_path / fmt, tiny_model, fmt, device="cuda") if fmt == "pt2" else model_dirs[fmt]
     with caplog.at_level(logging.INFO):
-        handler = initialize(model_dirs[fmt], gpu_id=0)
+        handler = initialize(directory, gpu_id=0)
     assert handler.device == torch.device("cuda:0")
     if fmt == "onnx" and "CUDAExecutionProvider" in ort.get_available_providers():
         assert "providers ['CUDAExecutionProvider'" in caplog.text
     digits = mnist_test[0][:8]
-    answers = run_batch(handler, make_context(model_dirs[fmt]), [{"body": png_bytes(d)} for d in digits])
+    answers = run_batch(handler, make_context(directory), [{"body": png_bytes(d)} for d in digits])
     expected = torch.softmax(
         tiny_model(torch.from_numpy((digits / 255.0 - 0.1307) / 0.3081).float()[:, None]), 1
     ).detach()
@@ -257,3 +261,47 @@ def test_answers_are_json_with_seven_significant_digits(model_dir, mnist_test) -
         assert answer.body["confidence"] == max(answer.body["probabilities"])
         index = int(row.argmax())
         assert answer.body["label"] == labels[index]
+
+
+def test_the_pt2_facts_the_handler_reads_are_the_ones_export_writes() -> None:
+    from export import pt2  # the handler keeps its own copy: it ships alone inside the archive
+
+    assert digit_model.PT2_META_ENTRY == pt2.EXTRA_DIR + pt2.META_ENTRY
+    assert set(digit_model.PT2_REQUIRED_KEYS) == set(pt2.REQUIRED_KEYS)
+    assert digit_model.pt2_targets(torch.device("cpu")) == pt2.supported_targets(torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"torch_version": "2.0.0"}, "compiled by torch 2.0.0; this worker runs torch " + torch.__version__),
+        ({"device": "cuda", "target": "sm_90"}, "compiled for cuda; this worker runs on cpu"),
+        ({"target": "neon"}, "compiled for cpu neon; this worker's cpu runs"),
+    ],
+)
+def test_a_pt2_compiled_elsewhere_is_refused_by_name(model_dirs, tmp_path, forge_pt2, changes, named) -> None:
+    directory = shutil.copytree(model_dirs["pt2"], tmp_path / "pt2")
+    forge_pt2(model_dirs["pt2"] / "model.pt2", directory / "model.pt2", **changes)
+    meta = json.loads((directory / "digits_meta.json").read_text())
+    meta["sha256"] = sha256_of(directory / "model.pt2")  # vouched for: the refusal must come from the facts
+    (directory / "digits_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match=re.escape(named)):
+        initialize(directory)
+
+
+def test_a_pt2_without_its_facts_is_refused(model_dirs, tmp_path) -> None:
+    package = tmp_path / "model.pt2"
+    with zipfile.ZipFile(model_dirs["pt2"] / "model.pt2") as source, zipfile.ZipFile(package, "w") as target:
+        for item in source.infolist():
+            if not item.filename.endswith("extra/digits_meta.json"):
+                target.writestr(item, source.read(item))
+    with pytest.raises(ModelLoadError, match="lacks extra/digits_meta.json keys torch_version, device"):
+        digit_model.read_pt2_facts(package)
+
+
+@pytest.mark.parametrize("batch", [0, 4097])
+def test_a_pt2_refuses_a_batch_outside_its_range(model_dirs, batch: int) -> None:
+    predict = digit_model.load_predictor(model_dirs["pt2"] / "model.pt2", torch.device("cpu"))
+    with pytest.raises(ValueError, match=f"model.pt2 takes batches of 1 to 4096 digits, got {batch}"):
+        predict(torch.zeros(batch, 1, 28, 28))
+    assert predict(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
