@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from export.convert import export_model
+from export.convert import ExportResult, export_model
 from training.train import TrainConfig, train
 
 
@@ -28,14 +28,14 @@ def int8_artifacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pt2_artifacts(tmp_path_factory) -> Path:
-    """An artifacts folder holding mlp trained on 6,000 digits, exported with --pt2 for the CPU: the suite's one
-    AOTInductor compile of a registered model (about 30 s; the mlp compiles fastest). Read-only: copy first."""
+def pt2_export(tmp_path_factory) -> ExportResult:
+    """mlp trained on 6,000 digits, exported with --pt2 for the CPU: the suite's one AOTInductor compile of a
+    registered model (about 30 s; the mlp compiles fastest). Its folder is read-only: copy it first."""
     out = tmp_path_factory.mktemp("pt2-artifacts")
     train(TrainConfig(model="mlp", epochs=1, limit=6000, out=out, quiet=True), log=lambda _: None)
     result = export_model(out, "mlp", pt2=True, device="cpu", samples=1000, log=lambda _: None)
     assert result.passed, result.report.failures
-    return out
+    return result
 
 
 @pytest.fixture(scope="session")
