@@ -8,7 +8,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 ARTIFACTS ?= artifacts
 DEMO_MODELS ?= mlp cnn
 BENCH_OUT ?= runs/bench
-# settings of both archives of each HTTP bench; empty: `digits archive`'s defaults (batch 8, 5 ms, 1 worker,
+# settings of both archives of each HTTP bench; empty: `digits archive`'s defaults (batch 16, 5 ms, 1 worker,
 # 1 thread), what `make demo` serves. E.g. make bench BENCH_HTTP="--workers 2"
 BENCH_HTTP ?=
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from bench import BenchError
 from bench.timing import Latency, flops_per_sample, fp32_peak_gflops, machine, time_calls
+from contract import MANIFEST_FILE, ONNX, ONNX_INT8, TORCHSCRIPT, normalise
 
 BATCH_SIZES = (1, 8, 64, 256)
 MIN_SECONDS = 1.0  # timed per backend and batch size, after warm-up
@@ -30,8 +31,6 @@ ROUNDS = 5  # turns each backend takes at each batch size
 # call (PyTorch's OpenMP pool, onnxruntime's intra-op pool) and would take cores from the next backend.
 SETTLE_S = 0.2
 PEAK_REPS_BETWEEN_TURNS = 2  # matmuls after each round of turns (the start and the end take the default)
-MANIFEST_FILE = "export.json"
-INT8_FORMAT = "onnx-int8"
 
 Runner = Callable[[np.ndarray], np.ndarray]  # (N, 1, 28, 28) float32 -> (N, 10) scores
 
@@ -179,17 +178,18 @@ def load_runners(model_dir: Path, eager, model: str) -> dict[str, Runner]:
     files = json.loads(manifest_path.read_text())["files"]
     runners: dict[str, Runner] = {
         "eager": eager_runner(eager),
-        "torchscript": torchscript_backend(model_dir / files["torchscript"]["path"]).run,
-        "onnxruntime": onnxruntime_backend(model_dir / files["onnx"]["path"], "ORT_ENABLE_ALL").run,
+        "torchscript": torchscript_backend(model_dir / files[TORCHSCRIPT.name]["path"]).run,
+        "onnxruntime": onnxruntime_backend(model_dir / files[ONNX.name]["path"], "ORT_ENABLE_ALL").run,
     }
-    if INT8_FORMAT in files:  # written by `digits export MODEL --quantize int8` once its parity passed
-        runners["onnxruntime-int8"] = onnxruntime_backend(model_dir / files[INT8_FORMAT]["path"], "ORT_ENABLE_ALL").run
+    if ONNX_INT8.name in files:  # written by `digits export MODEL --quantize int8` once its parity passed
+        runners["onnxruntime-int8"] = onnxruntime_backend(
+            model_dir / files[ONNX_INT8.name]["path"], "ORT_ENABLE_ALL"
+        ).run
     return runners
 
 
 def mnist_batch(meta: dict, count: int, data_dir: Path | None) -> np.ndarray:
     """(count, *input_shape) float32: real MNIST test digits, normalised as the checkpoint says, repeated if need be."""
-    from export.parity import normalise
     from training.data import load_mnist
 
     images = load_mnist(data_dir, log=lambda _: None).test_images

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from contract import FORMATS, ONNX
 from digits.arguments import add_artifacts, add_serving_settings
 
 DEFAULT_OUT = Path("runs") / "bench"
@@ -79,9 +80,7 @@ def add_http(kinds: argparse._SubParsersAction) -> None:
         "run, and load both with the same body at each concurrency; writes bench-http.json, .md and .png to OUT.",
     )
     p.add_argument("--model", default="cnn", help="an exported model (default cnn)")
-    p.add_argument(
-        "--format", default="onnx", choices=["onnx", "torchscript", "onnx-int8"], help="file to serve (default onnx)"
-    )
+    p.add_argument("--format", default=ONNX.name, choices=list(FORMATS), help=f"file to serve (default {ONNX.name})")
     add_artifacts(p)
     p.add_argument("--input", type=Path, help="request body (default: MNIST test digit 0 as a 28x28 PNG)")
     p.add_argument("--concurrency", type=_int_list, default=(1, 4, 16, 64), help="default 1,4,16,64")
@@ -144,8 +143,8 @@ def run_http(args: argparse.Namespace) -> int:
 
 def default_input(out: Path) -> Path:
     """MNIST test digit 0 as the 28x28 PNG a client would send, written into the output folder."""
+    from serving.samples import write_samples
     from training.data import load_mnist
-    from training.samples import write_samples
 
     data = load_mnist(log=lambda _: None)
     [path] = write_samples(data.test_images, data.test_labels, out, 1, drawn=False)

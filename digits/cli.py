@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from contract import MANIFEST_FILE, ONNX_INT8
 from digits.arguments import add_artifacts, add_data_dir
 from digits.bench_commands import BENCH_COMMANDS
 from digits.serving_commands import SERVING_COMMANDS
@@ -19,10 +20,6 @@ if TYPE_CHECKING:
     from export.parity import ParityReport
 
 EXIT_USAGE = 2  # bad input of any kind: one line on stderr, no traceback
-
-
-class UsageError(Exception):
-    """Bad input the user can fix; printed as one line, exit code 2."""
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -136,7 +133,7 @@ def run_export(args: argparse.Namespace) -> int:
     )
     status = _print_report(args, result.report, result.model_dir)
     return _print_int8_report(
-        args, result.int8_report, result.model_dir, status, "model.int8.onnx is not listed in export.json; "
+        args, result.int8_report, result.model_dir, status, f"{ONNX_INT8.file} is not listed in {MANIFEST_FILE}; "
     )
 
 
@@ -164,14 +161,15 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def _print_int8_report(args: argparse.Namespace, report, model_dir: Path, status: int, consequence: str = "") -> int:
     """Prints the int8 file's prediction parity, if one was checked; exit 1 when it failed, else `status`."""
-    from export.convert import INT8_PARITY_MD
-
     if report is None:
         return status
     print(report.to_markdown(), end="")
     if report.passed:
         return status
-    print(f"digits {args.command}: int8 parity failed; {consequence}see {model_dir / INT8_PARITY_MD}", file=sys.stderr)
+    print(
+        f"digits {args.command}: int8 parity failed; {consequence}see {model_dir / ONNX_INT8.parity_md}",
+        file=sys.stderr,
+    )
     return EXIT_PARITY_FAILED
 
 
@@ -223,7 +221,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from training.checkpoint import CheckpointError
     from training.data import DataError
 
-    return (UsageError, ValueError, DataError, CheckpointError, ServeError, FileNotFoundError, PermissionError)
+    return (ValueError, DataError, CheckpointError, ServeError, FileNotFoundError, PermissionError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Subcommands that drive TorchServe: archive, config, serve, stop, token, predict."""
+"""Subcommands that drive TorchServe and its clients: archive, config, serve, stop, token, predict, samples, evaluate."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from contract import FORMATS
 from digits.arguments import add_artifacts, add_data_dir, add_serving_settings
 
 DEFAULT_STORE = Path("model_store")
@@ -72,8 +73,12 @@ def add_archive(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--format",
         required=True,
-        choices=["torchscript", "onnx", "onnx-int8"],
-        help="which exported file to serve (onnx-int8: `digits export MODEL --quantize int8` first)",
+        choices=list(FORMATS),
+        help="which exported file to serve ("
+        + "; ".join(
+            f"{f.name}: `digits export MODEL {f.export_flags}` first" for f in FORMATS.values() if f.export_flags
+        )
+        + ")",
     )
     add_artifacts(p)
     p.add_argument("--model-store", type=Path, default=DEFAULT_STORE, help="default: model_store/")
@@ -210,7 +215,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 
 def run_predict(args: argparse.Namespace) -> int:
     from serving.client import predict_files
-    from training.samples import label_from_name
+    from serving.samples import label_from_name
 
     results = predict_files(args.files, args.model, _run_dir(args), args.url, args.token)
     width = max(len(r.file) for r in results)
@@ -236,8 +241,8 @@ def add_samples(sub: argparse._SubParsersAction) -> None:
 
 
 def run_samples(args: argparse.Namespace) -> int:
+    from serving.samples import write_samples
     from training.data import load_mnist
-    from training.samples import write_samples
 
     if not 1 <= args.count <= 10_000:
         raise ValueError(f"--count must be between 1 and 10000, got {args.count}")
@@ -272,8 +277,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from serving.client import classify_many, resolve_endpoint
+    from serving.samples import drawn_large
     from training.data import load_mnist
-    from training.samples import drawn_large
 
     if not 1 <= args.count <= 10_000 or args.concurrency < 1:
         raise ValueError(f"--count must be 1-10000 and --concurrency positive, got {args.count}, {args.concurrency}")

@@ -2,10 +2,12 @@
 
     python examples/onnx_app.py digit.png other.jpg --model artifacts/cnn/model.onnx
 
-Drawings and photos are framed as MNIST was made (cropped to the ink, scaled, centred by mass), so a
-digit drawn large on white classifies like an MNIST one. Everything needed to preprocess comes from the
-file's metadata_props (written by `digits export`): mean,
-std, input_shape (C, H, W), layout and labels. Prints one line per image: file, label, confidence.
+Everything needed to preprocess comes from the file's metadata_props (written by `digits export`): mean,
+std, input_shape (C, H, W), layout and labels. Images are read and framed by the served handler's own code
+(`handlers/digit_inputs.py`, `handlers/digit_imaging.py`: numpy and Pillow, plus libspng when installed), so
+a drawing gets the same 28x28 input here as from the server: grayscale, inverted when the background is
+light, cropped to the ink, scaled, centred by mass, as MNIST was made. The normalisation is the artefact
+contract's (`contract/__init__.py`). Prints one line per image: file, label, confidence.
 """
 
 from __future__ import annotations
@@ -17,9 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image, UnidentifiedImageError
 
-REQUIRED_METADATA = ("mean", "std", "input_shape", "layout", "labels")
+ROOT = Path(__file__).resolve().parents[1]
+# the handler's modules import each other by bare name, as inside an archive; the contract is a package
+sys.path[:0] = [str(ROOT / "handlers"), str(ROOT)]
+
+from digit_errors import RequestError  # noqa: E402
+from digit_inputs import read_image  # noqa: E402
+
+from contract import LAYOUTS, PREPROCESSING_KEYS, normalise  # noqa: E402
 
 
 def load_model(path: Path) -> tuple[ort.InferenceSession, dict]:
@@ -28,46 +36,30 @@ def load_model(path: Path) -> tuple[ort.InferenceSession, dict]:
         sys.exit(f"onnx_app: no model at {path}; make one with `digits export MODEL`")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     props = session.get_modelmeta().custom_metadata_map
-    missing = [k for k in REQUIRED_METADATA if k not in props]
+    missing = [k for k in PREPROCESSING_KEYS if k not in props]
     if missing:
         sys.exit(f"onnx_app: {path} lacks metadata {', '.join(missing)}; export it with `digits export`")
-    meta = {k: props[k] if k == "layout" else json.loads(props[k]) for k in REQUIRED_METADATA}
-    if meta["layout"] != "NCHW":
-        sys.exit(f"onnx_app: layout {meta['layout']!r} is not supported; this app feeds NCHW")
+    meta = {k: props[k] if k == "layout" else json.loads(props[k]) for k in PREPROCESSING_KEYS}
+    if meta["layout"] not in LAYOUTS:
+        sys.exit(f"onnx_app: layout {meta['layout']!r} is not supported; this app feeds {', '.join(LAYOUTS)}")
     return session, meta
 
 
-def preprocess(path: Path, meta: dict) -> np.ndarray:
-    """Image file -> (C, H, W) float32: grayscale, white digit on black, framed like MNIST, normalised."""
-    channels, height, width = meta["input_shape"]
-    pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
-    # MNIST digits are light on dark; a photo or scan of ink on paper is the other way round. Judge by
-    # the border, which is background in any reasonably cropped digit.
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    if border.mean() > 127:
-        pixels = 255.0 - pixels
-    if pixels.shape != (height, width):
-        pixels = frame_like_mnist(pixels, height, width)
-    x = (pixels / 255.0 - meta["mean"]) / meta["std"]
-    return np.broadcast_to(x, (channels, height, width)).astype(np.float32)
+def frame(path: Path, meta: dict) -> np.ndarray:
+    """Image file -> (H, W) float32 0..255, white digit on black, framed as the server frames it."""
+    _, height, width = meta["input_shape"]
+    try:
+        return read_image(path.read_bytes(), (height, width))
+    except OSError as err:
+        sys.exit(f"onnx_app: cannot read {path}: {err.strerror or err}")
+    except RequestError as err:
+        sys.exit(f"onnx_app: {path}: {err.kind}: {err.message}")
 
 
-def frame_like_mnist(ink: np.ndarray, height: int, width: int) -> np.ndarray:
-    """As MNIST was made: crop to the ink, fit the longer side to 20/28 of the frame, centre by mass."""
-    rows, cols = np.nonzero(ink > 0.2 * ink.max()) if ink.max() > 0 else ([0], [0])
-    crop = ink[min(rows) : max(rows) + 1, min(cols) : max(cols) + 1]
-    scale = round(20 / 28 * min(height, width)) / max(crop.shape)
-    size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))  # (w, h)
-    digit = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
-    ys, xs = np.indices(digit.shape)
-    total = digit.sum() or 1.0
-    top = int(round(height / 2 - (ys * digit).sum() / total))
-    left = int(round(width / 2 - (xs * digit).sum() / total))
-    top = min(max(top, 0), height - digit.shape[0])
-    left = min(max(left, 0), width - digit.shape[1])
-    frame = np.zeros((height, width), dtype=np.float32)
-    frame[top : top + digit.shape[0], left : left + digit.shape[1]] = digit
-    return frame
+def preprocess(paths: list[Path], meta: dict) -> np.ndarray:
+    """Image files -> (N, C, H, W) float32, framed and normalised as the model expects."""
+    digits = np.stack([frame(path, meta) for path in paths])
+    return normalise(digits, meta["mean"], meta["std"], meta["input_shape"])
 
 
 def classify(session: ort.InferenceSession, meta: dict, batch: np.ndarray) -> list[tuple[str, float]]:
@@ -80,16 +72,17 @@ def classify(session: ort.InferenceSession, meta: dict, batch: np.ndarray) -> li
     return [(meta["labels"][i], float(probs[n, i])) for n, i in enumerate(best)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Classify digit images with an exported ONNX model.")
     parser.add_argument("images", metavar="IMAGE", nargs="+", type=Path, help="image files (PNG, JPEG, ...)")
     parser.add_argument("--model", type=Path, required=True, help="model.onnx written by `digits export`")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     session, meta = load_model(args.model)
-    try:
-        batch = np.stack([preprocess(path, meta) for path in args.images])
-    except (OSError, UnidentifiedImageError) as err:
-        sys.exit(f"onnx_app: cannot read image: {err}")
+    batch = preprocess(args.images, meta)
     for path, (label, confidence) in zip(args.images, classify(session, meta, batch), strict=True):
         print(f"{path}\t{label}\t{confidence:.4f}")
     return 0

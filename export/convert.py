@@ -22,9 +22,20 @@ import onnx
 import torch
 from torch import nn
 
+from contract import (
+    CHECKPOINT_FILE,
+    MANIFEST_FILE,
+    NORMALISATION,
+    ONNX,
+    ONNX_INT8,
+    PARITY_JSON,
+    PARITY_MD,
+    PT2,
+    TORCHSCRIPT,
+    normalise,
+)
 from export import ExportError
 from export.metadata import (
-    NORMALISATION,
     carried_metadata,
     check_metadata_matches,
     decode_onnx_metadata,
@@ -43,7 +54,6 @@ from export.parity import (
     check_tolerances,
     eager_runner,
     file_backends,
-    normalise,
     onnxruntime_backend,
     pt2_backend,
 )
@@ -53,19 +63,7 @@ from training.checkpoint import load_checkpoint, rebuild_model
 from training.data import load_mnist
 from training.models import list_models
 
-CHECKPOINT_FILE = "checkpoint.pt"
-TORCHSCRIPT_FILE = "model.pt"
-ONNX_FILE = "model.onnx"
-PARITY_JSON = "parity.json"
-PARITY_MD = "parity.md"
-MANIFEST_FILE = "export.json"
-INT8_FILE = "model.int8.onnx"
-INT8_FORMAT = "onnx-int8"  # its name in export.json's files and in `digits archive --format`
-INT8_PARITY_JSON = "parity-int8.json"
-INT8_PARITY_MD = "parity-int8.md"
-QUANTIZATIONS = ("int8",)
-PT2_FILE = "model.pt2"
-PT2_FORMAT = "pt2"  # its name in export.json's files and in `digits archive --format`
+QUANTIZATIONS = {"int8": ONNX_INT8}  # --quantize value -> the format it adds
 EXAMPLE_BATCH = 2  # a batch of 1 lets the exporters bake the batch size in
 
 
@@ -119,16 +117,16 @@ def export_model(
     eager, meta, checkpoint_sha = rebuild_model(payload), payload["metadata"], sha256_file(checkpoint)
     example = example_input(meta["input_shape"])
     seconds: dict[str, float] = {}
-    with _timed(seconds, "torchscript"), _staged(model_dir / TORCHSCRIPT_FILE) as path:
+    with _timed(seconds, "torchscript"), _staged(model_dir / TORCHSCRIPT.file) as path:
         export_torchscript(eager, path, example, log=log)
-    log(_written(model_dir / TORCHSCRIPT_FILE, "TorchScript", seconds["torchscript"]))
+    log(_written(model_dir / TORCHSCRIPT.file, "TorchScript", seconds["torchscript"]))
     with _timed(seconds, "onnx"):
-        opset_used = _write_onnx(eager, model_dir / ONNX_FILE, example, meta, checkpoint_sha, opset)
-    log(_written(model_dir / ONNX_FILE, f"ONNX opset {opset_used}", seconds["onnx"]))
+        opset_used = _write_onnx(eager, model_dir / ONNX.file, example, meta, checkpoint_sha, opset)
+    log(_written(model_dir / ONNX.file, f"ONNX opset {opset_used}", seconds["onnx"]))
     if pt2:
         with _timed(seconds, "pt2"):
-            target = _write_pt2(eager, model_dir / PT2_FILE, example, meta, checkpoint_sha, pt2_device(device))
-        log(_written(model_dir / PT2_FILE, f"AOTInductor for {target}", seconds["pt2"]))
+            target = _write_pt2(eager, model_dir / PT2.file, example, meta, checkpoint_sha, pt2_device(device))
+        log(_written(model_dir / PT2.file, f"AOTInductor for {target}", seconds["pt2"]))
     else:
         remove_stale_pt2(model_dir, log)
     with _timed(seconds, "parity"):
@@ -196,9 +194,9 @@ def check_exported_pt2(path: Path, meta: dict, checkpoint_sha: str, rerun: str) 
 
 def remove_stale_pt2(model_dir: Path, log) -> None:
     """Deletes model.pt2: it was compiled from the model this export replaced."""
-    if (model_dir / PT2_FILE).exists():
-        log(f"removed {model_dir / PT2_FILE}: it was compiled from the replaced model (add --pt2 to keep one)")
-        (model_dir / PT2_FILE).unlink()
+    if (model_dir / PT2.file).exists():
+        log(f"removed {model_dir / PT2.file}: it was compiled from the replaced model (add --pt2 to keep one)")
+        (model_dir / PT2.file).unlink()
 
 
 def export_int8(eager: nn.Module, model_dir: Path, meta: dict, data, *, samples: int | None, log) -> PredictionParity:
@@ -207,11 +205,11 @@ def export_int8(eager: nn.Module, model_dir: Path, meta: dict, data, *, samples:
 
     calibration = normalise(calibration_digits(data.train_images), meta["mean"], meta["std"], meta["input_shape"])
     start = time.perf_counter()
-    with _staged(model_dir / INT8_FILE) as path:
-        quantize_int8(model_dir / ONNX_FILE, path, calibration)
+    with _staged(model_dir / ONNX_INT8.file) as path:
+        quantize_int8(model_dir / ONNX.file, path, calibration)
     log(
         _written(
-            model_dir / INT8_FILE,
+            model_dir / ONNX_INT8.file,
             f"int8 QDQ, calibrated on {len(calibration)} training digits",
             time.perf_counter() - start,
         )
@@ -223,31 +221,33 @@ def prove_int8(eager: nn.Module, model_dir: Path, meta: dict, data, samples: int
     """Prediction parity of model.int8.onnx with eager on the test digits; writes parity-int8.json and .md."""
     n = len(data.test_labels) if samples is None else samples
     images = normalise(data.test_images[:n], meta["mean"], meta["std"], meta["input_shape"])
-    backend = replace(onnxruntime_backend(model_dir / INT8_FILE, "ORT_ENABLE_ALL"), name="onnxruntime-int8")
+    backend = replace(onnxruntime_backend(model_dir / ONNX_INT8.file, "ORT_ENABLE_ALL"), name="onnxruntime-int8")
     report = check_prediction_parity(eager_runner(eager), backend, images, data.test_labels[:n], model=meta["model"])
-    with _staged(model_dir / INT8_PARITY_JSON) as path:
+    with _staged(model_dir / ONNX_INT8.parity_json) as path:
         path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    with _staged(model_dir / INT8_PARITY_MD) as path:
+    with _staged(model_dir / ONNX_INT8.parity_md) as path:
         path.write_text(report.to_markdown())
     return report
 
 
 def remove_stale_int8(model_dir: Path, log) -> None:
     """Deletes model.int8.onnx and its reports: they were made from the model.onnx this export replaced."""
-    stale = [model_dir / name for name in (INT8_FILE, INT8_PARITY_JSON, INT8_PARITY_MD)]
-    if (model_dir / INT8_FILE).exists():
-        log(f"removed {model_dir / INT8_FILE}: it was quantised from the replaced model.onnx (add --quantize int8)")
+    stale = [model_dir / name for name in (ONNX_INT8.file, ONNX_INT8.parity_json, ONNX_INT8.parity_md)]
+    if (model_dir / ONNX_INT8.file).exists():
+        log(
+            f"removed {model_dir / ONNX_INT8.file}: it was quantised from the replaced model.onnx (add --quantize int8)"
+        )
     for path in stale:
         path.unlink(missing_ok=True)
 
 
 def _proven_files(model_dir: Path, int8_report: PredictionParity | None) -> dict[str, Path]:
     """Format name -> file, for export.json: the int8 file only when its parity passed."""
-    files = {"torchscript": model_dir / TORCHSCRIPT_FILE, "onnx": model_dir / ONNX_FILE}
-    if (model_dir / PT2_FILE).is_file():  # in the parity report that decides whether export.json is written
-        files[PT2_FORMAT] = model_dir / PT2_FILE
+    files = {fmt.name: model_dir / fmt.file for fmt in (TORCHSCRIPT, ONNX)}
+    if (model_dir / PT2.file).is_file():  # in the parity report that decides whether export.json is written
+        files[PT2.name] = model_dir / PT2.file
     if int8_report is not None and int8_report.passed:
-        files[INT8_FORMAT] = model_dir / INT8_FILE
+        files[ONNX_INT8.name] = model_dir / ONNX_INT8.file
     return files
 
 
@@ -271,20 +271,20 @@ def verify_model(
     model_dir = Path(artifacts_dir) / model
     checkpoint = find_checkpoint(model_dir, model)
     rerun = f"run `digits export {model} --artifacts {artifacts_dir}`"
-    for name in (TORCHSCRIPT_FILE, ONNX_FILE):
+    for name in (TORCHSCRIPT.file, ONNX.file):
         if not (model_dir / name).is_file():
             raise ExportError(f"no {name} in {model_dir}; {rerun} first")
     payload = load_model_checkpoint(checkpoint, model)
     eager, meta = rebuild_model(payload), payload["metadata"]
-    check_exported_onnx(model_dir / ONNX_FILE, meta, sha256_file(checkpoint), rerun)
-    if (model_dir / PT2_FILE).is_file():
-        check_exported_pt2(model_dir / PT2_FILE, meta, sha256_file(checkpoint), f"{rerun} --pt2")
+    check_exported_onnx(model_dir / ONNX.file, meta, sha256_file(checkpoint), rerun)
+    if (model_dir / PT2.file).is_file():
+        check_exported_pt2(model_dir / PT2.file, meta, sha256_file(checkpoint), f"{rerun} --pt2")
     ensure_writable(model_dir)
     data = load_mnist(data_dir, log=log)  # once: the fp32 and the int8 checks read the same digits
     report = prove_parity(eager, model_dir, meta, data, atol=atol, rtol=rtol, samples=samples)
     write_report(report, model_dir)
     int8_report = None
-    if (model_dir / INT8_FILE).is_file():
+    if (model_dir / ONNX_INT8.file).is_file():
         int8_report = prove_int8(eager, model_dir, meta, data, samples)
     return report, int8_report
 
@@ -354,9 +354,9 @@ def prove_parity(
     (`data`, from `training.data.load_mnist`)."""
     n = len(data.test_labels) if samples is None else samples
     images = normalise(data.test_images[:n], meta["mean"], meta["std"], meta["input_shape"])
-    backends = file_backends(model_dir / TORCHSCRIPT_FILE, model_dir / ONNX_FILE)
-    if (model_dir / PT2_FILE).is_file():
-        backends.append(pt2_backend(model_dir / PT2_FILE))
+    backends = file_backends(model_dir / TORCHSCRIPT.file, model_dir / ONNX.file)
+    if (model_dir / PT2.file).is_file():
+        backends.append(pt2_backend(model_dir / PT2.file))
     return check_parity(
         eager_runner(eager), backends, images, data.test_labels[:n], model=meta["model"], atol=atol, rtol=rtol
     )

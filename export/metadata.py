@@ -11,13 +11,10 @@ import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from contract import CARRIED_KEYS, NORMALISATION
 from export import ExportError
 
 PRODUCER_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript")
-# checkpoint metadata copied into both the ONNX file and export.json, under the same names
-CARRIED_KEYS = ("model", "mean", "std", "labels", "input_shape", "layout", "test_accuracy")
-# what an app must do to a grayscale image before the model sees it, in words (the numbers are alongside)
-NORMALISATION = "x = (pixel / 255 - mean) / std, white digit on a black background"
 
 
 def sha256_file(path: Path) -> str:

@@ -435,9 +435,3 @@ def file_backends(torchscript_path: Path, onnx_path: Path) -> list[Backend]:
     optimisation. The unoptimised run matters: onnxruntime's optimiser deletes a Dropout node left by an
     export in training mode, which would hide that bug."""
     return [torchscript_backend(torchscript_path), *(onnxruntime_backend(onnx_path, lvl) for lvl in ORT_LEVELS)]
-
-
-def normalise(images: np.ndarray, mean: float, std: float, input_shape: Sequence[int]) -> np.ndarray:
-    """uint8 (N, 28, 28) -> (N, *input_shape) float32, with the mean and std the checkpoint carries."""
-    x = torch.from_numpy(images).float().div(255.0).sub(mean).div(std)  # same ops, same order as training
-    return x.reshape(len(images), *input_shape).numpy()

@@ -46,11 +46,6 @@ class Readings:
     errors: dict[int, RequestError]  # request index -> why it was refused
 
 
-def prepare_batch(data: list[Any], meta: DigitMeta) -> Batch:
-    """Reads every request; those that fail are kept aside with their error."""
-    return assemble(read_batch(data, meta), meta)
-
-
 def read_batch(data: list[Any], meta: DigitMeta) -> Readings:
     """Reads each request into a digit; one that fails is kept aside with its error, the rest go on."""
     digits, rows, errors = [], [], {}

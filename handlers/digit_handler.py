@@ -29,7 +29,6 @@ from digit_batch import (
     assemble,
     json_body,
     prediction_bodies,
-    prepare_batch,
     read_batch,
     to_probabilities,
 )
@@ -105,11 +104,6 @@ class DigitHandler(BaseHandler):
         # the whole call and names every request of the batch, and each line is work for the frontend
         times.report(context)
         return answers
-
-    @timed
-    def preprocess(self, data: list[Any]) -> Batch:
-        """Reads each request of the batch; unreadable ones are set aside with their error."""
-        return prepare_batch(data, self.meta)
 
     @timed
     def inference(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:

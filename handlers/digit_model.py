@@ -21,12 +21,15 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+# The handler's copy of the artefact contract (`contract/__init__.py`, which an archive does not ship);
+# tests/handlers/test_contract_copy.py pins each name to it.
 META_FILE = "digits_meta.json"
-FORMAT_BY_SUFFIX = {".pt": "torchscript", ".onnx": "onnx", ".pt2": "pt2"}
+RUNTIME_BY_SUFFIX = {".pt": "torchscript", ".onnx": "onnx", ".pt2": "pt2"}  # one suffix, one runtime
+REQUIRED_KEYS = ("format", "sha256", "mean", "std", "input_shape", "layout", "labels")
+LAYOUTS = ("NCHW",)
 # inside a .pt2 package (AOTInductor, `digits export --pt2`): the build facts the compiled code depends on
 PT2_META_ENTRY = "extra/digits_meta.json"
 PT2_REQUIRED_KEYS = ("torch_version", "device", "target", "min_batch", "max_batch")
-REQUIRED_KEYS = ("format", "sha256", "mean", "std", "labels", "input_shape", "layout")
 REBUILD = "rebuild the archive with `digits archive`"
 
 # (N, C, H, W) float32 normalised, on the CPU -> (N, classes) float32 scores (logits or log-probabilities)
@@ -87,23 +90,23 @@ def parse_metadata(raw: Any, source: str) -> DigitMeta:
 def metadata_problems(raw: Mapping[str, Any]) -> list[str]:
     """What is wrong with the values of a metadata object that has every required key."""
     checks = {
-        "format": raw["format"] in FORMAT_BY_SUFFIX.values(),
+        "format": raw["format"] in RUNTIME_BY_SUFFIX.values(),
         "sha256": isinstance(raw["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", raw["sha256"]) is not None,
         "mean": _is_real(raw["mean"]),
         "std": _is_real(raw["std"]) and raw["std"] > 0,
         "labels": _is_labels(raw["labels"]),
         "input_shape": _is_shape(raw["input_shape"]),
-        "layout": raw["layout"] == "NCHW",
+        "layout": raw["layout"] in LAYOUTS,
         "model_file": isinstance(raw.get("model_file", ""), str),
     }
     wanted = {
-        "format": f"one of {sorted(FORMAT_BY_SUFFIX.values())}",
+        "format": f"one of {sorted(RUNTIME_BY_SUFFIX.values())}",
         "sha256": "64 lowercase hex digits",
         "mean": "a finite number",
         "std": "a finite number > 0",
         "labels": "a non-empty list of strings",
         "input_shape": "[1, H, W] with H, W > 0 (one channel)",
-        "layout": '"NCHW"',
+        "layout": f"one of {list(LAYOUTS)}",
         "model_file": "a file name",
     }
     return [f"{key} is {raw[key]!r:.80}, expected {wanted[key]}" for key, ok in checks.items() if not ok]
@@ -134,9 +137,9 @@ def find_model_file(model_dir: Path, manifest: Mapping[str, Any] | None, meta: D
     path = model_dir / name
     if not path.is_file():
         raise ModelLoadError(f"model file {path} is missing from the archive; {REBUILD}")
-    fmt = FORMAT_BY_SUFFIX.get(path.suffix)
+    fmt = RUNTIME_BY_SUFFIX.get(path.suffix)
     if fmt is None:
-        raise ModelLoadError(f"model file {path.name} has no known extension; expected {', '.join(FORMAT_BY_SUFFIX)}")
+        raise ModelLoadError(f"model file {path.name} has no known extension; expected {', '.join(RUNTIME_BY_SUFFIX)}")
     if fmt != meta.format:
         raise ModelLoadError(f"model file {path.name} is {fmt} by its extension but {META_FILE} says {meta.format}")
     return path
@@ -190,7 +193,7 @@ def load_predictor(path: Path, device: torch.device) -> Predictor:
         ModelLoadError: the runtime cannot read the file. Its digest matched the metadata, so the file is
             as exported: the export itself is broken, or the archive was built around a damaged file.
     """
-    fmt = FORMAT_BY_SUFFIX[path.suffix]
+    fmt = RUNTIME_BY_SUFFIX[path.suffix]
     loaders = {"torchscript": load_torchscript, "onnx": load_onnx, "pt2": load_pt2}
     try:
         return loaders[fmt](path, device)

@@ -21,13 +21,11 @@ from pathlib import Path
 
 import yaml
 
+from contract import ARCHIVE_META_KEYS, CARRIED_KEYS, CONFIG_FILE, FORMATS, MANIFEST_FILE, META_FILE, PARITY_JSON
+
 HANDLER_DIR = Path(__file__).resolve().parent.parent / "handlers"
 HANDLER_MODULE = "digit_handler.py"
 NOOP_HANDLER = "noop_handler.py"  # the benchmarks' ceiling; archived alone, never inside a model's archive
-META_NAME = "digits_meta.json"
-CONFIG_NAME = "model-config.yaml"
-# archive format (export.json's name for the file) -> the runtime the handler loads it with
-FORMATS = {"torchscript": "torchscript", "onnx": "onnx", "onnx-int8": "onnx", "pt2": "pt2"}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")  # the archiver's own rule for model names
 
 
@@ -39,10 +37,9 @@ class ArchiveError(ValueError):
 class ServingSettings:
     """Per-model TorchServe settings, stored in the archive's model-config.yaml."""
 
-    # 16: at 16 requests in flight on this 2-core machine, one batch of 16 beat two of 8 (cnn ONNX, 28x28 PNG,
-    # model / no-op requests per second 0.61 against 0.54, mlp 0.78 against 0.62: per-batch costs - metrics,
-    # the forward pass's fixed part - are shared by twice the requests); a lone request still waits at most
-    # max_batch_delay
+    # 16: per-batch costs (metrics, the forward pass's fixed part) are shared by more requests, and at 16
+    # requests in flight one batch of 16 beat two of 8 on a 2-core machine (README, Performance); a lone
+    # request still waits at most max_batch_delay
     batch_size: int = 16
     max_batch_delay: int = 5  # ms
     workers: int = 1
@@ -71,7 +68,7 @@ class ServingSettings:
 
 def read_export(model_dir: Path, model: str) -> dict:
     """The export's metadata, refusing a model whose parity report is missing or failed."""
-    export_json, parity_json = model_dir / "export.json", model_dir / "parity.json"
+    export_json, parity_json = model_dir / MANIFEST_FILE, model_dir / PARITY_JSON
     if not export_json.is_file():
         raise ArchiveError(f"no export at {export_json}; run `digits export {model}` first")
     if not parity_json.is_file():
@@ -93,19 +90,20 @@ def handler_files() -> tuple[Path, list[Path]]:
 
 
 def build_meta(export: dict, fmt: str, model_file: Path) -> dict:
-    entry = export["files"][fmt]
-    return {
-        "model": export["model"],
+    """digits_meta.json: the file's runtime (an int8 file is ONNX to the handler) and digest, and the facts
+    the export carried from the checkpoint."""
+    missing = [key for key in CARRIED_KEYS if key not in export]
+    if missing:
+        raise ArchiveError(
+            f"export.json lacks {', '.join(missing)}; run `digits export {export.get('model', 'MODEL')}`"
+        )
+    meta = {
+        "format": FORMATS[fmt].runtime,
+        "sha256": export["files"][fmt]["sha256"],
         "model_file": model_file.name,
-        "format": FORMATS[fmt],  # the runtime: an int8 file is ONNX to the handler
-        "sha256": entry["sha256"],
-        "mean": export["mean"],
-        "std": export["std"],
-        "labels": export["labels"],
-        "input_shape": export["input_shape"],
-        "layout": export["layout"],
-        "test_accuracy": export.get("test_accuracy"),
+        **{key: export[key] for key in CARRIED_KEYS},
     }
+    return {key: meta[key] for key in ARCHIVE_META_KEYS}
 
 
 def archive_model(
@@ -126,13 +124,14 @@ def archive_model(
     check_name(name)
     export = read_export(Path(artifacts) / model, model)
     if fmt not in export["files"]:
-        raise ArchiveError(f"{model}'s export.json lists no {fmt} file; run `digits export {model} --quantize int8`")
+        command = f"digits export {model} {FORMATS[fmt].export_flags}".rstrip()
+        raise ArchiveError(f"{model}'s {MANIFEST_FILE} lists no {fmt} file; run `{command}`")
     model_file = Path(artifacts) / model / export["files"][fmt]["path"]
     if not model_file.is_file():
         raise ArchiveError(f"{model_file} is missing; run `digits export {model}` again")
     handler, extras = handler_files()
     with tempfile.TemporaryDirectory(prefix="digits-archive-") as tmp:
-        meta_path = Path(tmp) / META_NAME
+        meta_path = Path(tmp) / META_FILE
         meta_path.write_text(json.dumps(build_meta(export, fmt, model_file), indent=2) + "\n")
         mar = package(name, handler, [*extras, meta_path], store, settings, serialized_file=model_file)
     log(
@@ -171,7 +170,7 @@ def package(
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="digits-archive-") as tmp:
-        config_path = Path(tmp) / CONFIG_NAME
+        config_path = Path(tmp) / CONFIG_FILE
         config_path.write_text(yaml.safe_dump(settings.to_yaml(), sort_keys=False))
         config = ModelArchiverConfig(
             model_name=name,
@@ -191,7 +190,7 @@ def read_archive_settings(mar: Path) -> dict:
     """The model-config.yaml inside an archive (TorchServe's own per-model keys)."""
     try:
         with zipfile.ZipFile(mar) as archive:
-            return yaml.safe_load(archive.read(CONFIG_NAME)) or {}
+            return yaml.safe_load(archive.read(CONFIG_FILE)) or {}
     except KeyError:
         return {}  # an archive made elsewhere: TorchServe's defaults apply
     except zipfile.BadZipFile as err:

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from contract import CHECKPOINT_KEYS
+
 CHECKPOINT_FORMAT = 1
-REQUIRED_METADATA = ("model", "model_args", "input_shape", "mean", "std", "labels")
 
 
 class CheckpointError(ValueError):
@@ -41,7 +42,7 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path} is not a readable checkpoint: {str(err).splitlines()[0]}") from None
     if not isinstance(payload, dict) or "state_dict" not in payload or "metadata" not in payload:
         raise CheckpointError(f"{path} is not a digits checkpoint (no state_dict/metadata)")
-    missing = [k for k in REQUIRED_METADATA if k not in payload["metadata"]]
+    missing = [k for k in CHECKPOINT_KEYS if k not in payload["metadata"]]
     if missing:
         raise CheckpointError(f"{path}: checkpoint metadata lacks {', '.join(missing)}")
     return payload

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
+import contract
 from training.checkpoint import save_checkpoint
 from training.constants import INPUT_SHAPE, LABELS, LAYOUT, MNIST_MEAN, MNIST_STD
 from training.data import MnistData, load_mnist
@@ -104,9 +105,8 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def normalise(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> (N, 1, 28, 28) float32, normalised with the MNIST statistics."""
-    x = torch.from_numpy(images).float().div_(255.0).unsqueeze(1)
-    return x.sub_(MNIST_MEAN).div_(MNIST_STD)
+    """uint8 (N, 28, 28) -> (N, 1, 28, 28) float32, normalised with the MNIST statistics (the contract's formula)."""
+    return torch.from_numpy(contract.normalise(images, MNIST_MEAN, MNIST_STD, INPUT_SHAPE))
 
 
 def make_loaders(data: MnistData, config: TrainConfig, generator: torch.Generator) -> tuple[DataLoader, DataLoader]:
@@ -239,7 +239,7 @@ def _write_outputs(config, model, model_args, data, history, seconds, log) -> Tr
         "data_sha256": data.sha256,
         "pretrained_weights": str(config.weights) if config.weights else None,
     }
-    save_checkpoint(out_dir / "checkpoint.pt", model, metadata)
+    save_checkpoint(out_dir / contract.CHECKPOINT_FILE, model, metadata)
     metrics = {
         "model": config.model,
         "test_accuracy": last["test_accuracy"],

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 from PIL import Image
 
-from export.parity import normalise
-from training.samples import drawn_large
+from contract import normalise
+from serving.archive import archive_model
+from serving.samples import drawn_large
 
-APP = Path(__file__).resolve().parents[2] / "examples" / "onnx_app.py"
+ROOT = Path(__file__).resolve().parents[2]
+APP = ROOT / "examples" / "onnx_app.py"
+# the handler's modules, imported as a TorchServe worker imports them, and the handler tests' stand-in context
+sys.path[:0] = [str(ROOT / "handlers"), str(ROOT / "tests" / "handlers")]
 
 
 @pytest.fixture
@@ -72,3 +80,54 @@ def test_the_app_classifies_real_test_digits_without_torch(exported, mnist, tmp_
 def test_the_app_says_when_the_model_is_missing(tmp_path, no_torch):
     result = _run_app(no_torch, "digit.png", "--model", str(tmp_path / "model.onnx"))
     assert result.returncode != 0 and "no model at" in result.stderr
+
+
+def _load_app():
+    spec = importlib.util.spec_from_file_location("onnx_app", APP)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    return app
+
+
+def _served_handler(exported_dir: Path, tmp_path: Path):
+    """The cnn's ONNX archive, unpacked as TorchServe unpacks it, and its handler initialised on it."""
+    from digit_handler import DigitHandler
+    from handler_helpers import make_context
+
+    mar = archive_model("cnn", "onnx", exported_dir.parent, tmp_path / "store", log=lambda _: None)
+    model_dir = tmp_path / "unpacked"
+    with zipfile.ZipFile(mar) as archive:
+        archive.extractall(model_dir)
+    handler = DigitHandler()
+    handler.initialize(make_context(model_dir))
+    return handler, make_context(model_dir)
+
+
+def test_the_app_and_the_server_see_and_answer_1000_drawn_digits_alike(exported, mnist, tmp_path):
+    """One way to frame a digit: the same drawings give bit-identical model inputs and the same labels."""
+    from handler_helpers import model_inputs
+
+    model_dir = exported("cnn").model_dir
+    rng = np.random.default_rng(7)
+    bodies = []
+    for digit in mnist.test_images[:1000]:
+        buffer = io.BytesIO()
+        drawn_large(digit, rng).save(buffer, format="PNG")
+        bodies.append(buffer.getvalue())
+    paths = []
+    for index, body in enumerate(bodies):
+        paths.append(tmp_path / f"drawn-{index}.png")
+        paths[-1].write_bytes(body)
+    app = _load_app()
+    session, meta = app.load_model(model_dir / "model.onnx")
+    app_inputs = app.preprocess(paths, meta)
+    app_labels = [label for label, _ in app.classify(session, meta, app_inputs)]
+    handler, context = _served_handler(model_dir, tmp_path)
+    answers, seen = [], []
+    for start in range(0, len(bodies), 16):  # batches as `digits archive` configures them
+        batch_answers, batch_inputs = model_inputs(handler, context, [{"body": b} for b in bodies[start : start + 16]])
+        answers += batch_answers
+        seen.append(batch_inputs)
+    assert [a.status for a in answers] == [200] * len(bodies)
+    assert np.array_equal(torch.cat(seen).numpy(), app_inputs)
+    assert [str(a.body["label"]) for a in answers] == app_labels

@@ -8,6 +8,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from contract import normalise
 from export.convert import example_input
 from export.metadata import onnx_metadata_props
 from export.onnx import export_onnx
@@ -17,7 +18,6 @@ from export.parity import (
     compare,
     eager_runner,
     file_backends,
-    normalise,
     onnxruntime_backend,
 )
 from export.torchscript import export_torchscript

@@ -9,9 +9,10 @@ import shutil
 import pytest
 import torch
 
+from contract import PT2
 from digits.cli import main
 from export import ExportError
-from export.convert import PT2_FILE, export_model, pt2_device
+from export.convert import export_model, pt2_device
 from export.metadata import sha256_file
 from export.parity import BATCH_SIZES
 from export.pt2 import MAX_BATCH, load_pt2, read_pt2_metadata
@@ -29,7 +30,7 @@ def test_the_package_is_proven_in_the_same_report_and_listed(pt2_export):
     assert [c.batch_size for c in checks] == [*BATCH_SIZES, 1000]  # and the whole set, in chunks of 1000
     assert all(c.passed for c in checks) and checks[-1].samples == 1000
     manifest = json.loads((pt2_export.model_dir / "export.json").read_text())
-    assert manifest["files"]["pt2"] == {"path": PT2_FILE, "sha256": sha256_file(pt2_export.model_dir / PT2_FILE)}
+    assert manifest["files"]["pt2"] == {"path": PT2.file, "sha256": sha256_file(pt2_export.model_dir / PT2.file)}
 
 
 def test_export_time_is_reported_per_step_and_in_total(pt2_export):
@@ -39,7 +40,7 @@ def test_export_time_is_reported_per_step_and_in_total(pt2_export):
 
 
 def test_the_package_carries_the_checkpoint_facts_readable_without_compiling(pt2_export):
-    meta = read_pt2_metadata(pt2_export.model_dir / PT2_FILE)  # zipfile alone
+    meta = read_pt2_metadata(pt2_export.model_dir / PT2.file)  # zipfile alone
     manifest = json.loads((pt2_export.model_dir / "export.json").read_text())
     for key in ("model", "mean", "std", "labels", "input_shape", "layout", "checkpoint_sha256"):
         assert meta[key] == manifest[key], key
@@ -50,7 +51,7 @@ def test_the_package_carries_the_checkpoint_facts_readable_without_compiling(pt2
 
 @pytest.mark.parametrize("batch", [0, MAX_BATCH + 1])
 def test_a_batch_outside_the_range_is_refused_with_a_clear_error(pt2_export, batch):
-    run = load_pt2(pt2_export.model_dir / PT2_FILE)
+    run = load_pt2(pt2_export.model_dir / PT2.file)
     with pytest.raises(ValueError, match=f"takes batches of 1 to {MAX_BATCH} digits, got a batch of {batch}"):
         run(torch.zeros(batch, 1, 28, 28))
     with pytest.raises(ValueError, match=r"takes \(N, 1, 28, 28\), got \(2, 1, 28, 27\)"):
@@ -67,7 +68,7 @@ def test_a_batch_outside_the_range_is_refused_with_a_clear_error(pt2_export, bat
     ],
 )
 def test_a_package_compiled_elsewhere_is_refused_by_name_at_load(pt2_export, tmp_path, forge_pt2, changes, named):
-    forged = forge_pt2(pt2_export.model_dir / PT2_FILE, tmp_path / "model.pt2", **changes)
+    forged = forge_pt2(pt2_export.model_dir / PT2.file, tmp_path / "model.pt2", **changes)
     with pytest.raises(ExportError, match=named):
         load_pt2(forged)
 
@@ -75,7 +76,7 @@ def test_a_package_compiled_elsewhere_is_refused_by_name_at_load(pt2_export, tmp
 def test_verify_rechecks_the_package_and_refuses_a_foreign_one(pt2_copy, forge_pt2, tmp_path, capsys):
     assert main(["verify", "mlp", "--artifacts", str(pt2_copy)]) == 0
     assert "aotinductor" in (pt2_copy / "mlp" / "parity.md").read_text()
-    package = pt2_copy / "mlp" / PT2_FILE
+    package = pt2_copy / "mlp" / PT2.file
     forge_pt2(shutil.copy(package, tmp_path / "original.pt2"), package, torch_version="2.0.0")
     assert main(["verify", "mlp", "--artifacts", str(pt2_copy)]) == 2
     assert "was compiled by torch 2.0.0" in capsys.readouterr().err
@@ -84,9 +85,9 @@ def test_verify_rechecks_the_package_and_refuses_a_foreign_one(pt2_copy, forge_p
 def test_exporting_without_pt2_removes_the_package_compiled_from_the_replaced_model(pt2_copy):
     logged = []
     assert export_model(pt2_copy, "mlp", samples=256, log=logged.append).passed
-    assert not (pt2_copy / "mlp" / PT2_FILE).exists()
+    assert not (pt2_copy / "mlp" / PT2.file).exists()
     assert "pt2" not in json.loads((pt2_copy / "mlp" / "export.json").read_text())["files"]
-    assert any("removed" in line and PT2_FILE in line for line in logged)
+    assert any("removed" in line and PT2.file in line for line in logged)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
@@ -103,7 +104,7 @@ def test_asking_for_cuda_without_it_is_a_clear_error():
 def test_export_on_a_gpu_compiles_for_cuda_and_passes_parity(pt2_copy):
     result = export_model(pt2_copy, "mlp", pt2=True, device="cuda", samples=1000, log=lambda _: None)
     assert result.passed, result.report.failures
-    meta = read_pt2_metadata(pt2_copy / "mlp" / PT2_FILE)
+    meta = read_pt2_metadata(pt2_copy / "mlp" / PT2.file)
     assert meta["device"] == "cuda" and meta["target"].startswith("sm_")
     with pytest.raises(ExportError, match="was compiled for cuda, this loads it on cpu"):
-        load_pt2(pt2_copy / "mlp" / PT2_FILE, "cpu")
+        load_pt2(pt2_copy / "mlp" / PT2.file, "cpu")

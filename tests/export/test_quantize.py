@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from contract import ONNX_INT8, normalise
 from digits.cli import main
-from export.convert import INT8_FILE, INT8_FORMAT, INT8_PARITY_JSON
-from export.parity import INT8_MAX_ACCURACY_DIFF, INT8_MIN_AGREEMENT, Backend, check_prediction_parity, normalise
+from export.parity import INT8_MAX_ACCURACY_DIFF, INT8_MIN_AGREEMENT, Backend, check_prediction_parity
 from export.quantize import quantize_int8, rewrite_for_int8
 
 SAMPLES = 1000
@@ -66,10 +66,10 @@ def test_accuracy_may_move_0_2_points_either_way(direction, moved, passes):
 def test_int8_export_is_listed_with_its_parity_and_metadata(int8_artifacts):
     model_dir = int8_artifacts / "mlp"
     manifest = json.loads((model_dir / "export.json").read_text())
-    parity = json.loads((model_dir / INT8_PARITY_JSON).read_text())
-    assert manifest["files"][INT8_FORMAT]["path"] == INT8_FILE
+    parity = json.loads((model_dir / ONNX_INT8.parity_json).read_text())
+    assert manifest["files"][ONNX_INT8.name]["path"] == ONNX_INT8.file
     assert parity["passed"] and parity["samples"] == 10_000 and parity["argmax_agreement"] >= 0.995
-    quantized, fp32 = (onnx.load(model_dir / name) for name in (INT8_FILE, "model.onnx"))
+    quantized, fp32 = (onnx.load(model_dir / name) for name in (ONNX_INT8.file, "model.onnx"))
     ops = {node.op_type for node in quantized.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
     # per-channel: one weight scale per output feature of the first layer, not one for the whole tensor
@@ -84,8 +84,8 @@ def test_a_failed_int8_parity_exits_1_and_leaves_the_file_unlisted(checkpoint_co
     assert main(["export", "mlp", "--artifacts", str(artifacts), "--quantize", "int8"]) == 1
     assert "int8 parity failed" in capsys.readouterr().err
     manifest = json.loads((artifacts / "mlp" / "export.json").read_text())
-    assert INT8_FORMAT not in manifest["files"] and "onnx" in manifest["files"]
-    assert not json.loads((artifacts / "mlp" / INT8_PARITY_JSON).read_text())["passed"]
+    assert ONNX_INT8.name not in manifest["files"] and "onnx" in manifest["files"]
+    assert not json.loads((artifacts / "mlp" / ONNX_INT8.parity_json).read_text())["passed"]
 
 
 def _digits(model_dir, images: np.ndarray) -> np.ndarray:
@@ -146,19 +146,21 @@ def test_verify_rechecks_the_int8_file(int8_artifacts, tmp_path, capsys):
     assert main(["verify", "mlp", "--artifacts", str(artifacts)]) == 0
     assert "onnxruntime-int8" in capsys.readouterr().out
     # zero the int8 weights of the first layer: the file still loads, its predictions are garbage
-    path = artifacts / "mlp" / INT8_FILE
+    path = artifacts / "mlp" / ONNX_INT8.file
     quantized = onnx.load(path)
     weights = next(t for t in quantized.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2)
     weights.CopyFrom(onnx.numpy_helper.from_array(np.zeros(tuple(weights.dims), np.int8), weights.name))
     onnx.save(quantized, path)
     assert main(["verify", "mlp", "--artifacts", str(artifacts)]) == 1
     assert "int8 parity failed" in capsys.readouterr().err
-    assert not json.loads((artifacts / "mlp" / INT8_PARITY_JSON).read_text())["passed"]
+    assert not json.loads((artifacts / "mlp" / ONNX_INT8.parity_json).read_text())["passed"]
 
 
 def test_exporting_again_without_quantize_removes_the_old_int8_file(int8_artifacts, tmp_path, capsys):
     artifacts = _copy_of(int8_artifacts, tmp_path)
     assert main(["export", "mlp", "--artifacts", str(artifacts)]) == 0
-    assert f"removed {artifacts / 'mlp' / INT8_FILE}" in capsys.readouterr().out
-    assert not (artifacts / "mlp" / INT8_FILE).exists() and not (artifacts / "mlp" / INT8_PARITY_JSON).exists()
-    assert INT8_FORMAT not in json.loads((artifacts / "mlp" / "export.json").read_text())["files"]
+    assert f"removed {artifacts / 'mlp' / ONNX_INT8.file}" in capsys.readouterr().out
+    assert (
+        not (artifacts / "mlp" / ONNX_INT8.file).exists() and not (artifacts / "mlp" / ONNX_INT8.parity_json).exists()
+    )
+    assert ONNX_INT8.name not in json.loads((artifacts / "mlp" / "export.json").read_text())["files"]

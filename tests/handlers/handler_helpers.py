@@ -21,11 +21,14 @@ from PIL import Image
 from torch import nn
 from ts.context import Context, RequestProcessor
 
+import contract
+
 HANDLERS_DIR = Path(__file__).resolve().parents[2] / "handlers"
 
 MEAN, STD = 0.1307, 0.3081
 LABELS = [str(d) for d in range(10)]
-MODEL_FILES = {"torchscript": "model.pt", "onnx": "model.onnx", "pt2": "model.pt2"}
+# one model file per runtime the handler loads, named as the contract names the fp32 files
+MODEL_FILES = {fmt.runtime: fmt.file for fmt in contract.FORMATS.values() if fmt.proof == "logits"}
 
 
 class TinyNet(nn.Module):
@@ -137,6 +140,25 @@ def run_batch(handler: Any, context: Context, rows: list[Any], headers: list[dic
         status, phrase = context.get_response_status(index)
         answers.append(Answer(status, phrase, context.get_response_content_type(index), json.loads(body)))
     return answers
+
+
+def model_inputs(handler: Any, context: Context, rows: list[Any]) -> tuple[list[Answer], torch.Tensor]:
+    """Runs `rows` through `handle`, as TorchServe does, and returns the answers and the one tensor the
+    model was called with: (readable requests, C, H, W) float32, normalised."""
+    seen = []
+    model = handler.model
+
+    def recording(images: torch.Tensor) -> torch.Tensor:
+        seen.append(images.clone())
+        return model(images)
+
+    handler.model = recording
+    try:
+        answers = run_batch(handler, context, rows)
+    finally:
+        handler.model = model
+    assert len(seen) <= 1, "the handler runs one forward pass a batch"
+    return answers, seen[0] if seen else torch.empty(0)
 
 
 def png_bytes(pixels: np.ndarray, mode: str | None = None, fmt: str = "PNG", **save_args: Any) -> bytes:

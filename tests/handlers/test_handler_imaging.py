@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 from digit_imaging import border_median, frame_digit
-from handler_helpers import expected_tensor, make_context, png_bytes, run_batch, write_model_dir
+from handler_helpers import expected_tensor, make_context, model_inputs, png_bytes, run_batch, write_model_dir
 from PIL import Image
 from torch import nn
 
 
-def test_mnist_digits_reach_the_model_exactly_as_in_training(handlers_by_format, mnist_test) -> None:
+def test_mnist_digits_reach_the_model_exactly_as_in_training(handlers_by_format, model_dirs, mnist_test) -> None:
     digits = mnist_test[0][:200]
-    for handler in handlers_by_format.values():
-        batch = handler.preprocess([{"body": png_bytes(d)} for d in digits])
-        assert batch.rows == list(range(len(digits)))
+    for fmt, handler in handlers_by_format.items():
+        answers, seen = model_inputs(handler, make_context(model_dirs[fmt]), [{"body": png_bytes(d)} for d in digits])
+        assert [a.status for a in answers] == [200] * len(digits) and len(seen) == len(digits)
         for index, digit in enumerate(digits):
-            assert torch.equal(batch.digits[index : index + 1], expected_tensor(digit)), index
+            assert torch.equal(seen[index : index + 1], expected_tensor(digit)), index
 
 
 def draw_large(digit: np.ndarray, rng: np.random.Generator, *, canvas: tuple[int, int] = (400, 360)) -> bytes:

@@ -16,7 +16,16 @@ import pytest
 import torch
 from digit_handler import DigitHandler
 from digit_model import ModelLoadError, choose_device
-from handler_helpers import MODEL_FILES, TinyNet, make_context, png_bytes, run_batch, sha256_of, write_model_dir
+from handler_helpers import (
+    MODEL_FILES,
+    TinyNet,
+    make_context,
+    model_inputs,
+    png_bytes,
+    run_batch,
+    sha256_of,
+    write_model_dir,
+)
 from torch import nn
 
 
@@ -56,10 +65,9 @@ def test_both_formats_agree_with_the_eager_model(model_dirs, tiny_model, mnist_t
 def test_normalisation_comes_from_the_metadata(model_dir, mnist_test) -> None:
     edit_metadata(model_dir, mean=0.5, std=2.0, labels=[f"class-{i}" for i in range(10)])
     handler = initialize(model_dir)
-    batch = handler.preprocess([{"body": png_bytes(mnist_test[0][0])}])
+    [answer], seen = model_inputs(handler, make_context(model_dir), [{"body": png_bytes(mnist_test[0][0])}])
     expected = (torch.from_numpy(mnist_test[0][0].astype(np.float32)) / 255.0 - 0.5) / 2.0
-    assert torch.equal(batch.digits[0, 0], expected)
-    [answer] = run_batch(handler, make_context(model_dir), [{"body": png_bytes(mnist_test[0][0])}])
+    assert torch.equal(seen[0, 0], expected)
     assert answer.body["label"].startswith("class-")  # labels that are not digits stay strings
 
 
@@ -252,8 +260,8 @@ def test_answers_are_json_with_seven_significant_digits(model_dir, mnist_test) -
     handler = initialize(model_dir)
     context = make_context(model_dir)
     rows = [{"body": png_bytes(d)} for d in mnist_test[0][:16]]
-    answers = run_batch(handler, context, rows)  # run_batch parses each body with json.loads
-    scores = handler.model(handler.preprocess(rows).digits)
+    answers, seen = model_inputs(handler, context, rows)  # run_batch parses each body with json.loads
+    scores = handler.model(seen)
     expected = torch.softmax(scores.double(), dim=1)
     for answer, row in zip(answers, expected, strict=True):
         got = torch.tensor(answer.body["probabilities"], dtype=torch.float64)

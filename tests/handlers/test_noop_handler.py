@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import zipfile
 
 import pytest
-from handler_helpers import HANDLERS_DIR
+from handler_helpers import HANDLERS_DIR, make_context, run_batch
 
 from serving.archive import ServingSettings, archive_noop
 
@@ -22,9 +23,24 @@ def noop():
         sys.path.remove(str(HANDLERS_DIR))
 
 
-def test_noop_answers_each_request_and_initialises_on_none(noop):
+def test_noop_answers_each_request_and_initialises_on_none(noop, tmp_path):
     assert noop.handle(None, context=None) is None  # TorchServe's initialisation call
-    assert noop.handle([{"body": b"anything"}, {}, {"data": [1]}], context=None) == [noop.ANSWER] * 3
+    answers = run_batch(noop, make_context(tmp_path), [{"body": b"anything"}, {}, {"data": [1]}])
+    assert [(a.status, a.content_type) for a in answers] == [(200, "application/json")] * 3
+
+
+def test_noop_answers_as_the_digits_handler_does(noop, handlers_by_format, model_dirs, mnist_test):
+    """Pre-encoded compact JSON bytes of a prediction's shape and length: the ceiling pays per answer what
+    the model pays, no more (TorchServe would encode a dict with json.dumps(indent=2))."""
+    from handler_helpers import png_bytes
+
+    [model] = run_batch(
+        handlers_by_format["onnx"], make_context(model_dirs["onnx"]), [{"body": png_bytes(mnist_test[0][0])}]
+    )
+    model_body = json.dumps(model.body, separators=(",", ":")).encode()
+    assert isinstance(noop.ANSWER, bytes) and json.loads(noop.ANSWER).keys() == model.body.keys()
+    assert noop.ANSWER == json.dumps(json.loads(noop.ANSWER), separators=(",", ":")).encode()  # compact
+    assert abs(len(noop.ANSWER) - len(model_body)) <= 40
 
 
 def test_noop_archive_holds_only_its_handler_and_the_settings(tmp_path):

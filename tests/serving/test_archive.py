@@ -6,17 +6,17 @@ import zipfile
 import pytest
 import yaml
 
+from contract import CONFIG_FILE, META_FILE
 from digits.cli import main
-from serving.archive import CONFIG_NAME, META_NAME
 
 
 def test_archive_holds_handler_model_metadata_and_settings(store):
     with zipfile.ZipFile(store / "cnn.mar") as mar:
         names = set(mar.namelist())
-        meta = json.loads(mar.read(META_NAME))
-        settings = yaml.safe_load(mar.read(CONFIG_NAME))
+        meta = json.loads(mar.read(META_FILE))
+        settings = yaml.safe_load(mar.read(CONFIG_FILE))
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
-    assert {"digit_handler.py", "model.onnx", META_NAME, CONFIG_NAME} <= names
+    assert {"digit_handler.py", "model.onnx", META_FILE, CONFIG_FILE} <= names
     assert not any(n.startswith(("digits/", "training/", "export/", "serving/")) for n in names)
     assert manifest["model"]["handler"] == "digit_handler.py" and manifest["model"]["serializedFile"] == "model.onnx"
     assert meta["format"] == "onnx" and len(meta["sha256"]) == 64 and meta["labels"] == [str(d) for d in range(10)]

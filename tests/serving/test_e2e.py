@@ -12,7 +12,7 @@ import pytest
 import requests
 from PIL import Image
 
-from training.samples import drawn_large
+from serving.samples import drawn_large
 
 pytestmark = pytest.mark.usefixtures("server")
 

@@ -16,21 +16,21 @@ from pathlib import Path
 import pytest
 from serving_helpers import PORT_FLAGS, port_flags
 
+from contract import META_FILE
 from digits.cli import main
 from serving import server
-from serving.archive import META_NAME
 from serving.server import TS_PROCESS, check_not_running
 
 
 def _rewrite_archive(source: Path, target: Path, change) -> None:
     """Copies an archive, passing its metadata and model file through `change(meta, model) -> (meta, model)`."""
     with zipfile.ZipFile(source) as original:
-        meta = json.loads(original.read(META_NAME))
+        meta = json.loads(original.read(META_FILE))
         model_name = meta["model_file"]
         meta, model = change(meta, original.read(model_name))
         with zipfile.ZipFile(target, "w") as copy:
             for item in original.infolist():
-                payload = {META_NAME: json.dumps(meta).encode(), model_name: model}.get(item.filename)
+                payload = {META_FILE: json.dumps(meta).encode(), model_name: model}.get(item.filename)
                 copy.writestr(item, original.read(item) if payload is None else payload)
 
 
