@@ -421,7 +421,7 @@ def onnxruntime_backend(path: Path, optimization: str) -> Backend:
 def pt2_backend(path: Path) -> Backend:
     """model.pt2 loaded back from disk, on the device it was compiled for (its metadata says which)."""
     device = torch.device(read_pt2_metadata(path)["device"])
-    compiled = load_pt2(path, device)
+    compiled = load_pt2(path)
 
     def run(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -134,11 +134,11 @@ def check_loadable(meta: dict, device: torch.device, where: str) -> None:
         )
 
 
-def load_pt2(path: Path, device: torch.device | str = "cpu") -> Pt2Runner:
-    """The package's compiled model on `device`, behind a check of each batch; raises ExportError for a
-    package this machine must not load (see `check_loadable`)."""
-    device = torch.device(device)
+def load_pt2(path: Path, device: torch.device | str | None = None) -> Pt2Runner:
+    """The package's compiled model on `device` (None: the device it was compiled for), behind a check of
+    each batch; raises ExportError for a package this machine must not load (see `check_loadable`)."""
     meta = read_pt2_metadata(path)
+    device = torch.device(meta["device"] if device is None else device)
     check_loadable(meta, device, str(path))
     try:
         # device_index -1: the CPU, or the current CUDA device

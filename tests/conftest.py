@@ -29,11 +29,12 @@ def int8_artifacts(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pt2_export(tmp_path_factory) -> ExportResult:
-    """mlp trained on 6,000 digits, exported with --pt2 for the CPU: the suite's one AOTInductor compile of a
-    registered model (about 30 s; the mlp compiles fastest). Its folder is read-only: copy it first."""
+    """mlp trained on 6,000 digits, exported with --pt2: the suite's one AOTInductor compile of a registered
+    model (about 30 s; the mlp compiles fastest). For the device TorchServe gives a worker here: the GPU where
+    there is one, as `digits export` does. Its folder is read-only: copy it first."""
     out = tmp_path_factory.mktemp("pt2-artifacts")
     train(TrainConfig(model="mlp", epochs=1, limit=6000, out=out, quiet=True), log=lambda _: None)
-    result = export_model(out, "mlp", pt2=True, device="cpu", samples=1000, log=lambda _: None)
+    result = export_model(out, "mlp", pt2=True, device="auto", samples=1000, log=lambda _: None)
     assert result.passed, result.report.failures
     return result
 

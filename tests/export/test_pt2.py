@@ -45,18 +45,19 @@ def test_the_package_carries_the_checkpoint_facts_readable_without_compiling(pt2
     for key in ("model", "mean", "std", "labels", "input_shape", "layout", "checkpoint_sha256"):
         assert meta[key] == manifest[key], key
     assert meta["torch_version"] == torch.__version__
-    assert (meta["device"], meta["min_batch"], meta["max_batch"]) == ("cpu", 1, MAX_BATCH)
+    assert (meta["device"], meta["min_batch"], meta["max_batch"]) == (pt2_device("auto").type, 1, MAX_BATCH)
     assert "pixel / 255" in meta["normalisation"]
 
 
 @pytest.mark.parametrize("batch", [0, MAX_BATCH + 1])
 def test_a_batch_outside_the_range_is_refused_with_a_clear_error(pt2_export, batch):
-    run = load_pt2(pt2_export.model_dir / PT2.file)
+    run = load_pt2(pt2_export.model_dir / PT2.file)  # on the device it was compiled for
+    device = read_pt2_metadata(pt2_export.model_dir / PT2.file)["device"]
     with pytest.raises(ValueError, match=f"takes batches of 1 to {MAX_BATCH} digits, got a batch of {batch}"):
-        run(torch.zeros(batch, 1, 28, 28))
+        run(torch.zeros(batch, 1, 28, 28, device=device))
     with pytest.raises(ValueError, match=r"takes \(N, 1, 28, 28\), got \(2, 1, 28, 27\)"):
-        run(torch.zeros(2, 1, 28, 27))
-    assert run(torch.zeros(MAX_BATCH, 1, 28, 28)).shape == (MAX_BATCH, 10)
+        run(torch.zeros(2, 1, 28, 27, device=device))
+    assert run(torch.zeros(MAX_BATCH, 1, 28, 28, device=device)).shape == (MAX_BATCH, 10)
 
 
 @pytest.mark.parametrize(
@@ -64,13 +65,13 @@ def test_a_batch_outside_the_range_is_refused_with_a_clear_error(pt2_export, bat
     [
         ({"torch_version": "2.0.0"}, "was compiled by torch 2.0.0, this is torch"),
         ({"device": "cuda", "target": "sm_90"}, "was compiled for cuda, this loads it on cpu"),
-        ({"target": "neon"}, "was compiled for cpu neon; this cpu runs"),
+        ({"device": "cpu", "target": "neon"}, "was compiled for cpu neon; this cpu runs"),
     ],
 )
 def test_a_package_compiled_elsewhere_is_refused_by_name_at_load(pt2_export, tmp_path, forge_pt2, changes, named):
     forged = forge_pt2(pt2_export.model_dir / PT2.file, tmp_path / "model.pt2", **changes)
     with pytest.raises(ExportError, match=named):
-        load_pt2(forged)
+        load_pt2(forged, "cpu")
 
 
 def test_verify_rechecks_the_package_and_refuses_a_foreign_one(pt2_copy, forge_pt2, tmp_path, capsys):
