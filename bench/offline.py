@@ -1,4 +1,5 @@
-"""`digits bench offline`: eager PyTorch, TorchScript and onnxruntime side by side, against the fp32 peak.
+"""`digits bench offline`: eager PyTorch, TorchScript, onnxruntime (and int8, .pt2 when exported) side by side,
+against the fp32 peak.
 
 Every backend runs the same real MNIST test digits at each batch size, in one process. At each batch size
 the backends take turns, ROUNDS times, each turn a slice of the timed seconds, and each backend's times are
@@ -22,7 +23,7 @@ import numpy as np
 
 from bench import BenchError
 from bench.timing import Latency, flops_per_sample, fp32_peak_gflops, machine, time_calls
-from contract import MANIFEST_FILE, ONNX, ONNX_INT8, TORCHSCRIPT, normalise
+from contract import MANIFEST_FILE, ONNX, ONNX_INT8, PT2, TORCHSCRIPT, normalise
 
 BATCH_SIZES = (1, 8, 64, 256)
 MIN_SECONDS = 1.0  # timed per backend and batch size, after warm-up
@@ -80,7 +81,12 @@ class OfflineReport:
 
     def ratios(self) -> dict[str, float]:
         """The comparisons this benchmark exists for, per batch size."""
-        pairs = [("onnxruntime", "eager"), ("torchscript", "eager"), ("onnxruntime-int8", "onnxruntime")]
+        pairs = [
+            ("onnxruntime", "eager"),
+            ("torchscript", "eager"),
+            ("onnxruntime-int8", "onnxruntime"),
+            ("aotinductor", "onnxruntime"),
+        ]
         found = {}
         for top, bottom in pairs:
             for n in self.batch_sizes:
@@ -170,7 +176,7 @@ def load_eager(model_dir: Path, model: str):
 
 def load_runners(model_dir: Path, eager, model: str) -> dict[str, Runner]:
     """Eager, and the exported files that export.json vouches for, loaded as `digits export` checks them."""
-    from export.parity import eager_runner, onnxruntime_backend, torchscript_backend
+    from export.parity import eager_runner, onnxruntime_backend, pt2_backend, torchscript_backend
 
     manifest_path = model_dir / MANIFEST_FILE
     if not manifest_path.is_file():
@@ -185,6 +191,8 @@ def load_runners(model_dir: Path, eager, model: str) -> dict[str, Runner]:
         runners["onnxruntime-int8"] = onnxruntime_backend(
             model_dir / files[ONNX_INT8.name]["path"], "ORT_ENABLE_ALL"
         ).run
+    if PT2.name in files:  # written by `digits export MODEL --pt2`; runs on the device it was compiled for
+        runners["aotinductor"] = pt2_backend(model_dir / files[PT2.name]["path"]).run
     return runners
 
 

@@ -35,8 +35,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 def add_offline(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser(
         "offline",
-        help="eager vs TorchScript vs onnxruntime in-process, against the measured fp32 peak",
-        description="Time eager PyTorch, TorchScript, onnxruntime (and the int8 file, when exported) on MNIST "
+        help="eager vs TorchScript vs onnxruntime (vs .pt2) in-process, against the measured fp32 peak",
+        description="Time eager PyTorch, TorchScript, onnxruntime (and the int8 file and model.pt2, when "
+        "exported; model.pt2 as aotinductor, on the device it was compiled for) on MNIST "
         "test digits at each batch size; writes bench-offline.json, .md and .png to OUT.",
     )
     p.add_argument("model", metavar="MODEL", help="an exported model (see `digits export`)")

@@ -63,3 +63,13 @@ def test_the_paired_share_sets_each_round_against_its_own_peak():
     assert paired_share(10, [[1.0], [1.0]], [20.0, 40.0], 1_000_000) == pytest.approx((0.5 + 0.25) / 2)
     # a slow round beside a slow peak counts as fully as a fast one beside a fast peak
     assert paired_share(10, [[2.0], [1.0], [1.0]], [5.0, 10.0, 10.0], 1_000_000) == pytest.approx(1.0)
+
+
+def test_offline_bench_adds_the_pt2_package_when_exported(pt2_export, tmp_path):
+    out = tmp_path / "offline"
+    args = ["bench", "offline", "mlp", "--artifacts", str(pt2_export.model_dir.parent), "--batch-sizes", "4"]
+    assert main([*args, "--min-seconds", "0", "--rounds", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "bench-offline.json").read_text())
+    assert {r["backend"] for r in report["results"]} == {"eager", "torchscript", "onnxruntime", "aotinductor"}
+    assert "aotinductor / onnxruntime at batch 4" in report["ratios"]
+    assert "aotinductor" in (out / "bench-offline.md").read_text()
