@@ -57,7 +57,7 @@ from export.parity import (
     onnxruntime_backend,
     pt2_backend,
 )
-from export.pt2 import check_loadable, export_pt2, read_pt2_metadata
+from export.pt2 import check_loadable, export_pt2, read_pt2_metadata, resolve_device
 from export.torchscript import export_torchscript
 from training.checkpoint import load_checkpoint, rebuild_model
 from training.data import load_mnist
@@ -112,6 +112,7 @@ def export_model(
     model_dir = Path(artifacts_dir) / model
     checkpoint = find_checkpoint(model_dir, model)
     ensure_writable(model_dir)
+    compile_for = resolve_device(device) if pt2 else None  # a wrong --device fails before any work
     started = time.perf_counter()
     payload = load_model_checkpoint(checkpoint, model)
     eager, meta, checkpoint_sha = rebuild_model(payload), payload["metadata"], sha256_file(checkpoint)
@@ -123,9 +124,9 @@ def export_model(
     with _timed(seconds, "onnx"):
         opset_used = _write_onnx(eager, model_dir / ONNX.file, example, meta, checkpoint_sha, opset)
     log(_written(model_dir / ONNX.file, f"ONNX opset {opset_used}", seconds["onnx"]))
-    if pt2:
+    if compile_for is not None:
         with _timed(seconds, "pt2"):
-            target = _write_pt2(eager, model_dir / PT2.file, example, meta, checkpoint_sha, pt2_device(device))
+            target = _write_pt2(eager, model_dir / PT2.file, example, meta, checkpoint_sha, compile_for)
         log(_written(model_dir / PT2.file, f"AOTInductor for {target}", seconds["pt2"]))
     else:
         remove_stale_pt2(model_dir, log)
@@ -151,21 +152,6 @@ def _steps(seconds: dict[str, float]) -> str:
     return ", ".join(f"{step} {s:.1f} s" for step, s in seconds.items() if step != "total")
 
 
-def pt2_device(device: str) -> torch.device:
-    """ "auto": the GPU when CUDA is there, else the CPU; otherwise the device named, which must exist."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise ExportError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ExportError(f"--device {device}: CUDA is not available here")
-    if chosen.type not in ("cpu", "cuda"):
-        raise ExportError(f"--device {device}: .pt2 packages are compiled for cpu or cuda")
-    return chosen
-
-
 def _write_pt2(
     eager: nn.Module, path: Path, example: torch.Tensor, meta: dict, checkpoint_sha: str, device: torch.device
 ) -> str:
@@ -180,7 +166,6 @@ def _write_pt2(
         staging.replace(path)
     finally:
         staging.unlink(missing_ok=True)
-        eager.cpu()  # the eager reference runs on the CPU
     return f"{written['device']} {written['target']}"
 
 
@@ -278,7 +263,7 @@ def verify_model(
     eager, meta = rebuild_model(payload), payload["metadata"]
     check_exported_onnx(model_dir / ONNX.file, meta, sha256_file(checkpoint), rerun)
     if (model_dir / PT2.file).is_file():
-        check_exported_pt2(model_dir / PT2.file, meta, sha256_file(checkpoint), f"{rerun} --pt2")
+        check_exported_pt2(model_dir / PT2.file, meta, sha256_file(checkpoint), f"{rerun} with --pt2")
     ensure_writable(model_dir)
     data = load_mnist(data_dir, log=log)  # once: the fp32 and the int8 checks read the same digits
     report = prove_parity(eager, model_dir, meta, data, atol=atol, rtol=rtol, samples=samples)

@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 
 class DigitHandler(BaseHandler):
-    """Classifies handwritten digits with the archive's TorchScript or ONNX model, one forward pass a batch."""
+    """Classifies handwritten digits with the archive's TorchScript, ONNX or .pt2 model, one forward pass a batch."""
 
     def initialize(self, context: Any) -> None:
         """Loads the model the archive's metadata vouches for, on the device TorchServe assigned.

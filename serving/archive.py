@@ -1,7 +1,7 @@
 """`digits archive`: packs an exported model, its metadata and our handler into a TorchServe `.mar`.
 
 The archive carries everything the worker needs and nothing from this repo's other layers:
-  - the model file (`model.pt` or `model.onnx`) as TorchServe's serialized file;
+  - the model file (`model.pt`, `model.onnx`, `model.int8.onnx` or `model.pt2`) as TorchServe's serialized file;
   - `handlers/digit_*.py` (the handler module plus its helper modules, flat in the model dir);
   - `digits_meta.json`: normalisation, labels, input shape and the model file's SHA-256, copied from
     the export's `export.json`, for the handler to read;

@@ -12,10 +12,10 @@ import torch
 from contract import PT2
 from digits.cli import main
 from export import ExportError
-from export.convert import export_model, pt2_device
+from export.convert import export_model
 from export.metadata import sha256_file
 from export.parity import BATCH_SIZES
-from export.pt2 import MAX_BATCH, load_pt2, read_pt2_metadata
+from export.pt2 import MAX_BATCH, load_pt2, read_pt2_metadata, resolve_device
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_the_package_carries_the_checkpoint_facts_readable_without_compiling(pt2
     for key in ("model", "mean", "std", "labels", "input_shape", "layout", "checkpoint_sha256"):
         assert meta[key] == manifest[key], key
     assert meta["torch_version"] == torch.__version__
-    assert (meta["device"], meta["min_batch"], meta["max_batch"]) == (pt2_device("auto").type, 1, MAX_BATCH)
+    assert (meta["device"], meta["min_batch"], meta["max_batch"]) == (resolve_device("auto").type, 1, MAX_BATCH)
     assert "pixel / 255" in meta["normalisation"]
 
 
@@ -94,10 +94,10 @@ def test_exporting_without_pt2_removes_the_package_compiled_from_the_replaced_mo
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_asking_for_cuda_without_it_is_a_clear_error():
     with pytest.raises(ExportError, match="--device cuda: CUDA is not available here"):
-        pt2_device("cuda")
+        resolve_device("cuda")
     with pytest.raises(ExportError, match="unknown device 'gpu0'"):
-        pt2_device("gpu0")
-    assert pt2_device("auto") == torch.device("cpu")
+        resolve_device("gpu0")
+    assert resolve_device("auto") == torch.device("cpu")
 
 
 @pytest.mark.gpu

@@ -52,7 +52,6 @@ def save_model(model: nn.Module, path: Path, device: str = "cpu") -> None:
         from export.pt2 import export_pt2  # fixture data only: the handler itself never imports export
 
         export_pt2(model, path, example, {}, torch.device(device))
-        model.cpu()
         return
     with warnings.catch_warnings():
         # TorchScript and the TorchScript-based ONNX exporter are deprecated; the issue asks for both
