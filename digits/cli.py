@@ -93,9 +93,9 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="export a trained model to TorchScript and ONNX and prove parity",
-        description="Export DIR/MODEL/checkpoint.pt to model.pt (TorchScript) and model.onnx, compare both with "
-        "the eager model on the MNIST test set, and write parity.json, parity.md and, when parity passes, "
-        "export.json. Exits 1 when parity fails.",
+        description="Export DIR/MODEL/checkpoint.pt to model.pt (TorchScript) and model.onnx (and with --pt2 "
+        "model.pt2, AOTInductor), compare each with the eager model on the MNIST test set, and write parity.json, "
+        "parity.md and, when parity passes, export.json. Logs each step's time. Exits 1 when parity fails.",
     )
     p.add_argument("model", metavar="MODEL", help="a registered model (see `digits models`)")
     add_artifacts(p)
@@ -113,6 +113,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device",
         default="auto",
+        metavar="auto|cpu|cuda|cuda:N",
         help="what model.pt2 is compiled for: auto (CUDA when there is a GPU, else CPU), cpu, cuda or cuda:N",
     )
     _add_tolerances(p)
@@ -141,9 +142,10 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "verify",
         help="re-run the parity checks on exported files",
-        description="Check DIR/MODEL/model.onnx (ONNX checker, inputs, outputs, metadata) and compare model.pt "
-        "and model.onnx with the eager model again, without exporting; rewrites parity.json and parity.md, and "
-        "for model.int8.onnx, when there is one, parity-int8.json and .md. Exits 1 when parity fails.",
+        description="Check DIR/MODEL/model.onnx (ONNX checker, inputs, outputs, metadata) and model.pt2 when "
+        "there is one (metadata, built for this torch and machine), compare model.pt, model.onnx and model.pt2 "
+        "with the eager model again, without exporting; rewrites parity.json and parity.md, and for "
+        "model.int8.onnx, when there is one, parity-int8.json and .md. Exits 1 when parity fails.",
     )
     p.add_argument("model", metavar="MODEL", help="a registered model (see `digits models`)")
     add_artifacts(p)
