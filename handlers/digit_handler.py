@@ -27,6 +27,7 @@ import torch
 from digit_batch import (
     Batch,
     assemble,
+    content_types,
     json_body,
     prediction_bodies,
     read_batch,
@@ -92,7 +93,7 @@ class DigitHandler(BaseHandler):
         self.context = context
         times = StageTimes()
         with times.stage("DecodeTime"):
-            readings = read_batch(data, self.meta)
+            readings = read_batch(data, self.meta, content_types(context, len(data)))
         with times.stage("PreprocessTime"):
             batch = assemble(readings, self.meta)
         with times.stage("InferenceTime"):

@@ -24,7 +24,8 @@ from serving.config import Ports, list_archives, write_config
 
 READY_TIMEOUT_S = 60
 TS_PROCESS = "org.pytorch.serve.ModelServer"  # in the command line of TorchServe's Java process
-BLANK_DIGIT = {"data": [0] * 784}  # readiness probe: a real prediction through the whole handler
+# readiness probe: a real prediction through the whole handler, of a "1" (a blank image is refused: no digit)
+PROBE_DIGIT = {"data": [255 if 5 <= row < 23 and 12 <= col < 16 else 0 for row in range(28) for col in range(28)]}
 LOG_TAIL_LINES = 30
 
 
@@ -310,7 +311,7 @@ def _answers(state: ServerState, run_dir: Path, model: str) -> bool:
         token = read_token(run_dir)
         response = requests.post(
             f"{state.inference_url}/predictions/{model}",
-            json=BLANK_DIGIT,
+            json=PROBE_DIGIT,
             headers={"Authorization": f"Bearer {token}"},
             timeout=5,
         )
