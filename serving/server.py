@@ -131,7 +131,7 @@ def listener(port: int) -> str:
 def _environment(run_dir: Path, java: str) -> dict:
     env = dict(os.environ)
     tmp = run_dir / "tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
     env.update(
         TMPDIR=str(tmp),
         TEMP=str(tmp),

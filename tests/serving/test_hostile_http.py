@@ -154,3 +154,10 @@ def test_the_costliest_jpeg_within_the_bounds_is_answered(server) -> None:
     """4096x4096 and 16 progressive scans: about what the largest legitimate image costs (see the README)."""
     response, _ = send(server, {"data": LARGEST_PROGRESSIVE_JPEG})
     assert response.status_code == 200, response.text
+
+
+def test_the_slowest_answer_of_the_corpus(answers) -> None:
+    """The issue's figure: the worst time of any hostile request (`pytest -k slowest -s` prints it)."""
+    name, answer = max(answers.items(), key=lambda item: item[1].seconds)
+    print(f"\nslowest of {len(answers)} hostile requests: {name}, {answer.seconds:.3f} s")
+    assert answer.seconds < DEADLINE_S

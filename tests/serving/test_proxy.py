@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -103,7 +104,8 @@ def read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, bool]
 
 
 def statuses(raw: bytes) -> list[int]:
-    return [int(line.split()[1]) for line in raw.split(b"\r\n") if line.startswith(b"HTTP/1.")]
+    """The status of each response in a raw byte stream (a response's JSON body runs straight into the next)."""
+    return [int(code) for code in re.findall(rb"HTTP/1\.[01] (\d{3}) ", raw)]
 
 
 def test_predictions_pass_through(proxy, server, mnist, expected_labels) -> None:
