@@ -19,6 +19,11 @@ import struct
 from digit_errors import too_large
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_IMAGE_SIDE = 4096
+# Checked from the header, before any pixel is decoded (digit_inputs.py), whatever TorchServe's
+# limit_max_image_pixels says (that switch only lifts Pillow's global limit in TorchServe's own vision handlers).
+# Larger images are refused by that check, with its own message, so the bounds below leave them to it.
+MAX_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
 # A 10 MB PNG in libpng's 8 KB IDAT chunks has 1,280 chunks; Pillow spends about 5 us on each
 MAX_PNG_CHUNKS = 16_384
 # Segments (and stray bytes, which Pillow skips one at a time) before a JPEG's first scan: real files have
@@ -70,6 +75,8 @@ def check_png(payload: bytes) -> None:
     position, chunks = len(PNG_SIGNATURE), 0
     while position + 8 <= len(payload):
         length, kind = struct.unpack_from(">I4s", payload, position)
+        if not kind.replace(b"_", b"a").isalnum():  # Pillow's own test of a chunk type (\w{4})
+            return  # not a chunk: the decoder stops here and names the corruption
         chunks += 1
         if chunks > MAX_PNG_CHUNKS:
             refuse("PNG", "chunks", MAX_PNG_CHUNKS)
@@ -110,7 +117,7 @@ def check_jpeg_scans(payload: bytes, first_scan: int, pixels: int) -> None:
     scans = payload.count(b"\xff\xda", first_scan)
     if scans > MAX_JPEG_SCANS:
         refuse("JPEG", "scans", MAX_JPEG_SCANS, scans)
-    if scans * pixels > MAX_JPEG_SCAN_PIXELS:
+    if pixels <= MAX_PIXELS and scans * pixels > MAX_JPEG_SCAN_PIXELS:
         bound = max(1, MAX_JPEG_SCAN_PIXELS // max(pixels, 1))
         refuse("JPEG", f"scans of {pixels:,} pixels each", bound, scans)
 

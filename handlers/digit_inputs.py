@@ -28,17 +28,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from digit_budget import check_decoding_work
+from digit_budget import MAX_IMAGE_SIDE, MAX_PIXELS, check_decoding_work
 from digit_errors import RequestError, bad_request, too_large, unsupported
 from digit_imaging import frame_digit, require_ink, to_grayscale
 from digit_png import decode_plain_png
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # far above any digit photo; TorchServe's max_request_size is the first wall
-MAX_IMAGE_SIDE = 4096
-# Checked from the header, before any pixel is decoded, whatever TorchServe's limit_max_image_pixels says
-# (that switch only lifts Pillow's global limit in TorchServe's own vision handlers).
-MAX_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
 # Formats a client may send. Naming them also keeps Pillow from trying every plugin it has on hostile
 # bytes (EPS would even start Ghostscript). Camera JPEGs in MPO form open through "JPEG".
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")

@@ -7,6 +7,7 @@ import base64
 import codecs
 import json
 import logging
+import struct
 import time
 
 import numpy as np
@@ -233,3 +234,25 @@ def test_files_within_the_bounds_are_read(served, name: str) -> None:
 def test_the_bmp_at_the_bound_is_at_the_bound() -> None:
     rle_bytes = len(bmp_rle8(510, 510)) - (14 + 40 + 1024)
     assert MAX_BMP_RLE_BYTES - 8_000 < rle_bytes <= MAX_BMP_RLE_BYTES
+
+
+@pytest.mark.parametrize("kind", [b"zzZz", b"1234", b"a_b_"])
+def test_png_chunks_of_any_type_pillow_reads_are_counted(served, kind: bytes) -> None:
+    """Pillow walks any four word characters as a chunk type, before IHDR or after it."""
+    before_header = png_with_chunks(0)[:8] + (png_with_chunks(1, kind)[-24:-12]) * (MAX_PNG_CHUNKS + 1)
+    for payload in (png_with_chunks(MAX_PNG_CHUNKS, kind), before_header + png_with_chunks(0)[8:]):
+        [_, answer, _] = answers_among_good(served, {"body": payload})
+        assert (answer.status, answer.body["type"]) == (413, "TooMuchDecodingWork"), answer.body
+
+
+def test_a_body_of_zeros_behind_a_png_signature_is_corrupt_not_costly(served) -> None:
+    [_, answer, _] = answers_among_good(served, {"body": b"\x89PNG\r\n\x1a\n" + bytes(1_000_000)})
+    assert (answer.status, answer.body["type"]) == (400, "CorruptImage")
+
+
+def test_a_baseline_jpeg_claiming_too_many_pixels_is_refused_by_the_pixel_limit(served) -> None:
+    payload = bytearray(progressive_jpeg(64, 6))
+    frame = payload.index(b"\xff\xc2")  # progressive start of frame: length, precision, height, width
+    payload[frame + 5 : frame + 9] = struct.pack(">HH", 60_000, 60_000)
+    [_, answer, _] = answers_among_good(served, {"body": bytes(payload)})
+    assert (answer.status, answer.body["type"]) == (413, "ImageTooLarge")

@@ -56,7 +56,7 @@ def proxy(server, tmp_path_factory):
     )
     user = ["-g", "user root;"] if os.geteuid() == 0 else []  # as root, workers would drop to nobody
     process = subprocess.Popen(
-        [NGINX, "-p", str(root), "-c", str(root / "nginx.conf"), *user],
+        [NGINX, "-p", str(root), "-e", "stderr", "-c", str(root / "nginx.conf"), *user],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
