@@ -33,7 +33,7 @@ from digit_batch import (
     read_batch,
     to_probabilities,
 )
-from digit_errors import RequestError
+from digit_errors import RequestError, quiet_client_tracebacks
 from digit_metrics import StageTimes
 from digit_model import (
     ModelLoadError,
@@ -66,6 +66,7 @@ class DigitHandler(BaseHandler):
         self.manifest = context.manifest
         self.device = choose_device(properties.get("gpu_id"))
         keep_fp32_exact()  # the import of BaseHandler switched Ampere+ GPUs to TF32
+        quiet_client_tracebacks()  # TorchServe logs one per JSON body it cannot parse
         self.meta = read_metadata(model_dir)
         set_threads(context.model_yaml_config)  # before loading: onnxruntime sizes its pool from torch's count
         model_path = find_model_file(model_dir, self.manifest, self.meta)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import stat
+import time
 import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from pathlib import Path
@@ -58,6 +59,20 @@ def test_clients_cannot_write_stack_traces_or_errors_to_the_console(server):
     assert not [line for line in added if "Failed to update key file" in line]
     assert len([line for line in added if "ZZ" in line]) == 20
     assert all(len(line) < 1000 for line in added)
+
+
+def test_a_json_body_torchserve_cannot_parse_leaves_one_line(server):
+    """TorchServe's worker logged a traceback for each; the handler keeps its line and names the problem."""
+    model_log = server.run_dir / "logs" / "model_log.log"
+    before = model_log.stat().st_size
+    json_headers = {"Content-Type": "application/json", **server.headers()}
+    response = requests.post(f"{server.url}/predictions/cnn", data=b'{"data": [1, 2,', headers=json_headers, timeout=30)
+    assert response.status_code == 400 and response.json()["type"] == "BadJson"
+    time.sleep(0.5)  # the frontend copies the worker's output into the log asynchronously
+    with model_log.open("rb") as log:
+        log.seek(before)
+        added = log.read().decode(errors="replace")
+    assert "Failed json decoding" in added and "Traceback" not in added
 
 
 def test_the_access_log_drops_query_strings(server):
