@@ -13,7 +13,7 @@ from pathlib import Path
 import requests
 from PIL import Image
 
-from serving.config import LOG_CONFIG
+from serving.config import LOG_CONFIG, make_private
 
 
 def _png(pixels) -> bytes:
@@ -103,3 +103,22 @@ def test_every_log_file_rolls_over_by_size_and_keeps_a_fixed_number():
         assert appender.find("SizeBasedTriggeringPolicy") is not None, appender.get("name")
         assert int(appender.find("DefaultRolloverStrategy").get("max")) <= 5
         assert appender.find(".//TimeBasedTriggeringPolicy") is None
+
+
+def test_an_earlier_runs_files_are_made_private_and_nothing_else_is_touched(tmp_path):
+    """A run folder from before this change (0755, logs 0644) is closed on the next start; a file of the
+    user's own in it keeps its mode."""
+    run_dir = tmp_path / "run"
+    (run_dir / "logs.prev").mkdir(parents=True)
+    run_dir.chmod(0o755)
+    (run_dir / "key_file.json").write_text("{}")
+    (run_dir / "logs.prev" / "ts_log.log").write_text("old")
+    (run_dir / "notes.txt").write_text("mine")
+    for path in (run_dir / "key_file.json", run_dir / "logs.prev" / "ts_log.log", run_dir / "notes.txt"):
+        path.chmod(0o644)
+    make_private(run_dir)
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((run_dir / "logs.prev").stat().st_mode) == 0o700
+    assert stat.S_IMODE((run_dir / "key_file.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((run_dir / "logs.prev" / "ts_log.log").stat().st_mode) == 0o600
+    assert stat.S_IMODE((run_dir / "notes.txt").stat().st_mode) == 0o644
