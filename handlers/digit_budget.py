@@ -44,6 +44,9 @@ MAX_TIFF_TAGS = 1_024
 MAX_BMP_RLE_BYTES = 512 * 1024
 # RIFF chunks of a WebP file, parsed by libwebp: 1.2 million took 0.3 s
 MAX_WEBP_CHUNKS = 16_384
+# Entries of an EXIF block's first IFD, which Pillow reads one by one to find the orientation: a JPEG's
+# APP1 segment holds at most about 5,000; a PNG eXIf or WebP EXIF chunk of 65,535 took 0.7-1.3 s
+MAX_EXIF_TAGS = 1_024
 
 TIFF_STRIP_OFFSETS, TIFF_TILE_OFFSETS = 273, 324
 BMP_RLE8, BMP_RLE4 = 1, 2
@@ -177,6 +180,23 @@ def check_bmp(payload: bytes) -> None:
     rle_bytes = len(payload) - offset
     if compression in (BMP_RLE8, BMP_RLE4) and rle_bytes > MAX_BMP_RLE_BYTES:
         refuse("BMP", "bytes of RLE-compressed pixels", MAX_BMP_RLE_BYTES, rle_bytes, "send PNG")
+
+
+def check_exif(exif: bytes | None) -> None:
+    """Counts the entries of an EXIF block's first IFD (`exif_block`), before Pillow parses them."""
+    if not exif:
+        return
+    if exif.startswith(b"Exif\x00\x00"):
+        exif = exif[6:]
+    if len(exif) < 8 or exif[:2] not in (b"II", b"MM"):
+        return
+    order = "<" if exif[:2] == b"II" else ">"
+    (ifd,) = struct.unpack_from(order + "I", exif, 4)
+    if ifd + 2 > len(exif):
+        return
+    (entries,) = struct.unpack_from(order + "H", exif, ifd)
+    if entries > MAX_EXIF_TAGS:
+        refuse("image", "EXIF tags", MAX_EXIF_TAGS, entries)
 
 
 def check_webp(payload: bytes) -> None:

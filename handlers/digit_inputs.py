@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from digit_budget import MAX_IMAGE_SIDE, MAX_PIXELS, check_decoding_work
+from digit_budget import MAX_IMAGE_SIDE, MAX_PIXELS, check_decoding_work, check_exif
 from digit_errors import RequestError, bad_request, too_large, unsupported
 from digit_imaging import frame_digit, require_ink, to_grayscale
 from digit_png import decode_plain_png
@@ -225,6 +225,7 @@ def decode_image(payload: bytes, *, encoded: bool = False) -> Image.Image:
             image = Image.open(io.BytesIO(payload), formats=IMAGE_FORMATS)  # reads the header only
             check_pixel_count(image)
             image.load()
+            check_exif(exif_block(image))
             ImageOps.exif_transpose(image, in_place=True)  # phone photos are stored sideways, with a tag
         except (RequestError, MemoryError):
             raise
@@ -235,6 +236,19 @@ def decode_image(payload: bytes, *, encoded: bool = False) -> Image.Image:
         except Exception as err:  # Pillow's plugins raise many types on corrupt data; each is the client's
             raise decode_failure(err) from None
     return image
+
+
+def exif_block(image: Image.Image) -> bytes | None:
+    """The EXIF bytes Pillow's getexif() would parse: the file's EXIF block, or a PNG's hex-encoded text
+    profile of it (TIFF's own tags are already bounded by digit_budget.check_tiff)."""
+    exif = image.info.get("exif")
+    profile = image.info.get("Raw profile type exif")
+    if exif is None and isinstance(profile, str):
+        try:
+            exif = bytes.fromhex("".join(profile.split("\n")[3:]))
+        except ValueError:
+            return None
+    return exif if isinstance(exif, bytes) else None
 
 
 def pillow_bomb(err: Exception) -> RequestError:

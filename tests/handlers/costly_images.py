@@ -107,3 +107,21 @@ def webp_with_chunks(count: int) -> bytes:
     vp8x = b"VP8X" + struct.pack("<I", 10) + bytes(4) + canvas
     chunks = vp8x + (b"ZZZZ" + bytes(4)) * count + simple[12:]
     return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WEBP" + chunks
+
+
+def exif_of_tags(count: int) -> bytes:
+    """An EXIF block whose first IFD holds `count` entries, the first an orientation."""
+    entries = [struct.pack("<HHII", 0x0112, 3, 1, 1)]
+    entries += [struct.pack("<HHII", 1000 + index % 60_000, 3, 1, 1) for index in range(count - 1)]
+    return b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, count) + b"".join(entries) + bytes(4)
+
+
+def png_with_exif(count: int) -> bytes:
+    """The digit as PNG with an eXIf chunk of `count` tags."""
+    payload = encode(Image.fromarray(DIGIT), "PNG")
+    return payload[:33] + png_chunk(b"eXIf", exif_of_tags(count)[6:]) + payload[33:]
+
+
+def webp_with_exif(count: int) -> bytes:
+    """The digit as WebP with an EXIF chunk of `count` tags."""
+    return encode(Image.fromarray(DIGIT).convert("RGB"), "WEBP", exif=exif_of_tags(count))

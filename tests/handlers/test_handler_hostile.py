@@ -18,12 +18,15 @@ from costly_images import (
     gif_with_frame_at,
     jpeg_with_stray_bytes,
     png_with_chunks,
+    png_with_exif,
     progressive_jpeg,
     tiff,
     webp_with_chunks,
+    webp_with_exif,
 )
 from digit_budget import (
     MAX_BMP_RLE_BYTES,
+    MAX_EXIF_TAGS,
     MAX_GIF_BLOCKS,
     MAX_JPEG_HEADER_STEPS,
     MAX_JPEG_SCANS,
@@ -197,6 +200,8 @@ COSTLY = {
     "tiff-tags": (lambda: tiff(28, 28, extra_tags=MAX_TIFF_TAGS), "tags"),
     "bmp-rle": (lambda: bmp_rle8(1024, 1024), "RLE"),
     "webp-chunks": (lambda: webp_with_chunks(1_000_000), f"more than {MAX_WEBP_CHUNKS:,} chunks"),
+    "png-exif-tags": (lambda: png_with_exif(65_535), "65,535 EXIF tags"),
+    "webp-exif-tags": (lambda: webp_with_exif(65_535), "65,535 EXIF tags"),
 }
 
 
@@ -221,6 +226,8 @@ WITHIN_BOUNDS = {
     "tiff-with-1000-tags": lambda: tiff(28, 28, extra_tags=1_000),
     "bmp-rle-at-the-bound": lambda: bmp_rle8(510, 510),
     "webp-with-16000-chunks": lambda: webp_with_chunks(16_000),
+    "png-with-1024-exif-tags": lambda: png_with_exif(MAX_EXIF_TAGS),
+    "webp-with-1024-exif-tags": lambda: webp_with_exif(MAX_EXIF_TAGS),
 }
 
 

@@ -33,9 +33,11 @@ from costly_images import (  # noqa: E402
     gif_with_frame_at,
     jpeg_with_stray_bytes,
     png_with_chunks,
+    png_with_exif,
     progressive_jpeg,
     tiff,
     webp_with_chunks,
+    webp_with_exif,
 )
 
 DIGIT = np.zeros((28, 28), np.uint8)
@@ -274,6 +276,8 @@ def costly_corpus() -> list[Hostile]:
         Hostile("tiff-of-25000-tags", {"data": tiff(28, 28, extra_tags=25_000)}, 413, work, ("tags",)),
         Hostile("bmp-of-8-mb-rle", {"data": bmp_rle8(2048, 2048)}, 413, work, ("RLE",)),
         Hostile("webp-of-a-million-chunks", {"data": webp_with_chunks(1_000_000)}, 413, work, ("chunks",)),
+        Hostile("png-exif-of-65535-tags", {"data": png_with_exif(65_535)}, 413, work, ("EXIF",)),
+        Hostile("webp-exif-of-65535-tags", {"data": webp_with_exif(65_535)}, 413, work, ("EXIF",)),
         Hostile("gif-frame-at-65000", {"data": gif_with_frame_at(65_000, 65_000)}, 413, "ImageTooLarge", ("4096",)),
     ]
 
