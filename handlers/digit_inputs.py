@@ -283,15 +283,16 @@ def sniff_format(payload: bytes) -> str | None:
     return next((name for magic, name in SIGNATURES.items() if payload.startswith(magic)), None)
 
 
-# Pillow inflates PNG text and ICC chunks only up to PngImagePlugin.MAX_TEXT_CHUNK and then raises this
-_CHUNK_BOMB = "decompressed data too large"
+# Pillow inflates PNG text and ICC chunks only up to PngImagePlugin.MAX_TEXT_CHUNK each, and MAX_TEXT_MEMORY
+# in all, and then raises one of these
+_CHUNK_BOMBS = ("decompressed data too large", "too much memory used in text chunks")
 
 
 def decode_failure(err: Exception) -> RequestError:
     """Names what went wrong inside Pillow: a truncated file, a chunk that inflates too far, or corruption."""
     if isinstance(err, OSError) and "truncated" in str(err).lower():
         return bad_request("TruncatedImage", f"the image file is cut short ({err}); send the whole file")
-    if isinstance(err, ValueError) and _CHUNK_BOMB in str(err).lower():
+    if isinstance(err, ValueError) and any(bomb in str(err).lower() for bomb in _CHUNK_BOMBS):
         return too_large("ImageTooLarge", f"a compressed chunk of the image decompresses past the limit ({err})")
     return bad_request("CorruptImage", f"image cannot be decoded: {type(err).__name__}: {err}")
 

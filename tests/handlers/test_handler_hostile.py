@@ -9,6 +9,7 @@ import json
 import logging
 import struct
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from costly_images import (
     gif_with_blocks,
     gif_with_frame_at,
     jpeg_with_stray_bytes,
+    png_chunk,
     png_with_chunks,
     png_with_exif,
     progressive_jpeg,
@@ -31,6 +33,7 @@ from digit_budget import (
     MAX_JPEG_HEADER_STEPS,
     MAX_JPEG_SCANS,
     MAX_PNG_CHUNKS,
+    MAX_PNG_TEXT_CHUNKS,
     MAX_TIFF_STRIPS,
     MAX_TIFF_TAGS,
     MAX_WEBP_CHUNKS,
@@ -263,3 +266,13 @@ def test_a_baseline_jpeg_claiming_too_many_pixels_is_refused_by_the_pixel_limit(
     payload[frame + 5 : frame + 9] = struct.pack(">HH", 60_000, 60_000)
     [_, answer, _] = answers_among_good(served, {"body": bytes(payload)})
     assert (answer.status, answer.body["type"]) == (413, "ImageTooLarge")
+
+
+def test_compressed_text_chunks_are_counted(served) -> None:
+    """Pillow inflates each zTXt up to 1 MB, 64 MB in all, before it gives up."""
+    text = png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"A" * 1_000_000, 9))
+    plain = png_bytes(DIGIT)
+    for count, expected in [(MAX_PNG_TEXT_CHUNKS, 200), (MAX_PNG_TEXT_CHUNKS + 1, 413)]:
+        [_, answer, _] = answers_among_good(served, {"body": plain[:33] + text * count + plain[33:]})
+        assert answer.status == expected, answer.body
+    assert "compressed text chunks" in answer.body["message"]

@@ -87,6 +87,11 @@ def png_text_bomb(megabytes: int = 64) -> bytes:
     return png_claiming(28, 28, text)
 
 
+def text_bombs(count: int) -> bytes:
+    """`count` zTXt chunks that each inflate to about 1 MB, as far as Pillow inflates one."""
+    return png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"A" * 1_000_000, 9)) * count
+
+
 def tiff_claiming(width: int, height: int) -> bytes:
     """A baseline 8-bit gray TIFF, one strip, whose tags claim `width` x `height`."""
     data_offset = 8 + 2 + 12 * 9 + 4
@@ -277,6 +282,7 @@ def costly_corpus() -> list[Hostile]:
         Hostile("bmp-of-8-mb-rle", {"data": bmp_rle8(2048, 2048)}, 413, work, ("RLE",)),
         Hostile("webp-of-a-million-chunks", {"data": webp_with_chunks(1_000_000)}, 413, work, ("chunks",)),
         Hostile("png-exif-of-65535-tags", {"data": png_with_exif(65_535)}, 413, work, ("EXIF",)),
+        Hostile("png-of-200-text-bombs", {"data": png_claiming(28, 28, text_bombs(200))}, 413, work, ("text",)),
         Hostile("webp-exif-of-65535-tags", {"data": webp_with_exif(65_535)}, 413, work, ("EXIF",)),
         Hostile("gif-frame-at-65000", {"data": gif_with_frame_at(65_000, 65_000)}, 413, "ImageTooLarge", ("4096",)),
     ]
