@@ -1,8 +1,8 @@
 """The TorchServe handler of the digits archives: `DigitHandler`, the one class of this module.
 
 An archive ships this file as its handler and, as extra files, its siblings `digit_errors.py`,
-`digit_imaging.py`, `digit_inputs.py`, `digit_png.py`, `digit_model.py`, `digit_batch.py` and
-`digit_metrics.py`, plus `digits_meta.json`.
+`digit_imaging.py`, `digit_inputs.py`, `digit_budget.py`, `digit_png.py`, `digit_model.py`, `digit_batch.py`
+and `digit_metrics.py`, plus `digits_meta.json`.
 TorchServe 0.12.0 unpacks them side by side into the model dir, starts the worker with that dir as its
 working directory and on its PYTHONPATH (the frontend's `EnvironmentUtils.getEnvString` and
 `WorkerLifeCycle.startWorkerPython`), and imports the handler by bare module name
