@@ -1,4 +1,7 @@
-"""Subcommands that drive TorchServe and its clients: archive, config, serve, stop, token, predict, samples, evaluate."""
+"""Subcommands that drive TorchServe and its clients.
+
+archive, config, serve, stop, token, predict, samples, evaluate.
+"""
 
 from __future__ import annotations
 

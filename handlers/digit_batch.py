@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from digit_errors import RequestError
+from digit_errors import RequestError, unexpected
 from digit_inputs import read_request
 from digit_model import DigitMeta
 
@@ -46,18 +46,45 @@ class Readings:
     errors: dict[int, RequestError]  # request index -> why it was refused
 
 
-def read_batch(data: list[Any], meta: DigitMeta) -> Readings:
-    """Reads each request into a digit; one that fails is kept aside with its error, the rest go on."""
+def read_batch(data: list[Any], meta: DigitMeta, content_types: list[str | None] | None = None) -> Readings:
+    """Reads each request into a digit; one that fails is kept aside with its error, the rest go on.
+
+    Whatever reading one request raises stays that request's: a `RequestError` is its 4xx; anything else is
+    a fault of this server (a library raising what it should not, a bug here), logged once with its traceback
+    and answered as that request's own 500. Nothing raised while reading one request reaches its batch.
+
+    Args:
+        data: the rows TorchServe passes to `handle`.
+        meta: the archive's metadata (the model's input size).
+        content_types: each request's Content-Type header, where known (`content_types`).
+    """
     digits, rows, errors = [], [], {}
     for index, row in enumerate(data):
+        content_type = content_types[index] if content_types else None
         try:
-            digits.append(read_request(row, meta.size))
+            digits.append(read_request(row, meta.size, content_type))
         except RequestError as err:
             logger.info("request %d of %d refused: %d %s: %s", index, len(data), err.code, err.kind, err.message)
             errors[index] = err
+        except Exception as err:  # noqa: BLE001 - the per-request boundary: see the docstring
+            logger.exception("request %d of %d: unexpected %s while reading it", index, len(data), type(err).__name__)
+            errors[index] = unexpected(err)
         else:
             rows.append(index)
     return Readings(len(data), rows, digits, errors)
+
+
+def content_types(context: Any, count: int) -> list[str | None]:
+    """Each request's Content-Type header, from the HTTP headers TorchServe hands the handler in `context`.
+
+    TorchServe keeps a header's name as the client spelled it, beside one dict per form field (ts/service.py,
+    `retrieve_data_for_inference`), hence the case-blind search for a string value.
+    """
+    found: list[str | None] = []
+    for index in range(count):
+        headers = context.get_all_request_header(index) or {}
+        found.append(next((v for k, v in headers.items() if k.lower() == "content-type" and isinstance(v, str)), None))
+    return found
 
 
 def assemble(readings: Readings, meta: DigitMeta) -> Batch:

@@ -6,9 +6,12 @@ Shipped flat inside the archive next to `digit_handler.py` and imported as the t
 
 from __future__ import annotations
 
+import logging
+
 BAD_REQUEST = 400  # malformed: bad JSON, wrong shape, bad pixel values, truncated or corrupt image
 PAYLOAD_TOO_LARGE = 413  # body or image over our limits
 UNSUPPORTED_MEDIA_TYPE = 415  # neither an image Pillow can read, nor JSON, nor base64 of an image
+INTERNAL_ERROR = 500  # reading this one request failed in a way the handler did not foresee: a fault of ours
 
 # A reason phrase ends up in the HTTP status line, which Netty refuses to build when it holds CR/LF, so the
 # phrase is cut to one short printable ASCII line; the full message travels in the JSON body.
@@ -19,7 +22,7 @@ class RequestError(Exception):
     """One request of a batch is unusable; the others go on.
 
     Args:
-        code: HTTP status for this request (400, 413 or 415).
+        code: HTTP status for this request (400, 413 or 415; 500 for a fault of the server's own).
         kind: short machine-readable name of the problem, e.g. "TruncatedImage".
         message: what is wrong and, where it helps, what to send instead.
     """
@@ -50,3 +53,39 @@ def too_large(kind: str, message: str) -> RequestError:
 
 def unsupported(kind: str, message: str) -> RequestError:
     return RequestError(UNSUPPORTED_MEDIA_TYPE, kind, message)
+
+
+def unexpected(err: Exception) -> RequestError:
+    """This request's own answer when reading it raised something unforeseen; a MemoryError is a 413."""
+    detail = f"{type(err).__name__}: {ascii(str(err))[1:-1]}"[:300]  # ascii(): no lone surrogate gets out
+    if isinstance(err, MemoryError):
+        return RequestError(PAYLOAD_TOO_LARGE, "TooLarge", f"reading this request ran out of memory ({detail})")
+    return RequestError(
+        INTERNAL_ERROR,
+        "InternalError",
+        f"the server failed while reading this request ({detail}); the other requests of its batch were "
+        "answered; please report this",
+    )
+
+
+# What TorchServe's worker logs, at WARNING and with a traceback, for each JSON or text body it cannot decode
+# (ts/protocol/otf_message_handler.py, `_retrieve_input_data`): a client's mistake, which the handler then
+# names in that request's answer
+CLIENT_DECODING_WARNINGS = ("Failed json decoding of input data", "Failed utf-8 decoding of input data")
+
+
+class ClientTracebackFilter(logging.Filter):
+    """Keeps TorchServe's line about a body it could not decode, drops its traceback: stack traces in the logs
+    are for the server's own faults, and any client could add one per request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and str(record.msg).startswith(CLIENT_DECODING_WARNINGS):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_client_tracebacks() -> None:
+    """Installs ClientTracebackFilter once on the root logger, which TorchServe's protocol code logs through."""
+    root = logging.getLogger()
+    if not any(isinstance(existing, ClientTracebackFilter) for existing in root.filters):
+        root.addFilter(ClientTracebackFilter())

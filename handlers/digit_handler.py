@@ -1,8 +1,8 @@
 """The TorchServe handler of the digits archives: `DigitHandler`, the one class of this module.
 
 An archive ships this file as its handler and, as extra files, its siblings `digit_errors.py`,
-`digit_imaging.py`, `digit_inputs.py`, `digit_png.py`, `digit_model.py`, `digit_batch.py` and
-`digit_metrics.py`, plus `digits_meta.json`.
+`digit_imaging.py`, `digit_inputs.py`, `digit_budget.py`, `digit_png.py`, `digit_model.py`, `digit_batch.py`
+and `digit_metrics.py`, plus `digits_meta.json`.
 TorchServe 0.12.0 unpacks them side by side into the model dir, starts the worker with that dir as its
 working directory and on its PYTHONPATH (the frontend's `EnvironmentUtils.getEnvString` and
 `WorkerLifeCycle.startWorkerPython`), and imports the handler by bare module name
@@ -27,12 +27,13 @@ import torch
 from digit_batch import (
     Batch,
     assemble,
+    content_types,
     json_body,
     prediction_bodies,
     read_batch,
     to_probabilities,
 )
-from digit_errors import RequestError
+from digit_errors import RequestError, quiet_client_tracebacks
 from digit_metrics import StageTimes
 from digit_model import (
     ModelLoadError,
@@ -65,6 +66,7 @@ class DigitHandler(BaseHandler):
         self.manifest = context.manifest
         self.device = choose_device(properties.get("gpu_id"))
         keep_fp32_exact()  # the import of BaseHandler switched Ampere+ GPUs to TF32
+        quiet_client_tracebacks()  # TorchServe logs one per JSON body it cannot parse
         self.meta = read_metadata(model_dir)
         set_threads(context.model_yaml_config)  # before loading: onnxruntime sizes its pool from torch's count
         model_path = find_model_file(model_dir, self.manifest, self.meta)
@@ -92,7 +94,7 @@ class DigitHandler(BaseHandler):
         self.context = context
         times = StageTimes()
         with times.stage("DecodeTime"):
-            readings = read_batch(data, self.meta)
+            readings = read_batch(data, self.meta, content_types(context, len(data)))
         with times.stage("PreprocessTime"):
             batch = assemble(readings, self.meta)
         with times.stage("InferenceTime"):

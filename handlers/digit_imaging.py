@@ -76,7 +76,7 @@ def frame_digit(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Makes an MNIST-style digit of the model's input size from a grayscale image of any size.
 
     An image already of that size is taken as framed: it is only inverted when its background is light,
-    so a 28x28 MNIST digit passes through byte for byte.
+    so a 28x28 MNIST digit passes through byte for byte. Either way, an image without ink is no digit.
 
     Args:
         gray: (H, W) intensities in 0..255 (uint8; other dtypes are rounded to it), any size.
@@ -91,11 +91,38 @@ def frame_digit(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     gray = to_uint8(gray)
     background = border_median(gray)
     light = background > LIGHT_BACKGROUND
+    contrast = ink_contrast(gray, background, light)
     if gray.shape == size:
         return (np.subtract(255, gray, dtype=np.uint8) if light else gray).astype(np.float32)
-    ink = ink_image(gray, 255.0 - background if light else background, light)
+    ink = ink_image(gray, 255.0 - background if light else background, light, contrast)
     box = max(1, round(min(size) * BOX_FRACTION))
     return centre_by_mass(fit_box(ink.crop(ink.getbbox()), box), size)
+
+
+def require_ink(digit: np.ndarray) -> np.ndarray:
+    """Returns a digit already framed (JSON pixels) when it holds ink by frame_digit's rule, else raises NoDigit."""
+    background = border_median(digit)
+    ink_contrast(digit, background, background > LIGHT_BACKGROUND)
+    return digit
+
+
+def ink_contrast(gray: np.ndarray, background: float, light: bool) -> float:
+    """How far the strongest ink stands from the background (the border's median), on 0..255.
+
+    The one rule for images of every size and for JSON pixels: a nearly uniform image holds no digit
+    (a blank 28x28 image used to be read as a "1" at 15% confidence, while a 29x29 one was refused).
+
+    Raises:
+        RequestError: 400 NoDigit when it is under MIN_CONTRAST.
+    """
+    contrast = background - float(gray.min()) if light else float(gray.max()) - background
+    if contrast < MIN_CONTRAST:
+        raise bad_request(
+            "NoDigit",
+            f"no digit found: the image is nearly uniform (ink contrast {max(contrast, 0.0):.0f} of 255, "
+            f"at least {MIN_CONTRAST:.0f} needed)",
+        )
+    return contrast
 
 
 def border_median(gray: np.ndarray) -> float:
@@ -119,7 +146,7 @@ def border_indices(shape: tuple[int, int]) -> np.ndarray:
     return np.flatnonzero(edge)
 
 
-def ink_image(gray: np.ndarray, background: float, light: bool) -> Image.Image:
+def ink_image(gray: np.ndarray, background: float, light: bool, contrast: float) -> Image.Image:
     """The image as ink: light strokes on black, the background at 0, the strongest ink at 255, faint
     noise zeroed. Photos have grey paper and grey ink; MNIST has black background and full-white strokes.
 
@@ -130,20 +157,11 @@ def ink_image(gray: np.ndarray, background: float, light: bool) -> Image.Image:
         gray: (H, W) uint8 as sent.
         background: the border's median, on the ink's scale (already inverted when `light`).
         light: dark ink on light paper, to be inverted.
-
-    Raises:
-        RequestError: 400 when even the strongest ink stands less than MIN_CONTRAST above the background.
+        contrast: the strongest ink's distance from the background (`ink_contrast`), at least MIN_CONTRAST.
     """
     levels = np.arange(256, dtype=np.float64)
     if light:
         levels = 255.0 - levels  # dark ink on light paper becomes light ink on black
-    contrast = (255.0 - float(gray.min()) if light else float(gray.max())) - background
-    if contrast < MIN_CONTRAST:
-        raise bad_request(
-            "NoDigit",
-            f"no digit found: the image is nearly uniform (ink contrast {max(contrast, 0.0):.0f} of 255, "
-            f"at least {MIN_CONTRAST:.0f} needed)",
-        )
     table = np.clip(levels - background, 0.0, None) * (255.0 / contrast)
     table[table < NOISE_FLOOR * 255.0] = 0.0
     return Image.fromarray(gray).point(np.rint(table).astype(np.uint8).tolist())

@@ -6,16 +6,19 @@ value. A plain body is the parameter "body"; each multipart form field and each 
 its own parameter. A value is already-parsed JSON for `application/json` (or the raw bytes when it did not
 parse), a str for `text/*`, and bytes otherwise.
 
-Accepted: image bytes Pillow can read, the same base64-encoded (bytes or str, data URL or not), JSON
+Accepted: image bytes Pillow can read, the same base64-encoded (bytes or str, data URL or not; a UTF-8
+byte-order mark is dropped), JSON
 `{"data": pixels}` or bare `pixels`, where pixels are H*W numbers, H rows of W, or [[H rows of W]], raw
-0..255 intensities, white digit on black (the MNIST convention, so JSON pixels are used as sent). Every
-failure is a `RequestError` naming the problem.
+0..255 intensities, white digit on black (the MNIST convention, so JSON pixels are used as sent), and
+refused like a blank image when they hold no ink. Image files are checked for the work they would cost
+(`digit_budget.py`) before any decoder sees them. Every failure is a `RequestError` naming the problem.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import io
 import json
 import math
@@ -25,16 +28,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from digit_budget import MAX_IMAGE_SIDE, MAX_PIXELS, check_decoding_work, check_exif
 from digit_errors import RequestError, bad_request, too_large, unsupported
-from digit_imaging import frame_digit, to_grayscale
+from digit_imaging import frame_digit, require_ink, to_grayscale
 from digit_png import decode_plain_png
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # far above any digit photo; TorchServe's max_request_size is the first wall
-MAX_IMAGE_SIDE = 4096
-# Checked from the header, before any pixel is decoded, whatever TorchServe's limit_max_image_pixels says
-# (that switch only lifts Pillow's global limit in TorchServe's own vision handlers).
-MAX_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
 # Formats a client may send. Naming them also keeps Pillow from trying every plugin it has on hostile
 # bytes (EPS would even start Ghostscript). Camera JPEGs in MPO form open through "JPEG".
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
@@ -51,15 +51,26 @@ SIGNATURES = {
     b"MM\x00*": "TIFF",
 }
 INPUT_FIELDS = ("data", "body")
-_BASE64_TEXT = re.compile(rb"(data:[\w/+.-]*;base64,)?[A-Za-z0-9+/=_\-\s]+")
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=_\-\s]+")
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+# Byte-order marks of encodings JSON text may not use (RFC 8259 wants UTF-8), longest first
+FOREIGN_BOMS = {
+    codecs.BOM_UTF32_LE: "UTF-32",
+    codecs.BOM_UTF32_BE: "UTF-32",
+    codecs.BOM_UTF16_LE: "UTF-16",
+    codecs.BOM_UTF16_BE: "UTF-16",
+}
+# Pillow's own decompression-bomb message, "Image size (N pixels) exceeds limit of ..."
+_PILLOW_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
-def read_request(row: Any, size: tuple[int, int]) -> np.ndarray:
+def read_request(row: Any, size: tuple[int, int], content_type: str | None = None) -> np.ndarray:
     """Reads one request into a digit of the model's input size.
 
     Args:
         row: one element of the batch TorchServe passes to `handle`.
         size: the model's (height, width).
+        content_type: the request's Content-Type header, when known (it names what an empty row means).
 
     Returns:
         (height, width) float32 in 0..255.
@@ -67,13 +78,13 @@ def read_request(row: Any, size: tuple[int, int]) -> np.ndarray:
     Raises:
         RequestError: for anything but a readable digit.
     """
-    return read_payload(pick_payload(row), size)
+    return read_payload(pick_payload(row, content_type), size)
 
 
-def pick_payload(row: Any) -> Any:
+def pick_payload(row: Any, content_type: str | None = None) -> Any:
     """The request's input: field "data", else "body", else its only field (a multipart upload)."""
     if not isinstance(row, Mapping) or not row:
-        raise bad_request("EmptyBody", "the request has no body and no form fields; send an image or JSON")
+        raise empty_row(content_type)
     for field in INPUT_FIELDS:
         if field in row:
             return row[field]
@@ -83,12 +94,24 @@ def pick_payload(row: Any) -> Any:
     raise bad_request("MissingInput", f"no 'data' or 'body' field among the form fields {names}; name one 'data'")
 
 
+def empty_row(content_type: str | None) -> RequestError:
+    """An empty row is an empty body, or a form body TorchServe's frontend could not split into fields."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if media_type in FORM_TYPES:
+        return bad_request(
+            "MalformedForm",
+            f"the {media_type} body holds no complete field: its boundary is missing or wrong, or it is cut short "
+            "or garbled; send the image as the whole body, or as a well-formed form field named 'data'",
+        )
+    return bad_request("EmptyBody", "the request has no body and no form fields; send an image or JSON")
+
+
 def read_payload(payload: Any, size: tuple[int, int]) -> np.ndarray:
     """Dispatches on what TorchServe made of the body: bytes, text, or parsed JSON."""
     if isinstance(payload, (bytes, bytearray)):
         return read_bytes(bytes(payload), size)
     if isinstance(payload, str):
-        return read_bytes(payload.encode("utf-8"), size)
+        return read_bytes(text_bytes(payload), size)
     if isinstance(payload, (list, Mapping)):
         return read_json(payload, size)
     raise bad_request(
@@ -96,18 +119,46 @@ def read_payload(payload: Any, size: tuple[int, int]) -> np.ndarray:
     )
 
 
+def text_bytes(text: str) -> bytes:
+    """The UTF-8 of text TorchServe decoded or parsed from JSON, which may hold a lone UTF-16 surrogate
+    (JSON's "\\ud800" escape): that is not Unicode, cannot be encoded, and is named."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise bad_request(
+            "BadText",
+            f"the text holds a lone UTF-16 surrogate ({ascii(text[err.start])} at character {err.start}), which "
+            "is not a Unicode character; send valid UTF-8",
+        ) from None
+
+
 def read_bytes(payload: bytes, size: tuple[int, int]) -> np.ndarray:
-    """Tells JSON text and base64 text from binary image bytes, and reads each."""
+    """Tells JSON text, base64 text and data URLs from binary image bytes, and reads each."""
     if len(payload) > MAX_BODY_BYTES:
         raise too_large("BodyTooLarge", f"body is {len(payload)} bytes; the limit is {MAX_BODY_BYTES}")
-    text = payload.strip()
+    text = without_bom(payload).strip()
     if not text:
         raise bad_request("EmptyBody", "the body is empty; send an image or JSON")
     if text[:1] in (b"{", b"["):
         return read_json(parse_json(text), size)
+    if text[:5].lower() == b"data:":
+        return read_image(decode_data_url(text), size, encoded=True)
     if _BASE64_TEXT.fullmatch(text):
         return read_image(decode_base64(text), size, encoded=True)
     return read_image(payload, size)
+
+
+def without_bom(payload: bytes) -> bytes:
+    """Drops a UTF-8 byte-order mark (some editors and Windows tools write one before JSON or base64 text);
+    names a UTF-16 or UTF-32 one, which no image format starts with."""
+    if payload.startswith(codecs.BOM_UTF8):
+        return payload[len(codecs.BOM_UTF8) :]
+    for bom, encoding in FOREIGN_BOMS.items():
+        if payload.startswith(bom):
+            raise unsupported(
+                "NotUtf8", f"the body starts with a {encoding} byte-order mark; send JSON or base64 text as UTF-8"
+            )
+    return payload
 
 
 def parse_json(text: bytes) -> Any:
@@ -120,10 +171,24 @@ def parse_json(text: bytes) -> Any:
         raise bad_request("BadJson", f"body looks like JSON but does not parse: {err}") from None
 
 
+def decode_data_url(text: bytes) -> bytes:
+    """The bytes of a base64 data URL, `data:[<media type>][;<parameter>=<value>]*;base64,<data>` (RFC 2397)."""
+    header, comma, data = text.partition(b",")
+    if not comma:
+        raise bad_request("BadDataUrl", "the data URL has no comma before its data; send data:image/png;base64,...")
+    parameters = [part.strip().lower() for part in header[5:].split(b";")[1:]]
+    if b"base64" not in parameters:
+        shown = header[:60].decode("ascii", errors="replace")
+        raise unsupported(
+            "BadDataUrl", f"the data URL {shown!r} is not base64 (no ';base64'); send data:image/png;base64,..."
+        )
+    if not _BASE64_TEXT.fullmatch(data):
+        raise unsupported("NotAnImage", "the data URL's data is not valid base64; send data:image/png;base64,...")
+    return decode_base64(data)
+
+
 def decode_base64(text: bytes) -> bytes:
-    """Decodes standard or URL-safe base64, with or without padding, line breaks or a data: prefix."""
-    if text.startswith(b"data:"):
-        text = text.split(b",", 1)[1]
+    """Decodes standard or URL-safe base64, with or without padding or line breaks."""
     compact = re.sub(rb"\s+", b"", text).translate(bytes.maketrans(b"-_", b"+/"))
     compact += b"=" * (-len(compact) % 4)
     try:
@@ -136,6 +201,7 @@ def decode_base64(text: bytes) -> bytes:
 
 def read_image(payload: bytes, size: tuple[int, int], *, encoded: bool = False) -> np.ndarray:
     """Decodes image bytes and frames the digit they show: plain PNGs through libspng, the rest through Pillow."""
+    check_decoding_work(payload)
     gray = decode_plain_png(payload, MAX_PIXELS)
     if gray is None:
         gray = to_grayscale(decode_image(payload, encoded=encoded))
@@ -159,16 +225,42 @@ def decode_image(payload: bytes, *, encoded: bool = False) -> Image.Image:
             image = Image.open(io.BytesIO(payload), formats=IMAGE_FORMATS)  # reads the header only
             check_pixel_count(image)
             image.load()
+            check_exif(exif_block(image))
             ImageOps.exif_transpose(image, in_place=True)  # phone photos are stored sideways, with a tag
         except (RequestError, MemoryError):
             raise
         except UnidentifiedImageError:
             raise unidentified(payload, encoded) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise too_large("ImageTooLarge", f"image refused before decoding: {err}") from None
+            raise pillow_bomb(err) from None
         except Exception as err:  # Pillow's plugins raise many types on corrupt data; each is the client's
             raise decode_failure(err) from None
     return image
+
+
+def exif_block(image: Image.Image) -> bytes | None:
+    """The EXIF bytes Pillow's getexif() would parse: the file's EXIF block, or a PNG's hex-encoded text
+    profile of it (TIFF's own tags are already bounded by digit_budget.check_tiff)."""
+    exif = image.info.get("exif")
+    profile = image.info.get("Raw profile type exif")
+    if exif is None and isinstance(profile, str):
+        try:
+            exif = bytes.fromhex("".join(profile.split("\n")[3:]))
+        except ValueError:
+            return None
+    return exif if isinstance(exif, bytes) else None
+
+
+def pillow_bomb(err: Exception) -> RequestError:
+    """Pillow's own pixel limit tripped while opening (a GIF frame placed far outside its canvas stretches
+    the image as it opens): said with this server's limit, not Pillow's."""
+    found = _PILLOW_PIXELS.search(str(err))
+    claimed = f"{int(found.group(1)):,} pixels" if found else "more pixels than Pillow allows"
+    return too_large(
+        "ImageTooLarge",
+        f"the image would cover {claimed} once decoded (a frame placed outside its canvas enlarges it); the "
+        f"limit is {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} ({MAX_PIXELS:,} pixels)",
+    )
 
 
 def unidentified(payload: bytes, encoded: bool) -> RequestError:
@@ -191,15 +283,16 @@ def sniff_format(payload: bytes) -> str | None:
     return next((name for magic, name in SIGNATURES.items() if payload.startswith(magic)), None)
 
 
-# Pillow inflates PNG text and ICC chunks only up to PngImagePlugin.MAX_TEXT_CHUNK and then raises this
-_CHUNK_BOMB = "decompressed data too large"
+# Pillow inflates PNG text and ICC chunks only up to PngImagePlugin.MAX_TEXT_CHUNK each, and MAX_TEXT_MEMORY
+# in all, and then raises one of these
+_CHUNK_BOMBS = ("decompressed data too large", "too much memory used in text chunks")
 
 
 def decode_failure(err: Exception) -> RequestError:
     """Names what went wrong inside Pillow: a truncated file, a chunk that inflates too far, or corruption."""
     if isinstance(err, OSError) and "truncated" in str(err).lower():
         return bad_request("TruncatedImage", f"the image file is cut short ({err}); send the whole file")
-    if isinstance(err, ValueError) and _CHUNK_BOMB in str(err).lower():
+    if isinstance(err, ValueError) and any(bomb in str(err).lower() for bomb in _CHUNK_BOMBS):
         return too_large("ImageTooLarge", f"a compressed chunk of the image decompresses past the limit ({err})")
     return bad_request("CorruptImage", f"image cannot be decoded: {type(err).__name__}: {err}")
 
@@ -224,8 +317,8 @@ def read_json(value: Any, size: tuple[int, int]) -> np.ndarray:
             raise bad_request("BadJson", f'JSON object has no "data" key (keys: {keys or "none"})')
         value = value["data"]
         if isinstance(value, str):  # {"data": "<base64 image>"}
-            return read_bytes(value.encode("utf-8"), size)
-    return pixels_from_json(value, size)
+            return read_bytes(text_bytes(value), size)
+    return require_ink(pixels_from_json(value, size))
 
 
 def pixels_from_json(value: Any, size: tuple[int, int]) -> np.ndarray:

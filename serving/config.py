@@ -78,6 +78,8 @@ def allowed_urls(store: Path) -> str:
 
 
 LOG_CONFIG = Path(__file__).resolve().with_name("log4j2.xml")
+# What a run folder holds (serving/server.py): TorchServe's config, keys, logs and temp dir, and digits' state
+RUN_FILES = ("config.properties", "key_file.json", "server.json", "logs", "logs.prev", "tmp")
 
 
 def render_config(store: Path, ports: Ports, host: str = "127.0.0.1") -> str:
@@ -122,7 +124,33 @@ def render_config(store: Path, ports: Ports, host: str = "127.0.0.1") -> str:
 
 def write_config(store: Path, run_dir: Path, ports: Ports, host: str = "127.0.0.1") -> Path:
     ports.validate()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = run_dir / "config.properties"
-    path.write_text(render_config(store, ports, host))
+    write_private(path, render_config(store, ports, host))
     return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Writes `path` readable and writable by its owner only (0600), whatever it was before."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with open(descriptor, "w") as file:
+        file.write(text)
+
+
+def make_private(run_dir: Path) -> None:
+    """Makes a run folder its owner's alone: the folder 0700, and what digits and TorchServe keep in it (an
+    earlier run's keys and logs, written before digits restricted them) 0700 or 0600. Nothing else in it is
+    touched: a run folder may be a folder of the user's own."""
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    run_dir.chmod(0o700)
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_symlink() or not path.exists():
+            continue
+        path.chmod(0o700 if path.is_dir() else 0o600)
+        for root, folders, files in os.walk(path):
+            for entry in [*folders, *files]:
+                inner = Path(root) / entry
+                if not inner.is_symlink():
+                    inner.chmod(0o700 if inner.is_dir() else 0o600)

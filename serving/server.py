@@ -2,7 +2,9 @@
 
 A run folder holds config.properties, key_file.json (TorchServe writes it in its working directory),
 logs/, tmp/ (TorchServe's pid file lives in the temp dir, so each run folder is its own instance) and
-server.json, which `digits stop`, `digits token` and `digits predict` read.
+server.json, which `digits stop`, `digits token` and `digits predict` read. It holds the keys, and logs
+that name every request, so it is its owner's alone: the folder is 0700, and TorchServe and its workers
+run with umask 077, so that every file they write is 0600.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from pathlib import Path
 import psutil
 import requests
 
-from serving.config import Ports, list_archives, write_config
+from serving.config import Ports, list_archives, make_private, write_config, write_private
 
 READY_TIMEOUT_S = 60
 TS_PROCESS = "org.pytorch.serve.ModelServer"  # in the command line of TorchServe's Java process
-BLANK_DIGIT = {"data": [0] * 784}  # readiness probe: a real prediction through the whole handler
+# readiness probe: a real prediction through the whole handler, of a "1" (a blank image is refused: no digit)
+PROBE_DIGIT = {"data": [255 if 5 <= row < 23 and 12 <= col < 16 else 0 for row in range(28) for col in range(28)]}
 LOG_TAIL_LINES = 30
+PRIVATE_UMASK = 0o077  # TorchServe's files (keys, logs, pid) readable by their owner only
 
 
 class ServeError(RuntimeError):
@@ -127,7 +131,7 @@ def listener(port: int) -> str:
 def _environment(run_dir: Path, java: str) -> dict:
     env = dict(os.environ)
     tmp = run_dir / "tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
     env.update(
         TMPDIR=str(tmp),
         TEMP=str(tmp),
@@ -162,10 +166,12 @@ def launch(store: Path, run_dir: Path, ports: Ports, host: str, foreground: bool
     check_ports_free(host, ports)
     store = Path(store).resolve()
     models = [mar.stem for mar in list_archives(store)]
+    make_private(run_dir)  # before anything is written: keys and logs are its owner's alone
     config = write_config(store, run_dir, ports, host)
     (run_dir / "key_file.json").unlink(missing_ok=True)
     _rotate_logs(run_dir)
-    with open(run_dir / "logs" / "torchserve.out", "ab") as out:  # the child keeps its own copy of the fd
+    console = os.open(run_dir / "logs" / "torchserve.out", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with open(console, "ab") as out:  # the child keeps its own copy of the fd
         launcher = subprocess.Popen(
             torchserve_command(store, config, foreground),
             cwd=run_dir,
@@ -173,10 +179,11 @@ def launch(store: Path, run_dir: Path, ports: Ports, host: str, foreground: bool
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=not foreground,
+            umask=PRIVATE_UMASK,
         )
     pid = _wait_for_pid(run_dir, launcher)
     state = ServerState(pid=pid, host=host, ports=asdict(ports), store=str(store), config=str(config), models=models)
-    (run_dir / "server.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
+    write_private(run_dir / "server.json", json.dumps(asdict(state), indent=2) + "\n")
     return state, launcher
 
 
@@ -218,7 +225,7 @@ def _rotate_logs(run_dir: Path) -> None:
     if logs.is_dir():
         shutil.rmtree(previous, ignore_errors=True)
         logs.rename(previous)
-    logs.mkdir(parents=True)
+    logs.mkdir(mode=0o700, parents=True)
 
 
 def _wait_for_pid(run_dir: Path, launcher: subprocess.Popen, timeout: float = 20) -> int:
@@ -230,13 +237,20 @@ def _wait_for_pid(run_dir: Path, launcher: subprocess.Popen, timeout: float = 20
         if launcher.poll() not in (None, 0):
             break
         time.sleep(0.1)
-    raise ServeError(f"TorchServe did not start:\n{log_tail(run_dir / 'logs' / 'torchserve.out')}")
+    raise ServeError(f"TorchServe did not start:\n{server_log_tail(run_dir)}")
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     if not path.is_file():
         return f"(no log at {path})"
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def server_log_tail(run_dir: Path) -> str:
+    """The console's tail (the JVM's own output) and ts_log.log's, where TorchServe's warnings and errors go
+    (serving/log4j2.xml keeps them off the console, which cannot be rotated)."""
+    logs = run_dir / "logs"
+    return f"{log_tail(logs / 'torchserve.out')}\nlast lines of {logs / 'ts_log.log'}:\n{log_tail(logs / 'ts_log.log')}"
 
 
 def wait_until_ready(state: ServerState, run_dir: Path, timeout: float = READY_TIMEOUT_S) -> None:
@@ -250,7 +264,7 @@ def wait_until_ready(state: ServerState, run_dir: Path, timeout: float = READY_T
             reasons = "\n".join(f"model {model} failed to load: {load_failure(log, model)}" for model in failed)
             raise ServeError(f"{reasons}\nlast lines of {log}:\n{log_tail(log)}")
         if not is_running(state):
-            raise ServeError(f"TorchServe exited during start-up:\n{log_tail(run_dir / 'logs' / 'torchserve.out')}")
+            raise ServeError(f"TorchServe exited during start-up:\n{server_log_tail(run_dir)}")
         if time.monotonic() > deadline:
             raise ServeError(
                 f"model(s) {', '.join(pending)} did not answer within {timeout:.0f} s; model log:\n"
@@ -310,7 +324,7 @@ def _answers(state: ServerState, run_dir: Path, model: str) -> bool:
         token = read_token(run_dir)
         response = requests.post(
             f"{state.inference_url}/predictions/{model}",
-            json=BLANK_DIGIT,
+            json=PROBE_DIGIT,
             headers={"Authorization": f"Bearer {token}"},
             timeout=5,
         )

@@ -8,18 +8,37 @@ files are made here, byte by byte where a real encoder would refuse to write the
 
 from __future__ import annotations
 
+import base64
+import codecs
 import io
 import json
 import struct
+import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from serving.config import MAX_REQUEST_BYTES
+
+# the costly files are shared with the handler's unit tests, whose folder is not on this one's path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "handlers"))
+from costly_images import (  # noqa: E402
+    bmp_rle8,
+    gif_with_blocks,
+    gif_with_frame_at,
+    jpeg_with_stray_bytes,
+    png_with_chunks,
+    png_with_exif,
+    progressive_jpeg,
+    tiff,
+    webp_with_chunks,
+    webp_with_exif,
+)
 
 DIGIT = np.zeros((28, 28), np.uint8)
 DIGIT[5:23, 12:16] = 255  # a "1", white on black
@@ -66,6 +85,11 @@ def png_text_bomb(megabytes: int = 64) -> bytes:
     """A 28x28 PNG carrying a zTXt chunk of ~64 KB that inflates to `megabytes` MB."""
     text = png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"A" * (megabytes << 20), 9))
     return png_claiming(28, 28, text)
+
+
+def text_bombs(count: int) -> bytes:
+    """`count` zTXt chunks that each inflate to about 1 MB, as far as Pillow inflates one."""
+    return png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"A" * 1_000_000, 9)) * count
 
 
 def tiff_claiming(width: int, height: int) -> bytes:
@@ -225,11 +249,86 @@ def transport_corpus() -> list[Hostile]:
     ]
 
 
+def surrogate_corpus() -> list[Hostile]:
+    """A lone UTF-16 surrogate wherever TorchServe hands the handler a str: it failed whole batches."""
+    lone = b'"\\ud800"'  # JSON's escape for the lone surrogate U+D800
+    part = ("d.json", b'{"data": ' + lone + b"}", "application/json")
+    return [
+        Hostile("surrogate-json-string", {"data": lone, "headers": JSON}, 400, "BadText", ("surrogate",)),
+        Hostile("surrogate-in-data", {"data": b'{"data": ' + lone + b"}", "headers": JSON}, 400, "BadText"),
+        Hostile(
+            "surrogate-in-data-url",
+            {"data": b'{"data": "data:image/png;base64,\\ud800"}', "headers": JSON},
+            400,
+            "BadText",
+        ),
+        Hostile("surrogate-in-multipart-json-part", {"files": {"data": part}}, 400, "BadText"),
+        Hostile("surrogate-in-json-rows", {"data": b'{"data": [' + lone + b"]}", "headers": JSON}, 400, "BadShape"),
+    ]
+
+
+def costly_corpus() -> list[Hostile]:
+    """Files that cost seconds of decoding each before the handler counted their structure (digit_budget.py)."""
+    work = "TooMuchDecodingWork"
+    return [
+        Hostile("jpeg-of-1000-scans", {"data": progressive_jpeg(1024, 1000)}, 413, work, ("1,000 scans",)),
+        Hostile("jpeg-4096-of-20-scans", {"data": progressive_jpeg(4096, 20)}, 413, work, ("20 scans",)),
+        Hostile("jpeg-of-9-mb-stray-bytes", {"data": jpeg_with_stray_bytes(9_000_000)}, 413, work),
+        Hostile("png-of-800000-chunks", {"data": png_with_chunks(800_000)}, 413, work, ("chunks",)),
+        Hostile("png-of-harmless-chunks", {"data": png_with_chunks(800_000, b"tIME")}, 413, work, ("chunks",)),
+        Hostile("gif-of-4-million-sub-blocks", {"data": gif_with_blocks(4_000_000)}, 413, work, ("blocks",)),
+        Hostile("tiff-of-a-million-strips", {"data": tiff(1, 1_000_000, 1)}, 413, work, ("strips",)),
+        Hostile("tiff-of-25000-tags", {"data": tiff(28, 28, extra_tags=25_000)}, 413, work, ("tags",)),
+        Hostile("bmp-of-8-mb-rle", {"data": bmp_rle8(2048, 2048)}, 413, work, ("RLE",)),
+        Hostile("webp-of-a-million-chunks", {"data": webp_with_chunks(1_000_000)}, 413, work, ("chunks",)),
+        Hostile("png-exif-of-65535-tags", {"data": png_with_exif(65_535)}, 413, work, ("EXIF",)),
+        Hostile("png-of-200-text-bombs", {"data": png_claiming(28, 28, text_bombs(200))}, 413, work, ("text",)),
+        Hostile("webp-exif-of-65535-tags", {"data": webp_with_exif(65_535)}, 413, work, ("EXIF",)),
+        Hostile("gif-frame-at-65000", {"data": gif_with_frame_at(65_000, 65_000)}, 413, "ImageTooLarge", ("4096",)),
+    ]
+
+
+def misleading_corpus() -> list[Hostile]:
+    """Requests whose refusal used to name the wrong problem, and blank images that used to get a digit."""
+    multipart = {"Content-Type": "multipart/form-data; boundary=xyz"}
+    unterminated = b'--xyz\r\nContent-Disposition: form-data; name="data"; filename="d.png"\r\n\r\n\x89PNG'
+    white = Image.new("L", (28, 28), 255)
+    return [
+        Hostile("garbage-multipart", {"data": b"garbage", "headers": multipart}, 400, "MalformedForm", ("boundary",)),
+        Hostile("unterminated-multipart", {"data": unterminated, "headers": multipart}, 400, "MalformedForm"),
+        Hostile("utf16-json", {"data": json.dumps({"data": [0]}).encode("utf-16"), "headers": JSON}, 415, "NotUtf8"),
+        Hostile("data-url-not-base64", {"data": b"data:image/png,%89PNG", "headers": TEXT}, 415, "BadDataUrl"),
+        Hostile("blank-28x28-png", {"data": encode(white, "PNG")}, 400, "NoDigit", ("no digit",)),
+        Hostile("blank-28x28-bmp", {"data": encode(white, "BMP")}, 400, "NoDigit"),
+        Hostile("blank-29x29-png", {"data": encode(Image.new("L", (29, 29), 255), "PNG")}, 400, "NoDigit"),
+        Hostile("json-of-zeros", {"json": {"data": [0] * 784}}, 400, "NoDigit"),
+    ]
+
+
 def corpus() -> list[Hostile]:
     entries = image_corpus() + bomb_corpus() + json_corpus() + transport_corpus()
+    entries += surrogate_corpus() + costly_corpus() + misleading_corpus()
     names = [entry.name for entry in entries]
     assert len(set(names)) == len(names), "corpus names must be unique"
     return entries
+
+
+def with_bom(digit: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    return codecs.BOM_UTF8 + json.dumps({"data": digit.tolist()}).encode(), JSON
+
+
+def data_url_with_parameter(digit: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    url = "data:image/png;charset=binary;base64," + base64.b64encode(encode(Image.fromarray(digit), "PNG")).decode()
+    return json.dumps({"data": url}).encode(), JSON
+
+
+# Requests refused or misread before round 2 that are unambiguous: body and headers, from a 28x28 digit
+UNUSUAL_BUT_VALID_REQUESTS: dict[str, Callable[[np.ndarray], tuple[bytes, dict[str, str]]]] = {
+    "json-with-utf8-bom": with_bom,
+    "data-url-with-a-parameter": data_url_with_parameter,
+}
+# The costliest JPEG within the bounds (4096x4096, 16 progressive scans): answered, not refused
+LARGEST_PROGRESSIVE_JPEG = progressive_jpeg(4096, 16)
 
 
 # Hostile-looking images that are legitimate digits, made from a 28x28 digit: each must be answered 200, with

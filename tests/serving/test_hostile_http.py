@@ -9,15 +9,39 @@ from __future__ import annotations
 
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
 import requests
-from hostile_payloads import UNUSUAL_BUT_VALID, Hostile, corpus
+from hostile_payloads import (
+    LARGEST_PROGRESSIVE_JPEG,
+    UNUSUAL_BUT_VALID,
+    UNUSUAL_BUT_VALID_REQUESTS,
+    Hostile,
+    corpus,
+)
 from PIL import Image
 
 CORPUS = corpus()
+BY_NAME = {hostile.name: hostile for hostile in CORPUS}
 DEADLINE_S = 1.0  # the issue's bound for each refusal
+# Bursts: one bad request among 15 good ones, sent at once so that they share batches (the test store
+# batches 8 with a 20 ms delay), 20 rounds: no good request may fail with the bad one
+BURST_GOOD, BURST_ROUNDS = 15, 20
+# One of each kind that used to fail its batch or hold the worker
+BURST_CASES = [
+    "surrogate-json-string",
+    "surrogate-in-data",
+    "surrogate-in-data-url",
+    "surrogate-in-multipart-json-part",
+    "jpeg-of-1000-scans",
+    "png-of-800000-chunks",
+    "gif-of-4-million-sub-blocks",
+    "bmp-of-8-mb-rle",
+    "garbage-multipart",
+    "blank-28x28-png",
+]
 
 
 @dataclass
@@ -90,3 +114,50 @@ def test_unusual_but_valid_images_are_read_like_the_plain_digit(server, mnist, e
     assert response.status_code == 200, response.text
     assert response.json()["label"] == expected_labels["cnn"][0]
     assert seconds < DEADLINE_S
+
+
+def digit_png(mnist, index: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(mnist.test_images[index], mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name", BURST_CASES)
+def test_a_bad_request_among_good_ones_fails_alone(server, mnist, expected_labels, name: str) -> None:
+    hostile, good = BY_NAME[name], {"data": digit_png(mnist)}
+    failed_good, bad_answers = [], set()
+    with ThreadPoolExecutor(max_workers=BURST_GOOD + 1) as pool:
+        for _ in range(BURST_ROUNDS):
+            bad = pool.submit(send, server, hostile.request)
+            goods = [pool.submit(send, server, good) for _ in range(BURST_GOOD)]
+            for future in goods:
+                response, _ = future.result()
+                if response.status_code != 200 or response.json()["label"] != expected_labels["cnn"][0]:
+                    failed_good.append((response.status_code, response.text[:200]))
+            response, _ = bad.result()
+            bad_answers.add((response.status_code, response.json().get("type")))
+    assert not failed_good, f"{len(failed_good)} of {BURST_GOOD * BURST_ROUNDS} good requests failed: {failed_good[:3]}"
+    assert bad_answers == {(hostile.status, hostile.kind)}
+
+
+@pytest.mark.parametrize("name", sorted(UNUSUAL_BUT_VALID_REQUESTS))
+def test_unambiguous_requests_once_refused_are_read(server, mnist, expected_labels, name: str) -> None:
+    """A JSON body with a UTF-8 byte-order mark, a data URL with a parameter: the digit they hold."""
+    body, headers = UNUSUAL_BUT_VALID_REQUESTS[name](mnist.test_images[0])
+    response, seconds = send(server, {"data": body, "headers": headers})
+    assert response.status_code == 200, response.text
+    assert response.json()["label"] == expected_labels["cnn"][0]
+    assert seconds < DEADLINE_S
+
+
+def test_the_costliest_jpeg_within_the_bounds_is_answered(server) -> None:
+    """4096x4096 and 16 progressive scans: about what the largest legitimate image costs (see the README)."""
+    response, _ = send(server, {"data": LARGEST_PROGRESSIVE_JPEG})
+    assert response.status_code == 200, response.text
+
+
+def test_the_slowest_answer_of_the_corpus(answers) -> None:
+    """The issue's figure: the worst time of any hostile request (`pytest -k slowest -s` prints it)."""
+    name, answer = max(answers.items(), key=lambda item: item[1].seconds)
+    print(f"\nslowest of {len(answers)} hostile requests: {name}, {answer.seconds:.3f} s")
+    assert answer.seconds < DEADLINE_S
