@@ -11,6 +11,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -105,27 +106,48 @@ def test_cli_refuses_a_storage_uri_that_is_not_one(store, tmp_path) -> None:
 # ---- the bundle started as KServe's runtime starts it ----
 
 
-def kserve_user() -> tuple[str | None, str]:
-    """(user to switch to, why not) : None when we are not root already; else uid 1000 (the runtime's
-    runAsUser, created if absent) when it can run this interpreter; else None and the reason."""
+def kserve_user(root: Path) -> tuple[str | None, Path, str]:
+    """(user to switch to, bin folder of the Python it runs, why it stays root).
+
+    Not root: ourselves and this interpreter. Root: uid 1000 (the runtime's runAsUser; created if absent).
+    A venv on an interpreter only root can read (pyenv under /root) is out of that user's reach, so it gets
+    a venv of the system's Python of the same version that sees this venv's packages (a .pth file), as an
+    image's own Python would be; where none fits, TorchServe runs as root and says why.
+    """
+    here = Path(sys.executable).parent
     if os.geteuid() != 0:
-        return None, ""
+        return None, here, ""
     if not shutil.which("useradd") or not shutil.which("runuser"):
-        return None, "running as root without useradd/runuser"
+        return None, here, "running as root without useradd/runuser"
     try:
         user = pwd.getpwuid(KSERVE_UID).pw_name
     except KeyError:
         subprocess.run(["useradd", "--uid", str(KSERVE_UID), "--no-create-home", "digits-kserve"], check=True)
         user = "digits-kserve"
-    probe = subprocess.run(
-        [shutil.which("runuser"), "-u", user, "--", sys.executable, "-c", "import ts"], capture_output=True
-    )
-    if probe.returncode != 0:
-        return None, (
-            f"uid {KSERVE_UID} cannot run {sys.executable} (a virtual environment on an interpreter only root can "
-            "read, e.g. under /root/.pyenv); use a venv on a system-wide Python to test as non-root"
-        )
-    return user, ""
+    for python in (sys.executable, system_python_venv(root)):
+        if python and runs_as(user, python):
+            return user, Path(python).parent, ""
+    return None, here, f"uid {KSERVE_UID} can run neither {sys.executable} nor a system Python {sys.version[:4]}"
+
+
+def system_python_venv(root: Path) -> str | None:
+    """A venv of /usr/bin/pythonX.Y reading this venv's site-packages, with a `torchserve` script; or None."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    system = shutil.which(version, path="/usr/local/bin:/usr/bin")
+    if system is None:
+        return None
+    venv = root / "venv"
+    subprocess.run([system, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (venv / "lib" / version / "site-packages" / "digits-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    script = venv / "bin" / "torchserve"  # what the torchserve console script runs
+    script.write_text(f"#!{venv}/bin/python\nimport sys\nfrom ts.model_server import start\nsys.exit(start())\n")
+    script.chmod(0o755)
+    return str(venv / "bin" / "python")
+
+
+def runs_as(user: str, python: str) -> bool:
+    probe = [shutil.which("runuser"), "-u", user, "--", python, "-c", "import ts, torch, onnxruntime"]
+    return subprocess.run(probe, capture_output=True).returncode == 0
 
 
 def runtime_container() -> dict:
@@ -138,9 +160,9 @@ def runtime_container() -> dict:
 def kserve_pod(store):
     """The bundle in a world-readable folder, TorchServe started by the runtime's args and env as uid 1000."""
     container = runtime_container()
-    user, why_root = kserve_user()
     root = Path(tempfile.mkdtemp(prefix="digits-kserve-"))
     root.chmod(0o755)
+    user, python_bin, why_root = kserve_user(root)
     bundle = root / "models"  # in place of /mnt/models
     ports = Ports(*free_ports(5))
     write_bundle(store, bundle, Deployment(storage_uri="pvc://claim/digits"), ports, mount=str(bundle))
@@ -155,10 +177,12 @@ def kserve_pod(store):
     assert env == {"TS_SERVICE_ENVELOPE": "kservev2"}
     java = find_java()
     env |= {
-        "PATH": f"{Path(sys.executable).parent}:{Path(java).parent}:/usr/bin:/bin",  # the image's python, java
+        "PATH": f"{python_bin}:{Path(java).parent}:/usr/bin:/bin",  # the image's python (TorchServe's workers too)
         "JAVA_HOME": str(Path(java).resolve().parent.parent),
         "HOME": str(home),
-        "TMPDIR": str(home / "tmp"),  # this machine runs other TorchServes; a pod has its own /tmp
+        # this machine runs other TorchServes; a pod has its own /tmp (TEMP: TorchServe's java.io.tmpdir)
+        "TMPDIR": str(home / "tmp"),
+        "TEMP": str(home / "tmp"),
     }
     prefix = [shutil.which("runuser"), "-u", user, "--"] if user else []
     out = root / "torchserve.out"  # not a pipe: the server it starts keeps its copy open
@@ -167,7 +191,7 @@ def kserve_pod(store):
     try:
         assert started.returncode == 0, out.read_text(errors="replace")
         wait_ready(ports, ["cnn", "mlp"], home)
-        yield ports, user, why_root
+        yield ports, user, why_root, root
     finally:
         with out.open("ab") as sink:
             subprocess.run([*prefix, "torchserve", "--stop"], cwd=home, env=env, stdout=sink, stderr=sink, timeout=60)
@@ -225,16 +249,18 @@ def test_in_the_pod_what_listens_where(kserve_pod) -> None:
 
 
 def test_in_the_pod_torchserve_runs_as_non_root(kserve_pod) -> None:
-    ports, user, why_root = kserve_pod
+    _, user, why_root, root = kserve_pod
     if why_root:
         pytest.skip(f"TorchServe ran as root here: {why_root}")
-    owners = {p.info["uids"].effective for p in psutil.process_iter(["uids", "cmdline"]) if is_ours(p, ports)}
-    assert owners and 0 not in owners, owners
+    owners = {p.info["uids"].effective for p in psutil.process_iter(["uids", "cmdline"]) if is_ours(p, root)}
+    assert len(owners) == 1 and 0 not in owners, owners  # the frontend and its workers, all one non-root user
 
 
-def is_ours(process: psutil.Process, ports: Ports) -> bool:
+def is_ours(process: psutil.Process, root: Path) -> bool:
+    """TorchServe's frontend (config under `root`) or one of its workers (running from `root`'s venv)."""
     cmdline = " ".join(process.info["cmdline"] or [])
-    return "org.pytorch.serve.ModelServer" in cmdline and str(ports.inference) in cmdline
+    frontend = "org.pytorch.serve.ModelServer" in cmdline and str(root) in cmdline
+    return frontend or ("model_service_worker" in cmdline and str(root) in cmdline)
 
 
 def test_in_the_pod_the_model_api_is_closed_and_metrics_are_prometheus(kserve_pod) -> None:
