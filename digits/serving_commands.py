@@ -122,6 +122,7 @@ def run_config(args: argparse.Namespace) -> int:
     out = args.out or _run_dir(args) / "config.properties"
     out.parent.mkdir(parents=True, exist_ok=True)
     metrics = write_metrics_config(out.with_name("metrics.yaml"))  # the handler's metrics, for Prometheus mode
+    metrics.chmod(0o600)  # beside a config that may sit in the run folder, its owner's alone
     out.write_text(render_config(args.model_store, _ports(args), args.bind, metrics_config=metrics))
     print(out)
     return 0

@@ -80,7 +80,7 @@ def allowed_urls(store: Path) -> str:
 
 LOG_CONFIG = Path(__file__).resolve().with_name("log4j2.xml")
 # What a run folder holds (serving/server.py): TorchServe's config, keys, logs and temp dir, and digits' state
-RUN_FILES = ("config.properties", "key_file.json", "server.json", "logs", "logs.prev", "tmp")
+RUN_FILES = ("config.properties", "metrics.yaml", "key_file.json", "server.json", "logs", "logs.prev", "tmp")
 
 
 def render_config(store: Path, ports: Ports, host: str = "127.0.0.1", metrics_config: Path | None = None) -> str:
@@ -132,6 +132,7 @@ def write_config(store: Path, run_dir: Path, ports: Ports, host: str = "127.0.0.
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = run_dir / "config.properties"
     metrics = write_metrics_config(run_dir / "metrics.yaml")
+    metrics.chmod(0o600)  # the run folder is its owner's alone (make_private)
     write_private(path, render_config(store, ports, host, metrics_config=metrics))
     return path
 

@@ -38,9 +38,10 @@ def oip(datatype: str, count: int, **extra) -> dict:
     return {"inputs": [{"name": "x", "datatype": datatype, "shape": [count, 784], "data": data}], **extra}
 
 
-def test_metrics_parse_and_count_the_traffic(server) -> None:
+def test_metrics_parse_and_count_the_traffic(server, mnist) -> None:
+    digit = {"data": np.asarray(mnist.test_images[0]).tolist()}
     sent = [  # (path, body, protocol, status, error type, digits)
-        *[("predictions", {"data": [0] * 784}, "predictions", 200, "OK", 1)] * 5,
+        *[("predictions", digit, "predictions", 200, "OK", 1)] * 5,
         *[("predictions", {"inputs": []}, "predictions", 400, "BadJson", 0)] * 2,
         *[("v2", oip("UINT8", 3), "oip", 200, "OK", 3)] * 4,
         *[("v2", oip("INT16", 1), "oip", 400, "BadDatatype", 0)] * 2,
