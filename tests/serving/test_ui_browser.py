@@ -155,13 +155,16 @@ def collect(driver, received: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def confident_digits(torchserve, mnist) -> list[int]:
-    """The first DRAWN_DIGITS test digits the fixture cnn reads right, probability >= 0.9, served as PNG.
+    """Two test digits of each class that the fixture cnn reads right with probability >= 0.9, served as PNG.
 
     The fixture cnn is briefly trained (about 95% right): the test checks the drawn path and the page, not
-    the model's accuracy, so it draws digits the model itself is sure of."""
+    the model's accuracy, so it draws digits the model itself is sure of, the first ones in the test set."""
     state, token = read_state(torchserve), read_token(torchserve)
-    chosen = []
-    for index, digit in enumerate(mnist.test_images[:200]):
+    chosen: dict[int, list[int]] = {label: [] for label in range(10)}
+    for index, digit in enumerate(mnist.test_images[:500]):
+        label = int(mnist.test_labels[index])
+        if len(chosen[label]) == DRAWN_DIGITS // 10:
+            continue
         response = requests.post(
             f"{state.inference_url}/predictions/cnn",
             data=png(Image.fromarray(digit, mode="L")),
@@ -169,11 +172,11 @@ def confident_digits(torchserve, mnist) -> list[int]:
             timeout=30,
         )
         body = response.json()
-        if body["label"] == mnist.test_labels[index] and body["confidence"] >= 0.9:
-            chosen.append(index)
-        if len(chosen) == DRAWN_DIGITS:
-            return chosen
-    pytest.fail(f"the fixture cnn is sure of only {len(chosen)} of the first 200 test digits")
+        if body["label"] == label and body["confidence"] >= 0.9:
+            chosen[label].append(index)
+    short = {label: len(indices) for label, indices in chosen.items() if len(indices) < DRAWN_DIGITS // 10}
+    assert not short, f"the fixture cnn is sure of too few of the first 500 test digits of some classes: {short}"
+    return sorted(i for indices in chosen.values() for i in indices)
 
 
 # ---- page helpers ----------------------------------------------------------------------------------------
