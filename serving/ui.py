@@ -14,6 +14,7 @@ ready), `POST /api/classify?model=NAME` (body: the image's bytes) answering
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -44,6 +45,7 @@ CSP = (
 )
 REFUSED_KEY = "InvalidKeyException"  # TorchServe's answer to a wrong or expired key (status 400)
 TIMEOUT_S = 30
+OIP_OUTPUTS = ("probabilities", "label", "framed")
 
 
 class Refusal(Exception):
@@ -128,7 +130,7 @@ def _management_json(link: TorchServeLink, path: str):
 def classify(link: TorchServeLink, model: str, image: bytes) -> dict:
     """Sends one image to `model` and returns what the page shows; TorchServe's refusals become Refusal."""
     start = time.perf_counter()
-    answer = ask_predictions(link, model, image)
+    answer = ASK(link, model, image)
     answer["torchserve_ms"] = round((time.perf_counter() - start) * 1000, 1)
     return {"model": model, **answer}
 
@@ -140,6 +142,42 @@ def ask_predictions(link: TorchServeLink, model: str, image: bytes) -> dict:
         raise Refusal(response.status_code, _refusal_message(model, response))
     body = response.json()
     return {"label": body["label"], "probabilities": body["probabilities"], "framed": None}
+
+
+def ask_oip(link: TorchServeLink, model: str, image: bytes) -> dict:
+    """The Open Inference Protocol: the image as one BYTES element (base64 in JSON, as OIP says), asking for
+    the outputs `probabilities`, `label` and `framed` (the 28x28 image the model saw, white on black)."""
+    request = {
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(image).decode()]}],
+        "outputs": [{"name": name} for name in OIP_OUTPUTS],
+    }
+    response = link.request("inference", "POST", f"/v2/models/{model}/infer", json=request)
+    if response.status_code != HTTPStatus.OK:
+        raise Refusal(response.status_code, _refusal_message(model, response))
+    outputs = {output["name"]: output for output in response.json()["outputs"]}
+    missing = [name for name in OIP_OUTPUTS if name not in outputs]
+    if missing:
+        raise Refusal(HTTPStatus.BAD_GATEWAY, f"model {model} answered without the output(s) {', '.join(missing)}")
+    framed = outputs["framed"]
+    width = framed["shape"][-1]
+    pixels = list(_flat(framed["data"]))
+    return {
+        "label": list(_flat(outputs["label"]["data"]))[0],
+        "probabilities": list(_flat(outputs["probabilities"]["data"])),
+        "framed": [pixels[row : row + width] for row in range(0, len(pixels), width)],  # (H, W) uint8 rows
+    }
+
+
+def _flat(data):
+    """OIP's `data` may come flat or nested by the shape."""
+    for value in data:
+        if isinstance(value, list):
+            yield from _flat(value)
+        else:
+            yield value
+
+
+ASK = ask_predictions  # how the page asks TorchServe: ask_oip once the handler speaks OIP (issue 13)
 
 
 def _refusal_message(model: str, response: requests.Response) -> str:
