@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import threading
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -45,6 +46,7 @@ CSP = (
 )
 REFUSED_KEY = "InvalidKeyException"  # TorchServe's answer to a wrong or expired key (status 400)
 TIMEOUT_S = 30
+RENEWING = threading.Lock()  # one key renewal at a time, for all the page server's threads
 OIP_OUTPUTS = ("probabilities", "label", "framed")
 
 
@@ -84,15 +86,23 @@ class TorchServeLink:
     def request(self, api: str, method: str, path: str, **kwargs) -> requests.Response:
         """One request to TorchServe's `api` (inference, management) with its key; when TorchServe refuses
         the key (keys expire after 60 minutes), asks it for a new one and tries once more."""
-        url = self.base_url(api) + path
-        response = self._send(method, url, self.key(api), **kwargs)
+        url, key = self.base_url(api) + path, self.key(api)
+        response = self._send(method, url, key, **kwargs)
         if response.status_code == HTTPStatus.BAD_REQUEST and REFUSED_KEY in response.text:
+            response = self._send(method, url, self._renew(api, key), **kwargs)
+        return response
+
+    def _renew(self, api: str, refused: str) -> str:
+        """A key TorchServe should take: the key file's, when another request renewed it meanwhile (each new
+        key voids the last, so two requests must not both renew), else a new one from TorchServe."""
+        with RENEWING:
+            current = self.key(api)
+            if current != refused:
+                return current
             try:
-                key = refresh_token(self.run_dir, api)
+                return refresh_token(self.run_dir, api)
             except ServeError as err:
                 raise Refusal(HTTPStatus.BAD_GATEWAY, f"TorchServe refused its {api} key: {err}") from None
-            response = self._send(method, url, key, **kwargs)
-        return response
 
     @staticmethod
     def _send(method: str, url: str, key: str, **kwargs) -> requests.Response:

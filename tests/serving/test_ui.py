@@ -10,6 +10,7 @@ import pytest
 import requests
 from PIL import Image
 
+from serving.server import read_token
 from serving.ui import CSP, MAX_IMAGE_BYTES, TorchServeLink, make_server
 
 
@@ -151,3 +152,10 @@ def test_digits_ui_refuses_a_bad_or_taken_port_in_words(tmp_path, capsys):
         port = taken.getsockname()[1]
         assert main(["ui", "--port", str(port), "--run-dir", str(tmp_path)]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_a_key_renewed_by_another_request_is_used_not_renewed_again(server):
+    # each new key voids the last: of two requests refused at once, only the first may ask for a new one
+    before = read_token(server.run_dir)
+    assert TorchServeLink(server.run_dir)._renew("inference", refused="a key another request saw refused") == before
+    assert read_token(server.run_dir) == before
