@@ -239,7 +239,7 @@ def _write_outputs(config, model, model_args, data, history, seconds, log) -> Tr
         "data_sha256": data.sha256,
         "pretrained_weights": str(config.weights) if config.weights else None,
     }
-    save_checkpoint(out_dir / "checkpoint.pt", model, metadata)
+    save_checkpoint(out_dir / contract.CHECKPOINT_FILE, model, metadata)
     metrics = {
         "model": config.model,
         "test_accuracy": last["test_accuracy"],
