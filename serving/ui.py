@@ -36,7 +36,7 @@ PAGES = {  # URL path -> (file in STATIC, content type); nothing else on disk is
     "/style.css": ("style.css", "text/css; charset=utf-8"),
     "/favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
-MAX_IMAGE_BYTES = 2 * 1024 * 1024  # a phone photo as PNG fits; TorchServe itself takes up to 10 MiB
+MAX_IMAGE_BYTES = 2 * 1024 * 1024  # the pad sends a few KiB, a photo of a digit fits; TorchServe takes 10 MiB
 DRAIN_LIMIT = 64 * 1024 * 1024  # read (and drop) a refused body up to this, so the browser sees the 413
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # TorchServe's model names; no '/' or '..'
 LOOPBACK_NAMES = ("127.0.0.1", "localhost")  # it listens on 127.0.0.1 only
