@@ -4,9 +4,10 @@ The run archives MODEL in FORMAT and the no-op handler with the same batch setti
 store, starts TorchServe on free loopback ports (its run folder, logs included, is kept in OUT/torchserve),
 and at each concurrency loads the no-op and the model with the same body, alternating in short rounds so
 that whatever else the machine does in the meantime weighs on both alike. The handler's time split
-per batch (DecodeTime, PreprocessTime, InferenceTime, PostprocessTime; see handlers/digit_metrics.py) and
-TorchServe's own PredictionTime (the whole batch) are read back from model_metrics.log for each model run;
-the request ids PredictionTime names give each batch's size.
+per batch (DecodeTime, PreprocessTime, InferenceTime, PostprocessTime; see handlers/digit_metrics.py),
+its BatchSize, and TorchServe's own PredictionTime (the whole batch) are read back for each model run from
+ts_log.log, where the frontend logs every metric line a worker writes (`result=[METRICS]...`), in
+Prometheus mode (what `digits serve` runs) as in log mode.
 """
 
 from __future__ import annotations
@@ -33,12 +34,9 @@ from serving.archive import ServingSettings
 HOST = "127.0.0.1"
 NOOP = "noop"
 STAGES = ("DecodeTime", "PreprocessTime", "InferenceTime", "PostprocessTime", "PredictionTime")
-# model_metrics.log, log mode: "... - DecodeTime.Milliseconds:0.118|#ModelName:cnn,Level:Model|#hostname:..."
-METRIC_LINE = re.compile(r" - (\w+)\.(?:ms|Milliseconds):([0-9.]+)\|#ModelName:([^,|]+)")
-# TorchServe's PredictionTime names every request of its batch: "...|#hostname:vm,requestID:id1,id2,timestamp:..."
-BATCH_LINE = re.compile(
-    r" - PredictionTime\.\w+:[0-9.]+\|#ModelName:([^,|]+)[^|\n]*\|#hostname:[^,\n]*,requestID:([^\n]*),timestamp:"
-)
+# ts_log.log: "... WorkerLifeCycle - result=[METRICS]DecodeTime.Milliseconds:0.118|#ModelName:cnn,Level:Model|..."
+METRIC_LINE = re.compile(r"result=\[METRICS\](\w+)\.(?:ms|Milliseconds):([0-9.]+)\|#ModelName:([^,|]+)")
+BATCH_LINE = re.compile(r"result=\[METRICS\]BatchSize\.Count:(\d+)\|#ModelName:([^,|]+)")  # requests a batch
 LOG_SETTLE_S = 0.5  # the frontend copies worker output into its logs asynchronously
 
 
@@ -186,10 +184,10 @@ def describe_body(path: Path) -> dict:
 
 
 class LogCursor:
-    """Reads what TorchServe appended to its metrics log since `mark()`."""
+    """Reads what TorchServe appended to its log since `mark()`."""
 
     def __init__(self, log_dir: Path) -> None:
-        self.path = log_dir / "model_metrics.log"
+        self.path = log_dir / "ts_log.log"
         self.offset = 0
 
     def mark(self) -> None:
@@ -208,7 +206,7 @@ def handler_summary(metrics_log: str, model: str) -> dict[str, Any]:
     for name, value, model_name in METRIC_LINE.findall(metrics_log):
         if model_name == model and name in values:
             values[name].append(float(value))
-    sizes = [request_ids.count(",") + 1 for name, request_ids in BATCH_LINE.findall(metrics_log) if name == model]
+    sizes = [int(size) for size, name in BATCH_LINE.findall(metrics_log) if name == model]
     summary: dict[str, Any] = {"batches": len(sizes), "mean_batch_size": float(np.mean(sizes)) if sizes else None}
     for stage, ms in values.items():
         summary[stage] = (

@@ -21,6 +21,7 @@ Open Inference Protocol requests (`/v2/models/NAME/infer`) share the batch: see 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,7 @@ class DigitHandler(BaseHandler):
             batch = self.inference(batch)
         with times.stage("PostprocessTime"):
             answers = self.postprocess(batch, oip)
+        times.count(batch.size, len(batch.rows), answer_counts(batch, oip))
         # the split, so that the next bottleneck shows (digit_metrics.py). No HandlerTime beside it, as
         # BaseHandler.handle would add, and no log line a batch: TorchServe's own PredictionTime already times
         # the whole call and names every request of the batch, and each line is work for the frontend
@@ -167,6 +169,16 @@ class DigitHandler(BaseHandler):
             self.context.set_response_content_type(index, BINARY_TYPE)
             self.context.set_response_header(index, "Inference-Header-Content-Length", str(header_length))
         return body
+
+
+def answer_counts(batch: Batch, oip: OipBatch) -> Counter[tuple[str, int, str]]:
+    """The batch's answers by (protocol, HTTP status, error type), for the Answers metric."""
+    counts: Counter[tuple[str, int, str]] = Counter()
+    for index in range(batch.size):
+        error = batch.errors.get(index)
+        protocol = "oip" if index in oip.indices else "predictions"
+        counts[(protocol, 200, "OK") if error is None else (protocol, error.code, error.kind)] += 1
+    return counts
 
 
 def set_threads(model_yaml_config: dict | None) -> None:
