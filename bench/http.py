@@ -4,13 +4,19 @@ The run archives MODEL in FORMAT and the no-op handler with the same batch setti
 store, starts TorchServe on free loopback ports (its run folder, logs included, is kept in OUT/torchserve),
 and at each concurrency loads the no-op and the model with the same body, alternating in short rounds so
 that whatever else the machine does in the meantime weighs on both alike. The handler's time split
-per batch (DecodeTime, PreprocessTime, InferenceTime, PostprocessTime; see handlers/digit_metrics.py) and
-TorchServe's own PredictionTime (the whole batch) are read back from model_metrics.log for each model run;
-the request ids PredictionTime names give each batch's size.
+per batch (DecodeTime, PreprocessTime, InferenceTime, PostprocessTime; see handlers/digit_metrics.py),
+its BatchSize, and TorchServe's own PredictionTime (the whole batch) are read back for each model run from
+ts_log.log, where the frontend logs every metric line a worker writes (`result=[METRICS]...`), in
+Prometheus mode (what `digits serve` runs) as in log mode.
+
+With `oip_digits` N, the body is instead an Open Inference Protocol request of N MNIST test digits (a UINT8
+[N,28,28] tensor in the binary extension, outputs binary too, as Triton's clients send by default), sent to
+/v2/models/MODEL/infer, and rows report digits per second beside requests per second.
 """
 
 from __future__ import annotations
 
+import json
 import mimetypes
 import re
 import socket
@@ -33,12 +39,9 @@ from serving.archive import ServingSettings
 HOST = "127.0.0.1"
 NOOP = "noop"
 STAGES = ("DecodeTime", "PreprocessTime", "InferenceTime", "PostprocessTime", "PredictionTime")
-# model_metrics.log, log mode: "... - DecodeTime.Milliseconds:0.118|#ModelName:cnn,Level:Model|#hostname:..."
-METRIC_LINE = re.compile(r" - (\w+)\.(?:ms|Milliseconds):([0-9.]+)\|#ModelName:([^,|]+)")
-# TorchServe's PredictionTime names every request of its batch: "...|#hostname:vm,requestID:id1,id2,timestamp:..."
-BATCH_LINE = re.compile(
-    r" - PredictionTime\.\w+:[0-9.]+\|#ModelName:([^,|]+)[^|\n]*\|#hostname:[^,\n]*,requestID:([^\n]*),timestamp:"
-)
+# ts_log.log: "... WorkerLifeCycle - result=[METRICS]DecodeTime.Milliseconds:0.118|#ModelName:cnn,Level:Model|..."
+METRIC_LINE = re.compile(r"result=\[METRICS\](\w+)\.(?:ms|Milliseconds):([0-9.]+)\|#ModelName:([^,|]+)")
+BATCH_LINE = re.compile(r"result=\[METRICS\]BatchSize\.Count:(\d+)\|#ModelName:([^,|]+)")  # requests a batch
 LOG_SETTLE_S = 0.5  # the frontend copies worker output into its logs asynchronously
 
 
@@ -56,6 +59,7 @@ class HttpPlan:
     warmup: int  # requests per target before the first measurement
     settings: ServingSettings
     generator: str  # "ab" or "python"
+    oip_digits: int = 0  # > 0: the body is an OIP request of this many digits (see oip_body)
 
 
 @dataclass
@@ -65,6 +69,13 @@ class HttpRow:
     noop: LoadResult
     handler: dict[str, Any]  # the time split per batch, from the handler's metrics (see handler_summary)
     round_ratios: list[float] = field(default_factory=list)  # model / no-op of each round: the run's spread
+
+    digits_per_request: int = 1
+
+    @property
+    def digits_per_s(self) -> float:
+        """Digits the model classified per second: an OIP request carries many."""
+        return self.model.requests_per_s * self.digits_per_request
 
     @property
     def ratio(self) -> float:
@@ -81,7 +92,7 @@ class HttpReport:
 
     def to_dict(self) -> dict[str, Any]:
         plan = {**asdict(self.plan), "artifacts": str(self.plan.artifacts), "body": str(self.plan.body)}
-        rows = [{**asdict(row), "ratio": round(row.ratio, 3)} for row in self.rows]
+        rows = [{**asdict(row), "ratio": round(row.ratio, 3), "digits_per_s": row.digits_per_s} for row in self.rows]
         for row, source in zip(rows, self.rows, strict=True):
             for target in ("model", "noop"):
                 del row[target]["samples_ms"]  # summarised in latency
@@ -96,7 +107,7 @@ def run_http(plan: HttpPlan, run_dir: Path, log: Callable[[str], Any] = print) -
     report = HttpReport(plan, describe_body(plan.body), machine())
     with tempfile.TemporaryDirectory(prefix="digits-bench-store-") as store, serving(plan, Path(store), run_dir) as url:
         token = read_inference_token(run_dir)
-        targets = {name: target_for(url, name, token, plan.body) for name in (NOOP, plan.model)}
+        targets = {name: target_for(url, name, token, plan.body, plan.oip_digits) for name in (NOOP, plan.model)}
         check_answers(targets[plan.model])
         for target in targets.values():
             run_load(plan.generator, target, max(plan.concurrency), max(plan.warmup, max(plan.concurrency)))
@@ -106,7 +117,9 @@ def run_http(plan: HttpPlan, run_dir: Path, log: Callable[[str], Any] = print) -
             runs = measure_level(plan, targets, concurrency)
             model, noop = pooled(runs[plan.model]), pooled(runs[NOOP])
             ratios = [m.requests_per_s / n.requests_per_s for m, n in zip(runs[plan.model], runs[NOOP], strict=True)]
-            report.rows.append(HttpRow(concurrency, model, noop, handler_summary(logs.read(), plan.model), ratios))
+            summary = handler_summary(logs.read(), plan.model)
+            row = HttpRow(concurrency, model, noop, summary, ratios, max(plan.oip_digits, 1))
+            report.rows.append(row)
             log(progress_line(report.rows[-1]))
     return report
 
@@ -157,14 +170,51 @@ def read_inference_token(run_dir: Path) -> str:
     return read_token(run_dir)
 
 
-def target_for(url: str, model: str, token: str, body: Path) -> Target:
-    content_type = mimetypes.guess_type(body.name)[0] or "application/octet-stream"
+def target_for(url: str, model: str, token: str, body: Path, oip_digits: int = 0) -> Target:
+    if oip_digits:
+        length = ("Inference-Header-Content-Length", oip_header_length(body))
+        return Target(f"{url}/v2/models/{model}/infer", token, body, BINARY, (length,))
+    content_type = mimetypes.guess_type(body.name)[0] or BINARY
     return Target(f"{url}/predictions/{model}", token, body, content_type)
+
+
+BINARY = "application/octet-stream"
+OIP_HEADER_SUFFIX = ".header-length"  # beside an OIP body: the length of its JSON part
+
+
+def oip_body(digits: np.ndarray, path: Path) -> Path:
+    """Writes an OIP inference request of `digits` ((N, 28, 28) uint8) in the binary tensor extension, as
+    Triton's client sends it: the JSON part, then the tensor's bytes; its JSON length goes beside it."""
+    digits = np.ascontiguousarray(digits, dtype=np.uint8)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "digits",
+                    "datatype": "UINT8",
+                    "shape": list(digits.shape),
+                    "parameters": {"binary_data_size": digits.nbytes},
+                }
+            ],
+            "outputs": [{"name": name, "parameters": {"binary_data": True}} for name in ("probabilities", "label")],
+        }
+    ).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + digits.tobytes())
+    path.with_name(path.name + OIP_HEADER_SUFFIX).write_text(str(len(header)))
+    return path
+
+
+def oip_header_length(body: Path) -> str:
+    beside = body.with_name(body.name + OIP_HEADER_SUFFIX)
+    if not beside.is_file():
+        raise BenchError(f"{body} has no {beside.name} beside it: OIP bodies come from oip_body")
+    return beside.read_text().strip()
 
 
 def check_answers(target: Target) -> None:
     """One request first: a body the model refuses would otherwise be measured as fast errors."""
-    headers = {"Authorization": f"Bearer {target.token}", "Content-Type": target.content_type}
+    headers = {"Authorization": f"Bearer {target.token}", "Content-Type": target.content_type, **dict(target.headers)}
     response = requests.post(target.url, data=target.body.read_bytes(), headers=headers, timeout=30)
     if response.status_code != 200:
         raise BenchError(f"the model refuses {target.body}: {response.status_code} {response.text.strip()[:300]}")
@@ -186,10 +236,10 @@ def describe_body(path: Path) -> dict:
 
 
 class LogCursor:
-    """Reads what TorchServe appended to its metrics log since `mark()`."""
+    """Reads what TorchServe appended to its log since `mark()`."""
 
     def __init__(self, log_dir: Path) -> None:
-        self.path = log_dir / "model_metrics.log"
+        self.path = log_dir / "ts_log.log"
         self.offset = 0
 
     def mark(self) -> None:
@@ -208,7 +258,7 @@ def handler_summary(metrics_log: str, model: str) -> dict[str, Any]:
     for name, value, model_name in METRIC_LINE.findall(metrics_log):
         if model_name == model and name in values:
             values[name].append(float(value))
-    sizes = [request_ids.count(",") + 1 for name, request_ids in BATCH_LINE.findall(metrics_log) if name == model]
+    sizes = [int(size) for size, name in BATCH_LINE.findall(metrics_log) if name == model]
     summary: dict[str, Any] = {"batches": len(sizes), "mean_batch_size": float(np.mean(sizes)) if sizes else None}
     for stage, ms in values.items():
         summary[stage] = (
@@ -224,8 +274,9 @@ def handler_summary(metrics_log: str, model: str) -> dict[str, Any]:
 
 
 def progress_line(row: HttpRow) -> str:
+    digits = f" = {row.digits_per_s:7.0f} digits/s" if row.digits_per_request > 1 else ""
     return (
-        f"  concurrency {row.concurrency:3}: model {row.model.requests_per_s:7.0f} req/s "
+        f"  concurrency {row.concurrency:3}: model {row.model.requests_per_s:7.0f} req/s{digits} "
         f"(p99 {row.model.latency.p99_ms:6.1f} ms, {row.model.errors} errors), "
         f"no-op {row.noop.requests_per_s:7.0f} req/s, ratio {row.ratio:.2f} "
         f"(rounds {min(row.round_ratios):.2f}-{max(row.round_ratios):.2f})"

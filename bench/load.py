@@ -29,12 +29,13 @@ AB_TIMEOUT_S = 30  # per request, as ab's own default
 
 @dataclass(frozen=True)
 class Target:
-    """Where to send and what: a predictions URL, its bearer token, one request body."""
+    """Where to send and what: a predictions URL, its bearer token, one request body (and extra headers)."""
 
     url: str
     token: str
     body: Path
     content_type: str
+    headers: tuple[tuple[str, str], ...] = ()  # e.g. OIP's Inference-Header-Content-Length
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,9 @@ def run_ab(target: Target, concurrency: int, requests: int) -> LoadResult:
             find_ab(),
             *("-k", "-q", "-s", str(AB_TIMEOUT_S), "-n", str(requests), "-c", str(concurrency)),
             *("-p", str(target.body), "-T", target.content_type, "-e", str(csv)),
-            *("-H", f"Authorization: Bearer {target.token}", target.url),
+            *("-H", f"Authorization: Bearer {target.token}"),
+            *(arg for name, value in target.headers for arg in ("-H", f"{name}: {value}")),
+            target.url,
         ]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -137,7 +140,7 @@ def _ab_number(summary: str, pattern: str) -> float:
 def run_python(target: Target, concurrency: int, requests: int) -> LoadResult:
     """One thread and one keep-alive connection per concurrent client, sharing a request counter."""
     body, url = target.body.read_bytes(), urlsplit(target.url)
-    headers = {"Authorization": f"Bearer {target.token}", "Content-Type": target.content_type}
+    headers = {"Authorization": f"Bearer {target.token}", "Content-Type": target.content_type, **dict(target.headers)}
     tickets, lock = itertools.count(), threading.Lock()
     latencies: list[float] = []
     statuses: list[int] = []

@@ -83,6 +83,14 @@ def add_http(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default=ONNX.name, choices=list(FORMATS), help=f"file to serve (default {ONNX.name})")
     add_artifacts(p)
     p.add_argument("--input", type=Path, help="request body (default: MNIST test digit 0 as a 28x28 PNG)")
+    p.add_argument(
+        "--oip",
+        type=int,
+        default=0,
+        metavar="N",
+        help="send Open Inference Protocol requests of N MNIST test digits each (a binary UINT8 tensor) to "
+        "/v2/models/MODEL/infer instead of --input to /predictions; rows add digits/s",
+    )
     p.add_argument("--concurrency", type=_int_list, default=(1, 4, 16, 64), help="default 1,4,16,64")
     p.add_argument("--requests", type=int, default=4000, help="requests per target and concurrency (default 4000)")
     p.add_argument(
@@ -121,7 +129,9 @@ def run_http(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_batch_delay=args.max_batch_delay, workers=args.workers, threads=args.threads
     )
     settings.validate()
-    body = args.input or default_input(out)
+    if not 0 <= args.oip <= 1024 or (args.oip and args.input):
+        raise ValueError(f"--oip takes 1-1024 digits a request (the handler's limit), without --input; got {args.oip}")
+    body = oip_input(out, args.oip) if args.oip else args.input or default_input(out)
     plan = HttpPlan(
         model=args.model,
         fmt=args.format,
@@ -133,12 +143,22 @@ def run_http(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         settings=settings,
         generator=args.load_generator,
+        oip_digits=args.oip,
     )
     report = measure(plan, out / "torchserve")
     paths = write_http(report, out)
     print(paths[1].read_text(), end="")
     print(f"wrote {', '.join(map(str, paths))}")
     return 0
+
+
+def oip_input(out: Path, digits: int) -> Path:
+    """An OIP request of the first `digits` MNIST test digits, written into the output folder."""
+    from bench.http import oip_body
+    from training.data import load_mnist
+
+    data = load_mnist(log=lambda _: None)
+    return oip_body(data.test_images[:digits], out / f"oip-{digits}-digits.bin")
 
 
 def default_input(out: Path) -> Path:

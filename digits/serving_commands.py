@@ -1,5 +1,5 @@
 """Subcommands that drive TorchServe and its clients: archive, config, serve, stop, token, predict, samples, evaluate,
-ui."""
+kserve, ui."""
 
 from __future__ import annotations
 
@@ -113,12 +113,14 @@ def add_config(sub: argparse._SubParsersAction) -> None:
 
 def run_config(args: argparse.Namespace) -> int:
     from serving.config import render_config
+    from serving.metrics import write_metrics_config
 
     _ports(args).validate()
     _warn_if_exposed(args.bind)
     out = args.out or _run_dir(args) / "config.properties"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_config(args.model_store, _ports(args), args.bind))
+    metrics = write_metrics_config(out.with_name("metrics.yaml"))  # the handler's metrics, for Prometheus mode
+    out.write_text(render_config(args.model_store, _ports(args), args.bind, metrics_config=metrics))
     print(out)
     return 0
 
@@ -306,6 +308,67 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 1
 
 
+def add_kserve(sub: argparse._SubParsersAction) -> None:
+    from serving.kserve import KSERVE_PORTS, MOUNT, SCALE_METRICS, Deployment
+
+    defaults = Deployment()
+    p = sub.add_parser(
+        "kserve",
+        help="pack a model store for KServe's TorchServe runtime, with an InferenceService manifest",
+        description="Write OUT/config/config.properties, OUT/model-store/*.mar and OUT/inferenceservice.yaml "
+        "(KServe v1beta1, modelFormat pytorch, protocolVersion v2). Upload OUT to STORAGE_URI; "
+        "`kubectl apply -f OUT/inferenceservice.yaml`. See README, Scaling out on KServe.",
+    )
+    p.add_argument("--model-store", type=Path, default=DEFAULT_STORE, help="default: model_store/")
+    p.add_argument("--out", type=Path, required=True, help="a new or empty folder for the bundle")
+    p.add_argument("--storage-uri", required=True, help="where you will upload OUT (s3://..., gs://..., pvc://...)")
+    p.add_argument("--name", default=defaults.name, help=f"the InferenceService's name (default {defaults.name})")
+    p.add_argument("--cpu", default=defaults.cpu, help=f"CPU request and limit per replica (default {defaults.cpu})")
+    p.add_argument("--memory", default=defaults.memory, help=f"memory per replica (default {defaults.memory})")
+    p.add_argument("--min-replicas", type=int, default=defaults.min_replicas, help="default %(default)s")
+    p.add_argument("--max-replicas", type=int, default=defaults.max_replicas, help="default %(default)s")
+    p.add_argument("--scale-metric", choices=SCALE_METRICS, default=defaults.scale_metric, help="default %(default)s")
+    p.add_argument(
+        "--scale-target", type=int, default=defaults.scale_target, help="per replica, in --scale-metric's unit"
+    )
+    p.add_argument("--gpu", action="store_true", help="ask for one NVIDIA GPU per replica")
+    p.add_argument("--check-against", type=Path, metavar="CRD_YAML", help="validate the manifest against this CRD")
+    p.add_argument("--mount", default=MOUNT, help=f"where the bundle is mounted (KServe: {MOUNT})")
+    p.add_argument("--inference-port", type=int, default=KSERVE_PORTS.inference, help="TorchServe's, behind KServe's")
+    p.add_argument("--management-port", type=int, default=KSERVE_PORTS.management, help="default %(default)s")
+    p.add_argument("--metrics-port", type=int, default=KSERVE_PORTS.metrics, help="KServe scrapes 8082")
+    p.add_argument("--grpc-inference-port", type=int, default=KSERVE_PORTS.grpc_inference, help="default %(default)s")
+    p.add_argument("--grpc-management-port", type=int, default=KSERVE_PORTS.grpc_management, help="default %(default)s")
+    p.set_defaults(func=run_kserve)
+
+
+def run_kserve(args: argparse.Namespace) -> int:
+    import yaml
+
+    from serving.kserve import Deployment, crd_schema, validate_manifest, write_bundle
+
+    deployment = Deployment(
+        args.name,
+        args.storage_uri,
+        args.cpu,
+        args.memory,
+        args.min_replicas,
+        args.max_replicas,
+        args.scale_metric,
+        args.scale_target,
+        args.gpu,
+    )
+    manifest = write_bundle(args.model_store, args.out, deployment, _ports(args), args.mount)
+    if args.check_against:
+        problems = validate_manifest(yaml.safe_load(manifest.read_text()), crd_schema(args.check_against))
+        if problems:
+            print(f"{manifest} does not validate against {args.check_against}:", *problems, sep="\n  ", file=sys.stderr)
+            return 1
+        print(f"{manifest} validates against {args.check_against}")
+    print(f"bundle in {args.out}; upload it to {args.storage_uri}, then: kubectl apply -f {manifest}")
+    return 0
+
+
 def add_ui(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ui",
@@ -346,5 +409,6 @@ SERVING_COMMANDS = [
     add_predict,
     add_samples,
     add_evaluate,
+    add_kserve,
     add_ui,
 ]

@@ -1,8 +1,8 @@
 """The TorchServe handler of the digits archives: `DigitHandler`, the one class of this module.
 
 An archive ships this file as its handler and, as extra files, its siblings `digit_errors.py`,
-`digit_imaging.py`, `digit_inputs.py`, `digit_png.py`, `digit_model.py`, `digit_batch.py` and
-`digit_metrics.py`, plus `digits_meta.json`.
+`digit_imaging.py`, `digit_inputs.py`, `digit_png.py`, `digit_model.py`, `digit_batch.py`, `digit_oip.py`
+and `digit_metrics.py`, plus `digits_meta.json`.
 TorchServe 0.12.0 unpacks them side by side into the model dir, starts the worker with that dir as its
 working directory and on its PYTHONPATH (the frontend's `EnvironmentUtils.getEnvString` and
 `WorkerLifeCycle.startWorkerPython`), and imports the handler by bare module name
@@ -15,11 +15,13 @@ by, installed packages on that path. TorchServe takes the handler module's only 
 Requests and answers: see `digit_inputs.py` for what a request may hold. Each readable request gets
 `{"label": 7, "confidence": 0.998, "probabilities": [ten floats]}`; each unreadable one gets its own
 4xx status and `{"code", "type", "message"}` body, and the rest of the batch is answered normally.
+Open Inference Protocol requests (`/v2/models/NAME/infer`) share the batch: see `digit_oip.py`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,6 @@ from digit_batch import (
     assemble,
     json_body,
     prediction_bodies,
-    read_batch,
     to_probabilities,
 )
 from digit_errors import RequestError
@@ -43,6 +44,15 @@ from digit_model import (
     load_predictor,
     read_metadata,
     verify_sha256,
+)
+from digit_oip import (
+    BINARY_TYPE,
+    JSON_TYPE,
+    OipBatch,
+    answer,
+    error_body,
+    model_identity,
+    read_requests,
 )
 from digit_png import fast_png_available
 from ts.handler_utils.timer import timed
@@ -92,13 +102,14 @@ class DigitHandler(BaseHandler):
         self.context = context
         times = StageTimes()
         with times.stage("DecodeTime"):
-            readings = read_batch(data, self.meta)
+            readings, oip = read_requests(data, context, self.meta)  # /predictions and OIP requests alike
         with times.stage("PreprocessTime"):
             batch = assemble(readings, self.meta)
         with times.stage("InferenceTime"):
             batch = self.inference(batch)
         with times.stage("PostprocessTime"):
-            answers = self.postprocess(batch)
+            answers = self.postprocess(batch, oip)
+        times.count(batch.size, len(batch.rows), answer_counts(batch, oip))
         # the split, so that the next bottleneck shows (digit_metrics.py). No HandlerTime beside it, as
         # BaseHandler.handle would add, and no log line a batch: TorchServe's own PredictionTime already times
         # the whole call and names every request of the batch, and each line is work for the frontend
@@ -113,21 +124,61 @@ class DigitHandler(BaseHandler):
         return batch.with_probabilities(to_probabilities(self.model(batch.digits)))
 
     @timed
-    def postprocess(self, batch: Batch) -> list[bytes]:
-        """One JSON body per request, in request order, with a per-request status for the refused ones.
+    def postprocess(self, batch: Batch, oip: OipBatch | None = None) -> list[bytes]:
+        """One body per request, in request order, with a per-request status for the refused ones.
 
         Bodies go back as bytes: given a dict, TorchServe's worker would encode it with `json.dumps(indent=2)`,
         which bypasses the C encoder; that alone took a fifth of the worker's time per request (cProfile).
+        OIP requests (`oip`) get OIP answers (digit_oip.py), the others /predictions ones.
         """
-        answers = {}
-        if batch.rows:
-            answers = dict(zip(batch.rows, prediction_bodies(batch.probabilities, self.meta.labels), strict=True))
+        if oip is None or not oip.indices:
+            answers = {}
+            if batch.rows:
+                answers = dict(zip(batch.rows, prediction_bodies(batch.probabilities, self.meta.labels), strict=True))
+        else:
+            answers = self.plain_answers(batch, oip)
         bodies = []
         for index in range(batch.size):
-            self.context.set_response_content_type(index, "application/json")
             error = batch.errors.get(index)
+            if oip is not None and index in oip.indices:
+                bodies.append(self.oip_answer(batch, oip, index, error))
+                continue
+            self.context.set_response_content_type(index, "application/json")
             bodies.append(answers[index] if error is None else json_body(refuse(self.context, index, error)))
         return bodies
+
+    def plain_answers(self, batch: Batch, oip: OipBatch) -> dict[int, bytes]:
+        """The /predictions bodies of a batch that mixes in OIP requests: request index -> body."""
+        positions = [position for position, index in enumerate(batch.rows) if index not in oip.indices]
+        if not positions:
+            return {}
+        bodies = prediction_bodies(batch.probabilities[positions], self.meta.labels)
+        return {batch.rows[position]: body for position, body in zip(positions, bodies, strict=True)}
+
+    def oip_answer(self, batch: Batch, oip: OipBatch, index: int, error: RequestError | None) -> bytes:
+        """Request `index`'s OIP body, its status and content type set: the outputs, or `{"error": ...}`."""
+        if error is not None:
+            self.context.set_response_content_type(index, JSON_TYPE)
+            self.context.set_response_status(code=error.code, phrase=error.phrase(), idx=index)
+            return error_body(error)
+        probabilities = batch.probabilities[oip.rows[index]].numpy()
+        body, header_length = answer(oip.read[index], probabilities, self.meta.labels, model_identity(self.context))
+        if header_length is None:
+            self.context.set_response_content_type(index, JSON_TYPE)
+        else:
+            self.context.set_response_content_type(index, BINARY_TYPE)
+            self.context.set_response_header(index, "Inference-Header-Content-Length", str(header_length))
+        return body
+
+
+def answer_counts(batch: Batch, oip: OipBatch) -> Counter[tuple[str, int, str]]:
+    """The batch's answers by (protocol, HTTP status, error type), for the Answers metric."""
+    counts: Counter[tuple[str, int, str]] = Counter()
+    for index in range(batch.size):
+        error = batch.errors.get(index)
+        protocol = "oip" if index in oip.indices else "predictions"
+        counts[(protocol, 200, "OK") if error is None else (protocol, error.code, error.kind)] += 1
+    return counts
 
 
 def set_threads(model_yaml_config: dict | None) -> None:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from serving.archive import ArchiveError, read_archive_settings
+from serving.metrics import write_metrics_config
 
 MAX_REQUEST_BYTES = 10 * 1024 * 1024  # a 4096x4096 PNG fits; anything bigger is refused by the frontend
 
@@ -80,7 +81,7 @@ def allowed_urls(store: Path) -> str:
 LOG_CONFIG = Path(__file__).resolve().with_name("log4j2.xml")
 
 
-def render_config(store: Path, ports: Ports, host: str = "127.0.0.1") -> str:
+def render_config(store: Path, ports: Ports, host: str = "127.0.0.1", metrics_config: Path | None = None) -> str:
     store = Path(store).resolve()
     archives = list_archives(store)
     try:
@@ -109,6 +110,10 @@ def render_config(store: Path, ports: Ports, host: str = "127.0.0.1") -> str:
         # the handler's per-batch time split (handlers/digit_metrics.py) are custom metrics, which TorchServe
         # drops unless metrics.yaml names them or this is on; registering costs once, at the first batch
         "model_metrics_auto_detect": "true",
+        # Prometheus text on the metrics port (what KServe scrapes), with the handler's metrics declared in
+        # `metrics_config` (serving/metrics.py); without it, they register as their first line says
+        "metrics_mode": "prometheus",
+        **({"metrics_config": str(Path(metrics_config).resolve())} if metrics_config else {}),
         # workers talk over unix sockets named after this number (/tmp/.ts.sock.N): derive it from the
         # inference port so that two servers on different ports never share a socket
         "initial_worker_port": str(9000 + ports.inference % 50000),
@@ -124,5 +129,6 @@ def write_config(store: Path, run_dir: Path, ports: Ports, host: str = "127.0.0.
     ports.validate()
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.properties"
-    path.write_text(render_config(store, ports, host))
+    metrics = write_metrics_config(run_dir / "metrics.yaml")
+    path.write_text(render_config(store, ports, host, metrics_config=metrics))
     return path

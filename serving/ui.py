@@ -140,18 +140,9 @@ def _management_json(link: TorchServeLink, path: str):
 def classify(link: TorchServeLink, model: str, image: bytes) -> dict:
     """Sends one image to `model` and returns what the page shows; TorchServe's refusals become Refusal."""
     start = time.perf_counter()
-    answer = ASK(link, model, image)
+    answer = ask_oip(link, model, image)
     answer["torchserve_ms"] = round((time.perf_counter() - start) * 1000, 1)
     return {"model": model, **answer}
-
-
-def ask_predictions(link: TorchServeLink, model: str, image: bytes) -> dict:
-    """TorchServe's own API: image bytes in, `{"label", "confidence", "probabilities"}` out (no framed image)."""
-    response = link.request("inference", "POST", f"/predictions/{model}", data=image)
-    if response.status_code != HTTPStatus.OK:
-        raise Refusal(response.status_code, _refusal_message(model, response))
-    body = response.json()
-    return {"label": body["label"], "probabilities": body["probabilities"], "framed": None}
 
 
 def ask_oip(link: TorchServeLink, model: str, image: bytes) -> dict:
@@ -185,9 +176,6 @@ def _flat(data):
             yield from _flat(value)
         else:
             yield value
-
-
-ASK = ask_predictions  # how the page asks TorchServe: ask_oip once the handler speaks OIP (issue 13)
 
 
 def _refusal_message(model: str, response: requests.Response) -> str:

@@ -168,21 +168,16 @@ function showAnswer(asked, reply, milliseconds) {
 }
 
 function showFramed(rows) {
-  const caption = document.getElementById("framed-caption");
+  // rows: the 28x28 image the model saw (white on black, 0-255), or null to show none
   const paint = framed.getContext("2d");
-  if (!rows) {
-    paint.clearRect(0, 0, 28, 28);
-    framed.dataset.shown = "false";
-    caption.textContent = "this TorchServe does not return the framed 28×28 image";
-    return;
-  }
-  const pixels = paint.createImageData(28, 28);
+  paint.clearRect(0, 0, framed.width, framed.height);
+  framed.dataset.shown = String(rows !== null);
+  if (rows === null) return;
+  const pixels = paint.createImageData(framed.width, framed.height);
   rows.flat().forEach((value, i) => {
     pixels.data.set([value, value, value, 255], i * 4);
   });
   paint.putImageData(pixels, 0, 0);
-  framed.dataset.shown = "true";
-  caption.textContent = "what the model saw: the 28×28 image after framing";
 }
 
 function showError(asked, message) {
@@ -195,6 +190,7 @@ function showError(asked, message) {
     bar.querySelector(".bar").style.height = "0";
     bar.querySelector(".value").textContent = "";
   });
+  showFramed(null);
   document.getElementById("error").textContent = message;
   settle(asked, "error");
 }

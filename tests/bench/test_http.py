@@ -38,7 +38,7 @@ def test_http_bench_writes_json_markdown_and_plot(int8_artifacts, tmp_path, caps
     markdown = (out / "bench-http.md").read_text()
     assert "| concurrency | model req/s | no-op req/s | model / no-op |" in markdown and "decode" in markdown
     assert (out / "bench-http.png").read_bytes().startswith(b"\x89PNG")
-    assert (out / "torchserve" / "logs" / "model_metrics.log").is_file()  # kept, to look into
+    assert (out / "torchserve" / "logs" / "ts_log.log").is_file()  # kept, to look into
     assert markdown in capsys.readouterr().out
 
 

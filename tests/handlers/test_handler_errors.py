@@ -172,9 +172,12 @@ def test_reason_phrase_is_one_short_printable_line() -> None:
 
 @pytest.mark.parametrize("header", ["explain", "describe"])
 def test_client_headers_cannot_switch_the_handler_into_other_modes(handlers_by_format, model_dirs, header) -> None:
-    """BaseHandler.handle would explain (Captum) or describe when request 0 has such a header: not here."""
+    """BaseHandler.handle would explain (Captum) or describe when request 0 has such a header: not here.
+
+    `url_path` is what the frontend adds to every /predictions request (without it, `explain` marks KServe's
+    routes: digit_oip.py)."""
     context = make_context(model_dirs["onnx"])
     rows = [{"body": GOOD_PNG}, {"body": GOOD_PNG}]
-    answers = run_batch(handlers_by_format["onnx"], context, rows, headers=[{header: "True"}, {}])
+    answers = run_batch(handlers_by_format["onnx"], context, rows, headers=[{header: "True", "url_path": ""}, {}])
     assert [a.status for a in answers] == [200, 200]
     assert answers[0].body == answers[1].body

@@ -31,10 +31,12 @@ def test_handler_reports_each_stage_of_a_batch(handlers_by_format, model_dirs, m
     context = make_context(model_dirs["onnx"])
     with caplog.at_level(logging.INFO, logger="digit_metrics"):
         run_batch(handlers_by_format["onnx"], context, [{"body": png_bytes(mnist_test[0][0])}] * 3)
-    [record] = [r for r in caplog.records if r.name == "digit_metrics"]  # the four in one write
+    [record] = [r for r in caplog.records if r.name == "digit_metrics"]  # all in one write
     matches = parsed(record.getMessage())
-    assert [m[1] for m in matches] == list(STAGES)
-    for match in matches:
+    assert [m[1] for m in matches] == [*STAGES, "BatchSize", "BatchDigits", "Answers"]
+    assert [(m[3], m[6]) for m in matches[4:]] == [("3", "HISTOGRAM"), ("3", "HISTOGRAM"), ("3", "COUNTER")]
+    assert matches[6][4] == "ModelName:tiny,Level:Model,Protocol:predictions,Status:200,ErrorType:OK"
+    for match in matches[:4]:
         assert match[2] == "Milliseconds" and float(match[3]) >= 0 and match[6] == "GAUGE"
         assert match[4] == "ModelName:tiny,Level:Model"
         assert match[10] == "request-0,request-1,request-2"  # every request of the batch, as PredictionTime

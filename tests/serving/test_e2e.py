@@ -96,9 +96,9 @@ def test_concurrent_burst_forms_batches_and_every_answer_is_right(server, mnist,
 
 
 def batch_sizes(server) -> list[int]:
-    """Batch sizes of cnn's batches, from the request ids TorchServe's PredictionTime names (model_metrics.log)."""
-    log = (server.run_dir / "logs" / "model_metrics.log").read_text(errors="replace")
-    return [ids.count(",") + 1 for ids in re.findall(r"PredictionTime.*ModelName:cnn,.*requestID:(.*),timestamp:", log)]
+    """Batch sizes of cnn's batches, from the handler's BatchSize lines the frontend logs (ts_log.log)."""
+    log = (server.run_dir / "logs" / "ts_log.log").read_text(errors="replace")
+    return [int(size) for size in re.findall(r"result=\[METRICS\]BatchSize\.Count:(\d+)\|#ModelName:cnn,", log)]
 
 
 def test_bad_requests_in_a_burst_fail_alone(server, mnist, expected_labels):

@@ -130,6 +130,8 @@ def test_an_image_is_forwarded_and_answered_as_torchserve_answers(server, page, 
         assert body["model"] == model and body["label"] == expected_labels[model][index]
         assert len(body["probabilities"]) == 10 and abs(sum(body["probabilities"]) - 1) < 1e-4
         assert body["torchserve_ms"] > 0
+        framed = body["framed"]  # the 28x28 image the model saw: an MNIST digit passes through as it is
+        assert framed == mnist.test_images[index].tolist()
 
 
 def test_a_refused_image_and_an_unknown_model_are_said_in_words(page):

@@ -26,7 +26,6 @@ from serving_helpers import PORT_FLAGS, free_ports, port_flags
 from digits.cli import main
 from serving.samples import drawn_large
 from serving.server import read_state, read_token, refresh_token
-from serving.ui import ASK, ask_oip
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
 from selenium.common.exceptions import TimeoutException  # noqa: E402
@@ -48,7 +47,6 @@ PAD = 280  # the page's drawing pad, CSS pixels = canvas pixels
 SCALE = 9  # pad pixels per MNIST pixel: a 28x28 digit drawn 252 px large
 DRAWN_DIGITS = 20
 ANSWER_TIMEOUT_S = 60
-OIP = ASK is ask_oip  # the page shows the framed image only where it asks TorchServe over OIP
 SCREENSHOT_ENV = "DIGITS_UI_SCREENSHOT"  # where to copy the screenshot too (docs/ui.png is made this way)
 
 
@@ -250,12 +248,9 @@ def page_text(driver) -> str:
 
 
 def ask_torchserve(run_dir: Path, model: str, image: bytes) -> dict:
-    """TorchServe's own answer to `image`, asked directly in the protocol the page server speaks."""
+    """TorchServe's own answer to `image`, asked directly over the Open Inference Protocol, as the page's server
+    asks it."""
     state, headers = read_state(run_dir), {"Authorization": f"Bearer {read_token(run_dir)}"}
-    if not OIP:
-        response = requests.post(f"{state.inference_url}/predictions/{model}", data=image, headers=headers, timeout=30)
-        assert response.status_code == 200, response.text
-        return {**response.json(), "framed": None}
     request = {
         "inputs": [{"name": "digit", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(image).decode()]}],
         "outputs": [{"name": "probabilities"}, {"name": "label"}, {"name": "framed"}],
@@ -302,9 +297,7 @@ def test_drawn_digits_are_read_as_torchserve_reads_the_pad(browser, torchserve, 
         assert page["probabilities"] == pytest.approx(truth["probabilities"], abs=1e-4), name
         heights = [float(h.rstrip("%")) for h in page["heights"]]  # the bar chart: each bar's height in %
         assert heights == pytest.approx([p * 100 for p in truth["probabilities"]], abs=0.051), name
-        assert page["framedShown"] == OIP
-        if OIP:  # the 28x28 image the model saw, pixel for pixel
-            assert page["framed"] == truth["framed"], name
+        assert page["framedShown"] and page["framed"] == truth["framed"], name  # what the model saw, pixel for pixel
         assert re.fullmatch(r"\d+ ms in all, \d+ ms of it in TorchServe", page["latency"]), page["latency"]
         if page["label"] == str(label):
             right += 1

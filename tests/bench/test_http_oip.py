@@ -1,0 +1,72 @@
+"""`digits bench http --oip N`: Open Inference Protocol requests of N digits, on a tiny configuration."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from bench.http import oip_body, target_for
+from bench.load import run_load
+from digits.cli import main
+
+
+def test_http_bench_over_oip_counts_digits(int8_artifacts, tmp_path):
+    out = tmp_path / "http"
+    args = ["bench", "http", "--model", "mlp", "--format", "onnx-int8", "--artifacts", str(int8_artifacts)]
+    load = ["--concurrency", "1,2", "--requests", "8", "--rounds", "2", "--warmup", "2", "--load-generator", "python"]
+    assert main([*args, *load, "--oip", "8", "--out", str(out)]) == 0
+    report = json.loads((out / "bench-http.json").read_text())
+    assert report["plan"]["oip_digits"] == 8 and report["body"]["bytes"] > 8 * 784
+    for row in report["rows"]:
+        assert row["model"]["errors"] == 0 and row["noop"]["errors"] == 0
+        assert row["digits_per_request"] == 8
+        assert row["digits_per_s"] == pytest.approx(row["model"]["requests_per_s"] * 8)
+        assert row["handler"]["batches"] >= 1 and row["handler"]["mean_batch_size"] >= 1
+
+
+def test_bench_refuses_oip_over_the_handlers_limit(tmp_path, capsys):
+    assert main(["bench", "http", "--oip", "2000", "--out", str(tmp_path)]) != 0
+    assert "1-1024" in capsys.readouterr().err
+
+
+class _Headers(BaseHTTPRequestHandler):
+    """Answers 200 when the OIP header says where the JSON part ends, 400 otherwise."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        length = int(self.headers.get("Inference-Header-Content-Length", "-1"))
+        ok = (
+            length > 0
+            and json.loads(body[:length])["inputs"][0]["parameters"]["binary_data_size"] == len(body) - length
+        )
+        self.send_response(200 if ok else 400)
+        self.send_header("Connection", "keep-alive")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "generator",
+    ["python", pytest.param("ab", marks=pytest.mark.skipif(shutil.which("ab") is None, reason="ab not installed"))],
+)
+def test_load_generators_send_the_oip_header(generator, tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Headers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        body = oip_body(np.zeros((3, 28, 28), dtype=np.uint8), tmp_path / "oip.bin")
+        target = target_for(f"http://127.0.0.1:{server.server_address[1]}", "m", "token", body, oip_digits=3)
+        result = run_load(generator, target, 2, 6)
+        assert (result.requests, result.errors) == (6, 0)
+    finally:
+        server.shutdown()

@@ -1,0 +1,136 @@
+"""OIP requests through `DigitHandler.handle`, as TorchServe's worker calls it: which requests are OIP, batches
+mixing them with /predictions ones, the binary extension, and per-request errors."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from digit_oip import MAX_DIGITS
+from handler_helpers import make_context, png_bytes, run_batch
+from ts.context import RequestProcessor
+
+PREDICTIONS = {"url_path": "", "explain": "False"}  # what the frontend adds on /predictions/NAME
+OIP = {"explain": "False"}  # ... and on /v2/models/NAME/infer
+
+
+@pytest.fixture
+def handle(handlers_by_format, model_dirs):
+    handler, directory = handlers_by_format["onnx"], model_dirs["onnx"]
+    return lambda rows, headers: run_batch(handler, make_context(directory), rows, headers)
+
+
+def digits(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 28, 28), dtype=np.uint8)
+
+
+def oip_body(pixels: np.ndarray, datatype: str = "UINT8", **extra) -> dict:
+    return {
+        "inputs": [{"name": "x", "datatype": datatype, "shape": list(pixels.shape), "data": pixels.tolist()}],
+        **extra,
+    }
+
+
+def output(answer, name: str) -> list:
+    return next(o for o in answer.body["outputs"] if o["name"] == name)["data"]
+
+
+def test_a_mixed_batch_answers_each_request_in_its_own_protocol(handle) -> None:
+    pixels = digits(5)
+    alone = handle([{"body": {"data": pixels[0].tolist()}}], [PREDICTIONS])[0]
+    rows = [
+        {"body": {"data": pixels[0].tolist()}},
+        {"body": oip_body(pixels[1:4], id="a")},
+        {"body": oip_body(pixels[1:2], datatype="INT16")},
+        {"body": {"data": pixels[4].tolist()}},
+    ]
+    answers = handle(rows, [PREDICTIONS, OIP, OIP, PREDICTIONS])
+    assert answers[0].body == alone.body and answers[0].status == 200
+    assert answers[1].status == 200 and answers[1].body["id"] == "a"
+    assert len(output(answers[1], "label")) == 3 and len(output(answers[1], "probabilities")) == 30
+    assert answers[2].status == 400 and set(answers[2].body) == {"error"}
+    assert answers[3].status == 200 and set(answers[3].body) == {"label", "confidence", "probabilities"}
+    same = handle([{"body": oip_body(pixels[1:4])}], [OIP])[0]
+    assert output(same, "probabilities") == output(answers[1], "probabilities")
+
+
+def test_what_counts_as_oip(handle) -> None:
+    body = oip_body(digits(1))
+    assert handle([{"body": body}], [PREDICTIONS])[0].body["type"] == "BadJson"  # /predictions stays itself
+    assert "outputs" in handle([{"body": body}], [{}])[0].body  # no headers: TorchServe's OIP gRPC service
+    assert handle([{"body": {"data": [0] * 784}}], [{}])[0].body["label"] in range(10)  # no headers, not OIP
+
+
+def binary_request(pixels: np.ndarray, outputs: list[dict]) -> tuple[bytes, dict]:
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "UINT8",
+                    "shape": list(pixels.shape),
+                    "parameters": {"binary_data_size": pixels.size},
+                }
+            ],
+            "outputs": outputs,
+        }
+    ).encode()
+    return header + pixels.tobytes(), {**OIP, "Inference-Header-Content-Length": str(len(header))}
+
+
+def test_binary_in_and_out(handlers_by_format, model_dirs) -> None:
+    pixels = digits(4)
+    body, headers = binary_request(pixels, [{"name": "label", "parameters": {"binary_data": True}}, {"name": "framed"}])
+    context = make_context(model_dirs["onnx"])  # by hand: run_batch reads answers as JSON
+    context.request_processor = [RequestProcessor(headers)]
+    context.request_ids = {0: "r"}
+    raw = handlers_by_format["onnx"].handle([{"body": body}], context)[0]
+    length = int(context.get_response_headers(0)["Inference-Header-Content-Length"])
+    head = json.loads(raw[:length])
+    label, framed = head["outputs"]
+    assert label["parameters"]["binary_data_size"] == 4 * 8 and "data" not in label
+    labels = np.frombuffer(raw[length:], dtype="<i8")
+    assert labels.shape == (4,)
+    np.testing.assert_array_equal(np.asarray(framed["data"], dtype=np.uint8).reshape(4, 28, 28), pixels)
+    as_json = run_batch(
+        handlers_by_format["onnx"], make_context(model_dirs["onnx"]), [{"body": oip_body(pixels)}], [OIP]
+    )
+    assert output(as_json[0], "label") == labels.tolist()
+
+
+def test_fp32_within_0_1_reads_as_scaled(handle) -> None:
+    pixels = digits(3)
+    intensities = handle([{"body": oip_body(pixels)}], [OIP])[0]
+    scaled = handle([{"body": oip_body(pixels.astype(np.float32) / 255, datatype="FP32")}], [OIP])[0]
+    assert output(scaled, "label") == output(intensities, "label")
+
+
+def test_bytes_images_in_the_binary_extension(handle) -> None:
+    images = [png_bytes(d) for d in digits(2)]
+    data = b"".join(struct.pack("<I", len(image)) + image for image in images)
+    header = json.dumps(
+        {"inputs": [{"name": "i", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": len(data)}}]}
+    ).encode()
+    answer = handle([{"body": header + data}], [{**OIP, "inference-header-content-length": str(len(header))}])[0]
+    assert answer.status == 200 and len(output(answer, "label")) == 2
+    cut = handle([{"body": header + data[:-1]}], [{**OIP, "inference-header-content-length": str(len(header))}])[0]
+    assert cut.status == 400 and "binary_data_size" in cut.body["error"]
+
+
+@pytest.mark.parametrize(
+    ("tensor", "status", "words"),
+    [
+        ({"datatype": "UINT8", "shape": [MAX_DIGITS + 1, 784], "data": [0]}, 413, "limit"),
+        ({"datatype": "BYTES", "shape": [2], "data": ["aGVsbG8="]}, 400, "[2] for 1 elements"),
+        ({"datatype": "FP32", "shape": [1, 784], "data": [float("nan")] * 784}, 400, "finite"),
+        ({"datatype": "UINT8", "shape": [1, 28, 28], "data": [[0] * 28] * 27 + [[0] * 27]}, 400, "ragged"),
+        ({"datatype": "UINT8", "shape": [1, 28, 28]}, 400, "binary_data_size"),
+        ({"datatype": "UINT8", "shape": [0, 784], "data": []}, 400, "n >= 1"),
+    ],
+    ids=["N over limit", "BYTES count", "NaN", "ragged", "no data", "N = 0"],
+)
+def test_bad_tensors(handle, tensor, status, words) -> None:
+    answer = handle([{"body": {"inputs": [{"name": "x", **tensor}]}}], [OIP])[0]
+    assert answer.status == status and words.lower() in answer.body["error"].lower(), answer.body

@@ -1,0 +1,79 @@
+"""Prometheus metrics of a real TorchServe started by `digits serve`, scraped while it serves and parsed with
+prometheus_client's parser: each metric present, and counts equal to the traffic sent."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import requests
+
+parser = pytest.importorskip("prometheus_client.parser", reason="prometheus_client (the dev extra) is needed")
+
+MODEL = "mlp"  # the other tests of this session send to cnn only here and there; counts are deltas anyway
+HANDLER_METRICS = ("DecodeTime", "PreprocessTime", "InferenceTime", "PostprocessTime", "BatchSize", "BatchDigits")
+FRONTEND_METRICS = ("ts_inference_requests_total", "ts_inference_latency_microseconds", "ts_queue_latency_microseconds")
+
+
+def scrape(server) -> dict[tuple[str, frozenset], float]:
+    """(sample name, labels) -> value of every sample on the metrics port."""
+    text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+    samples = {}
+    for family in parser.text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name.removesuffix("_total"), frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    """Sum of `name`'s samples whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(value for (sample, tags), value in samples.items() if sample == name and wanted <= tags)
+
+
+def oip(datatype: str, count: int, **extra) -> dict:
+    data = np.zeros((count, 784), dtype=np.uint8).tolist()
+    return {"inputs": [{"name": "x", "datatype": datatype, "shape": [count, 784], "data": data}], **extra}
+
+
+def test_metrics_parse_and_count_the_traffic(server) -> None:
+    sent = [  # (path, body, protocol, status, error type, digits)
+        *[("predictions", {"data": [0] * 784}, "predictions", 200, "OK", 1)] * 5,
+        *[("predictions", {"inputs": []}, "predictions", 400, "BadJson", 0)] * 2,
+        *[("v2", oip("UINT8", 3), "oip", 200, "OK", 3)] * 4,
+        *[("v2", oip("INT16", 1), "oip", 400, "BadDatatype", 0)] * 2,
+        ("v2", oip("UINT8", 1, outputs=[{"name": "logits"}]), "oip", 400, "UnknownOutput", 0),
+    ]
+    before = scrape(server)
+    for path, body, *_ in sent:
+        url = f"{server.url}/predictions/{MODEL}" if path == "predictions" else f"{server.url}/v2/models/{MODEL}/infer"
+        requests.post(url, json=body, headers=server.headers(), timeout=30)
+    answers = Counter((protocol, str(status), kind) for _, _, protocol, status, kind, _ in sent)
+    deadline = time.monotonic() + 15  # the frontend reads the worker's metric lines asynchronously
+    while True:
+        after = scrape(server)
+        counted = total(after, "Answers", ModelName=MODEL) - total(before, "Answers", ModelName=MODEL)
+        if counted >= len(sent) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    present = {name for name, _ in after}
+    for name in (*HANDLER_METRICS, "Answers", "PredictionTime"):
+        assert name in present or f"{name}_count" in present, f"{name} missing from the metrics port"
+    for name in FRONTEND_METRICS:
+        assert name.removesuffix("_total") in present, f"{name} missing from the metrics port"
+    for (protocol, status, kind), count in answers.items():
+        got = delta("Answers", ModelName=MODEL, Protocol=protocol, Status=status, ErrorType=kind)
+        assert got == count, (protocol, status, kind)
+    assert delta("ts_inference_requests", model_name=MODEL) == len(sent)
+    assert delta("BatchSize_sum", ModelName=MODEL) == len(sent)  # every request in exactly one batch
+    assert delta("BatchDigits_sum", ModelName=MODEL) == sum(row[-1] for row in sent)
+    batches = delta("BatchSize_count", ModelName=MODEL)
+    assert 1 <= batches <= len(sent)
+    for stage in HANDLER_METRICS[:4]:
+        assert delta(f"{stage}_count", ModelName=MODEL) == batches and delta(f"{stage}_sum", ModelName=MODEL) > 0
