@@ -54,6 +54,9 @@ demo: setup ## the main job: train, export with parity, archive, serve, classify
 	@echo "TorchServe keeps running. Query it yourself:"
 	@echo '  curl -H "Authorization: Bearer $$($(DIGITS) token)" -T samples/test-00000_label-7.png http://127.0.0.1:8080/predictions/cnn'
 	@echo "Stop it: $(DIGITS) stop"
+	@echo
+	@echo "Draw digits in your browser (a page on 127.0.0.1:8000 that asks these models; Ctrl-C stops it):"
+	@echo "  $(DIGITS) ui"
 
 test: setup ## run the test suite (without the slow tests)
 	$(PY) -m pytest -m "not slow" tests

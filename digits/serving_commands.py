@@ -1,6 +1,6 @@
 """Subcommands that drive TorchServe and its clients.
 
-archive, config, serve, stop, token, predict, samples, evaluate, kserve.
+archive, config, serve, stop, token, predict, samples, evaluate, kserve, ui.
 """
 
 from __future__ import annotations
@@ -372,6 +372,37 @@ def run_kserve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_ui(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ui",
+        help="serve a page to draw digits on and see the served models answer",
+        description="Serve one page on 127.0.0.1:PORT, next to a running `digits serve`: draw a digit (mouse, "
+        "pen or touch) or give an image file, and see the label, the ten probabilities, the latency and the "
+        "28x28 image the model saw. The page's server forwards to TorchServe with the key from the run folder; "
+        "the browser never holds it. Runs until Ctrl-C.",
+    )
+    p.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (default 8000; 0: any free port)")
+    p.add_argument("--url", help="TorchServe's inference URL (default: the one `digits serve` started)")
+    _add_run_dir(p)
+    p.set_defaults(func=run_ui)
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    from serving.ui import TorchServeLink, make_server
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+    server = make_server(args.port, TorchServeLink(_run_dir(args), args.url))
+    print(f"digits ui: open http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("digits ui stopped")
+    finally:
+        server.server_close()
+    return 0
+
+
 SERVING_COMMANDS = [
     add_archive,
     add_config,
@@ -382,4 +413,5 @@ SERVING_COMMANDS = [
     add_samples,
     add_evaluate,
     add_kserve,
+    add_ui,
 ]
