@@ -14,8 +14,16 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from contract import ONNX_INT8, normalise
 from digits.cli import main
+from export import ExportError
 from export.parity import INT8_MAX_ACCURACY_DIFF, INT8_MIN_AGREEMENT, Backend, check_prediction_parity
-from export.quantize import quantize_int8, rewrite_for_int8
+from export.quantize import (
+    INT16_MAX,
+    WEIGHT_LIMIT,
+    check_no_saturation,
+    largest_pair_sum,
+    quantize_int8,
+    rewrite_for_int8,
+)
 
 SAMPLES = 1000
 
@@ -76,6 +84,41 @@ def test_int8_export_is_listed_with_its_parity_and_metadata(int8_artifacts):
     scales = [t for t in quantized.graph.initializer if t.name.endswith("_scale") and len(t.dims) == 1]
     assert any(t.dims[0] == 128 for t in scales)
     assert {p.key: p.value for p in quantized.metadata_props} == {p.key: p.value for p in fp32.metadata_props}
+
+
+def _product_weights(path) -> list[np.ndarray]:
+    """The integer weights DequantizeLinear reads for the weight input of the file's Gemm and Conv nodes."""
+    model = onnx.load(path)
+    weight_inputs = {n.input[1] for n in model.graph.node if n.op_type in ("Gemm", "Conv")}
+    initializers = {t.name: t for t in model.graph.initializer}
+    return [
+        onnx.numpy_helper.to_array(initializers[n.input[0]])
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.output[0] in weight_inputs
+    ]
+
+
+def test_int8_weights_leave_no_int16_pair_sum_to_clip(int8_artifacts):
+    # x86 kernels without VNNI add two uint8 x int8 products in a saturating int16: 7-bit weights keep every
+    # such sum exact, so the file predicts the same on CPUs with and without VNNI
+    path = int8_artifacts / "mlp" / ONNX_INT8.file
+    weights = _product_weights(path)
+    assert len(weights) == 2 and all(w.dtype == np.int8 for w in weights)  # fc1 and fc2
+    assert max(int(np.abs(w.astype(int)).max()) for w in weights) == WEIGHT_LIMIT == 64  # per channel: reached
+    assert largest_pair_sum(path) == 2 * 255 * 64 <= INT16_MAX
+
+
+def test_an_int8_file_whose_pairs_could_clip_is_refused(int8_artifacts, tmp_path):
+    # one weight at 127, as quantize_static writes 8-bit weights: 255 * 127 * 2 = 64,770 does not fit int16
+    quantized = onnx.load(int8_artifacts / "mlp" / ONNX_INT8.file)
+    weights = next(t for t in quantized.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2)
+    values = onnx.numpy_helper.to_array(weights).copy()
+    values.flat[0] = 127
+    weights.CopyFrom(onnx.numpy_helper.from_array(values, weights.name))
+    onnx.save(quantized, tmp_path / ONNX_INT8.file)
+    assert largest_pair_sum(tmp_path / ONNX_INT8.file) == 64_770
+    with pytest.raises(ExportError, match="can sum to 64770, beyond int16 \\(32767\\): x86 CPUs without VNNI"):
+        check_no_saturation(tmp_path / ONNX_INT8.file)
 
 
 def test_a_failed_int8_parity_exits_1_and_leaves_the_file_unlisted(checkpoint_copy, capsys):
