@@ -12,6 +12,7 @@ from pathlib import Path
 
 import requests
 from PIL import Image
+from serving_helpers import wait_for
 
 from serving.config import LOG_CONFIG, make_private
 
@@ -34,7 +35,8 @@ def test_each_log_line_is_written_once_and_the_console_keeps_only_warnings(serve
     assert not any(" ACCESS_LOG - " in line or " TS_METRICS - " in line for line in ts_log)
     events = [line for line in ts_log if line[:2] == "20"]  # timestamped lines; banners span several lines
     assert events and max(Counter(events).values()) == 1
-    assert "POST /predictions/cnn" in (logs / "access_log.log").read_text(errors="replace")
+    access = logs / "access_log.log"
+    wait_for(lambda: "POST /predictions/cnn" in access.read_text(errors="replace"), 30, "an access-log line")
     console = (logs / "torchserve.out").read_text(errors="replace")
     assert "[INFO ]" not in console and "[WARN ]" not in console and len(console) < 100_000
 
