@@ -176,7 +176,7 @@ def load_eager(model_dir: Path, model: str):
 
 def load_runners(model_dir: Path, eager, model: str) -> dict[str, Runner]:
     """Eager, and the exported files that export.json vouches for, loaded as `digits export` checks them."""
-    from export.parity import eager_runner, onnxruntime_backend, pt2_backend, torchscript_backend
+    from export.runners import eager_runner, onnxruntime_backend, pt2_backend, torchscript_backend
 
     manifest_path = model_dir / MANIFEST_FILE
     if not manifest_path.is_file():

@@ -8,12 +8,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from export.cpu import cpu_flags, cpu_model
 
 PEAK_MATMUL_SIZE = 2048  # 17 GFLOP a product: long enough to reach the peak, short enough to repeat
 PEAK_REPS = 8
@@ -70,21 +71,12 @@ def fp32_peak_gflops(size: int = PEAK_MATMUL_SIZE, reps: int = PEAK_REPS) -> flo
     return 2 * size**3 / (best_ms / 1000) / 1e9
 
 
-def cpu_model() -> str:
-    """The CPU's model name as `lscpu` shows it."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict:
     """What ran the benchmark: CPU, cores, threads, versions, and how busy the machine was when it started."""
     return {
         "cpu": cpu_model(),
         "architecture": platform.machine(),
+        "cpu_flags": cpu_flags(),  # AVX-512, VNNI: what int8 and float kernels run here
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": round(os.getloadavg()[0], 2),

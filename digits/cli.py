@@ -17,7 +17,7 @@ from digits.bench_commands import BENCH_COMMANDS
 from digits.serving_commands import SERVING_COMMANDS
 
 if TYPE_CHECKING:
-    from export.parity import ParityReport
+    from export.reports import ParityReport
 
 EXIT_USAGE = 2  # bad input of any kind: one line on stderr, no traceback
 

@@ -44,20 +44,10 @@ from export.metadata import (
     sha256_file,
 )
 from export.onnx import check_onnx_file, export_onnx, onnx_opset
-from export.parity import (
-    ATOL,
-    RTOL,
-    ParityReport,
-    PredictionParity,
-    check_parity,
-    check_prediction_parity,
-    check_tolerances,
-    eager_runner,
-    file_backends,
-    onnxruntime_backend,
-    pt2_backend,
-)
+from export.parity import ATOL, RTOL, check_parity, check_prediction_parity, check_tolerances
 from export.pt2 import check_loadable, export_pt2, read_pt2_metadata, resolve_device
+from export.reports import ParityReport, PredictionParity
+from export.runners import eager_runner, file_backends, onnxruntime_backend, pt2_backend
 from export.torchscript import export_torchscript
 from training.checkpoint import load_checkpoint, rebuild_model
 from training.data import load_mnist

@@ -6,23 +6,18 @@ needs the predicted class (argmax) to agree with eager on every sample.
 
 A quantised file cannot meet logit tolerances by design, so it is judged on predictions instead
 (`check_prediction_parity`): argmax agreement with eager and accuracy close to eager's, over the test set.
+
+The runners it compares live in `export.runners`, the reports it returns in `export.reports`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
-import onnxruntime as ort
-import torch
-from torch import nn
 
-from export import ExportError
-from export.onnx import INPUT_NAME, OUTPUT_NAME
-from export.pt2 import load_pt2, read_pt2_metadata
-from export.torchscript import load_torchscript
+from export.reports import ParityCheck, ParityReport, PredictionParity
+from export.runners import Backend, Runner
 
 ATOL = 1e-5
 RTOL = 1e-4
@@ -30,133 +25,9 @@ RTOL = 1e-4
 # 256 is a serving-sized batch
 BATCH_SIZES = (1, 2, 17, 256)
 FULL_SET_BATCH = 1000  # chunk size for the whole-test-set pass; bounds memory for resnet18
-ORT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL")
 # int8 against eager, over the test digits: predictions that change, and accuracy that moves either way
 INT8_MIN_AGREEMENT = 0.995
 INT8_MAX_ACCURACY_DIFF = 0.002  # 0.2 percentage points
-
-Runner = Callable[[np.ndarray], np.ndarray]  # (N, 1, 28, 28) float32 -> (N, 10) float32 logits
-
-
-@dataclass(frozen=True)
-class Backend:
-    """One way of running the exported model, compared against eager."""
-
-    name: str  # "torchscript", "onnxruntime" or "aotinductor"
-    ort_optimization: str | None  # onnxruntime's graph optimisation level, None for the others
-    run: Runner
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({self.ort_optimization})" if self.ort_optimization else self.name
-
-
-@dataclass
-class ParityCheck:
-    """One backend at one batch size (or over the whole set, in chunks), against eager."""
-
-    backend: str
-    ort_optimization: str | None
-    batch_size: int
-    samples: int
-    # None where the backend raised instead of answering
-    max_abs_diff: float | None
-    max_rel_diff: float | None  # |value - eager| / max(|eager|, atol / rtol): see _relative_floor
-    mean_abs_diff: float | None
-    tolerance_used: float | None  # max |value - eager| / (atol + rtol * |eager|): above 1.0 fails
-    argmax_agreement: float
-    accuracy: float
-    passed: bool
-    # the element furthest outside the tolerance (or closest to it): [sample, class], eager and exported
-    worst_index: list[int] = field(default_factory=list)
-    worst_reference: float | None = None
-    worst_value: float | None = None
-    failure: str | None = None
-
-
-@dataclass
-class ParityReport:
-    model: str
-    atol: float
-    rtol: float
-    samples: int
-    reference_accuracy: float  # eager, over all `samples`
-    checks: list[ParityCheck]
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks)
-
-    @property
-    def failures(self) -> list[str]:
-        return [c.failure for c in self.checks if c.failure]
-
-    def to_dict(self) -> dict:
-        return {
-            "model": self.model,
-            "passed": self.passed,
-            "atol": self.atol,
-            "rtol": self.rtol,
-            "samples": self.samples,
-            "reference_accuracy": self.reference_accuracy,
-            "checks": [asdict(c) for c in self.checks],
-        }
-
-    def to_markdown(self) -> str:
-        """The table a person reads, with a verdict and, on failure, what failed where."""
-        verdict = "PASSED" if self.passed else "FAILED"
-        lines = [
-            f"# Parity: {self.model} {verdict}",
-            "",
-            f"Eager PyTorch against the exported files loaded back from disk, on {self.samples} MNIST test digits. "
-            f"An element passes when |exported - eager| <= {self.atol:g} + {self.rtol:g} * |eager|; a check also "
-            f"needs argmax agreement 1.0. Relative differences are taken against max(|eager|, atol / rtol). "
-            f"Eager accuracy: {self.reference_accuracy:.2%}.",
-            "",
-            *_table(self.checks),
-        ]
-        if self.failures:
-            lines += ["", "Failures:", *(f"- {f}" for f in self.failures)]
-        return "\n".join(lines) + "\n"
-
-
-@dataclass
-class PredictionParity:
-    """A quantised file against eager, on predictions only (see the module docstring)."""
-
-    model: str
-    backend: str  # e.g. "onnxruntime int8"
-    samples: int
-    argmax_agreement: float
-    accuracy: float
-    reference_accuracy: float  # eager's
-    min_agreement: float = INT8_MIN_AGREEMENT
-    max_accuracy_diff: float = INT8_MAX_ACCURACY_DIFF
-    failure: str | None = None
-
-    @property
-    def passed(self) -> bool:
-        return self.failure is None
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
-
-    def to_markdown(self) -> str:
-        verdict = "PASSED" if self.passed else "FAILED"
-        lines = [
-            f"# Parity: {self.model} {self.backend} {verdict}",
-            "",
-            f"Predictions against eager PyTorch on {self.samples} MNIST test digits: argmax agreement must be at "
-            f"least {self.min_agreement:.1%} and accuracy within {self.max_accuracy_diff * 100:.1f} points of eager's.",
-            "",
-            "| backend | samples | argmax agreement | accuracy | eager accuracy | result |",
-            "| --- | ---: | ---: | ---: | ---: | --- |",
-            f"| {self.backend} | {self.samples} | {self.argmax_agreement:.4f} | {self.accuracy:.2%} | "
-            f"{self.reference_accuracy:.2%} | {'pass' if self.passed else 'FAIL'} |",
-        ]
-        if self.failure:
-            lines += ["", f"Failure: {self.failure}"]
-        return "\n".join(lines) + "\n"
 
 
 def check_prediction_parity(
@@ -174,6 +45,8 @@ def check_prediction_parity(
         argmax_agreement=float(np.mean(actual == expected)),
         accuracy=float(np.mean(actual == labels)),
         reference_accuracy=float(np.mean(expected == labels)),
+        min_agreement=INT8_MIN_AGREEMENT,
+        max_accuracy_diff=INT8_MAX_ACCURACY_DIFF,
     )
     result.failure = _prediction_failure(result)
     return result
@@ -192,48 +65,6 @@ def _prediction_failure(result: PredictionParity) -> str | None:
             f"accuracy {result.accuracy:.2%} is {diff * 100:+.2f} points from eager's {result.reference_accuracy:.2%}"
         )
     return f"{result.backend}: " + "; ".join(problems) if problems else None
-
-
-def _table(checks: Sequence[ParityCheck]) -> list[str]:
-    header = [
-        "backend",
-        "ORT optimisation",
-        "batch",
-        "samples",
-        "max abs diff",
-        "max rel diff",
-        "mean abs diff",
-        "tolerance used",
-        "argmax agreement",
-        "accuracy",
-        "result",
-    ]
-    rows = [
-        [
-            c.backend,
-            c.ort_optimization or "-",
-            str(c.batch_size),
-            str(c.samples),
-            _number(c.max_abs_diff),
-            _number(c.max_rel_diff),
-            _number(c.mean_abs_diff),
-            "-" if c.tolerance_used is None else f"{c.tolerance_used:.0%}",
-            f"{c.argmax_agreement:.4f}",
-            f"{c.accuracy:.2%}",
-            "pass" if c.passed else "FAIL",
-        ]
-        for c in checks
-    ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
-
-
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g}"
 
 
 def check_parity(
@@ -378,60 +209,3 @@ def _errored(backend: Backend, batch_size: int, samples: int, err: BaseException
         passed=False,
         failure=f"{backend.label} at batch size {batch_size} ({samples} samples): {type(err).__name__}: {reason}",
     )
-
-
-# --- runners: eager, and the exported files loaded back from disk -----------------------------------
-
-
-def eager_runner(model: nn.Module) -> Runner:
-    """The reference: the model as it is (eval mode, normally), on the CPU, without autograd."""
-
-    def run(images: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(torch.from_numpy(images)).numpy()
-
-    return run
-
-
-def torchscript_backend(path: Path) -> Backend:
-    module = load_torchscript(path)
-
-    def run(images: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(images)).numpy()
-
-    return Backend("torchscript", None, run)
-
-
-def onnxruntime_backend(path: Path, optimization: str) -> Backend:
-    """onnxruntime on the CPU at one graph optimisation level (a name from `ORT_LEVELS`)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own pybind error types, none exported
-        raise ExportError(f"onnxruntime cannot load {path}: {str(err).strip().splitlines()[0]}") from None
-
-    def run(images: np.ndarray) -> np.ndarray:
-        return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
-
-    return Backend("onnxruntime", optimization, run)
-
-
-def pt2_backend(path: Path) -> Backend:
-    """model.pt2 loaded back from disk, on the device it was compiled for (its metadata says which)."""
-    device = torch.device(read_pt2_metadata(path)["device"])
-    compiled = load_pt2(path)
-
-    def run(images: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return compiled(torch.from_numpy(images).to(device)).cpu().numpy()
-
-    return Backend("aotinductor", None, run)
-
-
-def file_backends(torchscript_path: Path, onnx_path: Path) -> list[Backend]:
-    """What `digits export` and `digits verify` compare: TorchScript, and ONNX with and without graph
-    optimisation. The unoptimised run matters: onnxruntime's optimiser deletes a Dropout node left by an
-    export in training mode, which would hide that bug."""
-    return [torchscript_backend(torchscript_path), *(onnxruntime_backend(onnx_path, lvl) for lvl in ORT_LEVELS)]

@@ -1,7 +1,8 @@
 """int8: the ONNX file statically quantised with onnxruntime's tools, calibrated on MNIST training digits.
 
 QDQ format (QuantizeLinear/DequantizeLinear pairs around each op, which onnxruntime fuses into integer
-kernels such as QLinearConv and QGemm), int8 activations and per-channel int8 weights, MinMax calibration.
+kernels such as QLinearConv and QGemm), int8 activations and per-channel int8 weights in 7 bits
+(`reduce_range`, see `WEIGHT_LIMIT`), MinMax calibration, and float32 logits (`keep_outputs_float`).
 Before quantising, `rewrite_for_int8` lays the same maths out for onnxruntime's int8 kernels: the
 convolution that reads the image (1 channel) stays float32 with its ReLU and max pool, and the flatten
 before the first fully connected layer reads the feature map channels-last. Its parity with eager is
@@ -25,6 +26,17 @@ from export.onnx import INPUT_NAME
 CALIBRATION_SAMPLES = 1024  # training digits; MinMax ranges settle well before this
 CALIBRATION_BATCH = 128
 CALIBRATION_SEED = 0
+
+# On x86, onnxruntime runs these files' integer products as uint8 activations times int8 weights (it turns
+# int8 activations into uint8). Its kernels for CPUs without VNNI (AVX2, and AVX-512 before VNNI) multiply
+# with vpmaddubsw, which adds each two neighbouring products in a saturating int16; VNNI's vpdpbusd adds in
+# int32. With 8-bit weights a pair reaches 2 * 255 * 127 = 64,770 and is clipped to 32,767, so the same file
+# predicts differently on such a CPU (the README's int8 section has the figures). onnxruntime's quantisation
+# guide names the remedy, reduce_range: weights in [-64, 64], so a pair is at most 2 * 255 * 64 = 32,640 and
+# the sums are exact on every x86 kernel, VNNI or not.
+ACTIVATION_MAX = 255  # uint8, as onnxruntime runs the activations
+WEIGHT_LIMIT = 64  # |int8 weight| with reduce_range
+INT16_MAX = 32767
 
 
 def calibration_digits(train_images: np.ndarray, count: int = CALIBRATION_SAMPLES) -> np.ndarray:
@@ -52,14 +64,81 @@ def quantize_int8(onnx_path: Path, out_path: Path, calibration: np.ndarray) -> P
             _CalibrationReader(calibration),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
+            reduce_range=True,  # exact on CPUs without VNNI too: see WEIGHT_LIMIT
             # S8S8 and U8S8 measured alike: on x86 onnxruntime turns int8 activations into uint8 anyway
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=fp32_nodes,
         )
+    keep_outputs_float(out_path)
+    check_no_saturation(out_path)
     _copy_metadata(onnx_path, out_path)
     return Path(out_path)
+
+
+def keep_outputs_float(path: Path) -> list[str]:
+    """Removes the QuantizeLinear -> DequantizeLinear pair quantize_static puts on each graph output.
+
+    The pair rounds the logits to 256 levels, so two classes tie where the float model tells them apart and
+    argmax takes the first: about half the predictions int8 changed, on the test fixture's mlp. Without it
+    onnxruntime's last QGemm writes float32 logits. Returns the outputs that were freed.
+    """
+    model = onnx.load_model(str(path))
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    freed, removed, constants = [], [], set()
+    for output in graph.output:
+        dequantize = producers.get(output.name)
+        quantize = producers.get(dequantize.input[0]) if dequantize is not None else None
+        if dequantize is None or dequantize.op_type != "DequantizeLinear" or quantize is None:
+            continue
+        if quantize.op_type != "QuantizeLinear" or len(_consumers(graph).get(quantize.output[0], [])) != 1:
+            continue
+        source = producers.get(quantize.input[0])
+        if source is None or len(_consumers(graph).get(quantize.input[0], [])) != 1:
+            continue  # a graph input, or a value something else reads too: leave it be
+        source.output[list(source.output).index(quantize.input[0])] = output.name
+        removed += [quantize, dequantize]
+        constants |= {*quantize.input[1:], *dequantize.input[1:]}
+        freed.append(output.name)
+    if not freed:
+        return []
+    _replace_nodes(graph, [n for n in graph.node if all(n is not r for r in removed)])
+    still_read = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name not in constants or t.name in still_read]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+    onnx.save_model(model, str(path))
+    return freed
+
+
+def largest_pair_sum(path: Path) -> int:
+    """The largest |a1 * w1 + a2 * w2| a uint8 activation pair can make with the file's integer weights.
+
+    The weights are the int8 initializers that DequantizeLinear nodes read for the weight input of a Conv,
+    Gemm or MatMul.
+    """
+    model = onnx.load_model(str(path))
+    weights = {t.name: t for t in model.graph.initializer}
+    weight_inputs = {n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+    largest = 0
+    for node in model.graph.node:
+        tensor = weights.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if node.output[0] in weight_inputs and tensor is not None and tensor.data_type == onnx.TensorProto.INT8:
+            values = onnx.numpy_helper.to_array(tensor).astype(np.int64)
+            largest = max(largest, 2 * ACTIVATION_MAX * int(np.abs(values).max(initial=0)))
+    return largest
+
+
+def check_no_saturation(path: Path) -> None:
+    """Refuses an int8 file whose products could be clipped by x86 kernels without VNNI (see WEIGHT_LIMIT)."""
+    largest = largest_pair_sum(path)
+    if largest > INT16_MAX:
+        raise ExportError(
+            f"{path.name}: two products can sum to {largest}, beyond int16 ({INT16_MAX}): x86 CPUs without "
+            f"VNNI would clip them and predict differently; weights must stay within +-{WEIGHT_LIMIT}"
+        )
 
 
 def rewrite_for_int8(path: Path) -> list[str]:

@@ -275,21 +275,27 @@ def wait_until_ready(state: ServerState, run_dir: Path, timeout: float = READY_T
             time.sleep(0.5)
 
 
-# TorchServe retries a worker that fails to load forever, with back-off; two failures are enough to know
+# TorchServe retries a worker that fails to load forever, with back-off; two failures are enough to know.
+# A failure is counted from the worker's "Failed to load model NAME, exception ..." line: the worker writes
+# it before it answers the frontend, so it always reaches the log. Its "Backend worker process died" line
+# comes after that answer, and TorchServe, on hearing the failure, kills the worker and stops reading its
+# output, so that line is lost at random; it still counts for a worker that dies without answering (an
+# exception TorchServe does not catch), which writes it before it exits.
+LOAD_FAILED = "Failed to load model {model}, exception "
 WORKER_DIED = "Backend worker process died"
 LOAD_FAILED_AFTER = 2
-# Once one model has failed, how long the others still pending get to fail too or answer, so that one
-# `digits serve` names every broken model rather than the first to fail twice
-FAILURE_GRACE_S = 15.0
 
 
 def every_failure(state: ServerState, run_dir: Path, pending: list[str], deadline: float) -> list[str]:
-    """The pending models that failed to load, once each has failed or answered (or the grace is over)."""
-    until = min(time.monotonic() + FAILURE_GRACE_S, deadline)
+    """The pending models that failed to load, once each has failed or answered (or the deadline is over).
+
+    Waits on each model's own outcome, not on a fixed grace: how soon a second broken model fails depends on
+    how fast its worker starts, which a loaded machine slows down; a healthy model answers as soon as it is up.
+    """
     while True:
         failed = failed_models(run_dir, pending)
         undecided = [m for m in pending if m not in failed and not _answers(state, run_dir, m)]
-        if not undecided or time.monotonic() > until or not is_running(state):
+        if not undecided or time.monotonic() > deadline or not is_running(state):
             return failed
         time.sleep(0.5)
 
@@ -299,24 +305,26 @@ def failed_models(run_dir: Path, models: list[str]) -> list[str]:
     if not log.is_file():
         return []
     text = log.read_text(errors="replace")
-    if text.count(WORKER_DIED) < LOAD_FAILED_AFTER:
-        return []
-    return [m for m in models if _deaths(text, m) >= LOAD_FAILED_AFTER]
+    return [m for m in models if load_failures(text, m) >= LOAD_FAILED_AFTER]
+
+
+def load_failures(text: str, model: str) -> int:
+    """How many of `model`'s workers failed to load, from the model log's text (see LOAD_FAILED)."""
+    lines = text.splitlines()
+    reported = sum(1 for line in lines if LOAD_FAILED.format(model=model) in line)
+    # log lines carry the worker thread's name, e.g. "W-9000-cnn_1.0"
+    died = sum(1 for line in lines if WORKER_DIED in line and f"-{model}_" in line)
+    return max(reported, died)
 
 
 def load_failure(log: Path, model: str) -> str:
     """The handler's own reason, from TorchServe's 'Failed to load model NAME, exception ...' line."""
     reasons = [
-        line.split(", exception ", 1)[-1]
+        line.split(LOAD_FAILED.format(model=model), 1)[-1]
         for line in log.read_text(errors="replace").splitlines()
-        if f"Failed to load model {model}, exception " in line
+        if LOAD_FAILED.format(model=model) in line
     ]
     return reasons[-1] if reasons else "the worker died during start-up (see the log below)"
-
-
-def _deaths(text: str, model: str) -> int:
-    # log lines carry the worker thread's name, e.g. "W-9000-cnn_1.0"
-    return sum(1 for line in text.splitlines() if WORKER_DIED in line and f"-{model}_" in line)
 
 
 def _answers(state: ServerState, run_dir: Path, model: str) -> bool:

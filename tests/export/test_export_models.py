@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from export.metadata import sha256_file
-from export.parity import BATCH_SIZES, torchscript_backend
+from export.parity import BATCH_SIZES
+from export.runners import torchscript_backend
 from training.checkpoint import load_checkpoint, rebuild_model
 from training.models import list_models
 

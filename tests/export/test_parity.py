@@ -12,14 +12,8 @@ from contract import normalise
 from export.convert import example_input
 from export.metadata import onnx_metadata_props
 from export.onnx import export_onnx
-from export.parity import (
-    Backend,
-    check_parity,
-    compare,
-    eager_runner,
-    file_backends,
-    onnxruntime_backend,
-)
+from export.parity import check_parity, compare
+from export.runners import Backend, eager_runner, file_backends, onnxruntime_backend
 from export.torchscript import export_torchscript
 from training.checkpoint import load_checkpoint, rebuild_model
 

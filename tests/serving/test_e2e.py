@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from PIL import Image
+from serving_helpers import wait_for
 
 from serving.samples import drawn_large
 
@@ -88,9 +89,12 @@ def _burst(server, mnist, bad_every: int = 0, total: int = 96):
 
 
 def test_concurrent_burst_forms_batches_and_every_answer_is_right(server, mnist, expected_labels):
+    logged = sum(batch_sizes(server))
     results = _burst(server, mnist)
     assert all(r.status_code == 200 for _, r in results)
     assert all(r.json()["label"] == expected_labels["cnn"][i] for i, r in results)
+    # the worker's metric lines reach the log through a reader thread, possibly after the answers: wait for them
+    wait_for(lambda: sum(batch_sizes(server)) >= logged + len(results), 30, "the burst's PredictionTime lines")
     sizes = batch_sizes(server)
     assert max(sizes) > 1, f"TorchServe never formed a batch larger than 1: {sizes[-20:]}"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import requests
 import torch
-from serving_helpers import port_flags
+from serving_helpers import port_flags, wait_for
 
 from digits.cli import main
 from serving.server import read_state, read_token
@@ -27,7 +27,7 @@ def test_served_models_run_on_the_gpu(store, tmp_path, ports, mnist):
                 json={"data": mnist.test_images[0].tolist()},
             )
             assert response.status_code == 200 and response.json()["label"] == 7
-        log = (tmp_path / "logs" / "model_log.log").read_text()
-        assert "on cuda:0" in log, "the handler did not report a CUDA device"
+        log = tmp_path / "logs" / "model_log.log"
+        wait_for(lambda: "on cuda:0" in log.read_text(errors="replace"), 30, "the handler's CUDA device in its log")
     finally:
         main(["stop", *argv])

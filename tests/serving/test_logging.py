@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import io
 import stat
-import time
 import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from pathlib import Path
 
 import requests
 from PIL import Image
+from serving_helpers import wait_for
 
 from serving.config import LOG_CONFIG, make_private
 
@@ -34,7 +34,8 @@ def test_each_log_line_is_written_once_and_the_console_keeps_only_warnings(serve
     assert not any(" ACCESS_LOG - " in line or " TS_METRICS - " in line for line in ts_log)
     events = [line for line in ts_log if line[:2] == "20"]  # timestamped lines; banners span several lines
     assert events and max(Counter(events).values()) == 1
-    assert "POST /predictions/cnn" in (logs / "access_log.log").read_text(errors="replace")
+    access = logs / "access_log.log"
+    wait_for(lambda: "POST /predictions/cnn" in access.read_text(errors="replace"), 30, "an access-log line")
     console = (logs / "torchserve.out").read_text(errors="replace")
     assert "[INFO ]" not in console and "[WARN ]" not in console and len(console) < 100_000
 
@@ -66,13 +67,22 @@ def test_a_json_body_torchserve_cannot_parse_leaves_one_line(server):
     model_log = server.run_dir / "logs" / "model_log.log"
     before = model_log.stat().st_size
     json_headers = {"Content-Type": "application/json", **server.headers()}
-    response = requests.post(f"{server.url}/predictions/cnn", data=b'{"data": [1, 2,', headers=json_headers, timeout=30)
-    assert response.status_code == 400 and response.json()["type"] == "BadJson"
-    time.sleep(0.5)  # the frontend copies the worker's output into the log asynchronously
-    with model_log.open("rb") as log:
-        log.seek(before)
-        added = log.read().decode(errors="replace")
-    assert "Failed json decoding" in added and "Traceback" not in added
+
+    def added() -> str:
+        with model_log.open("rb") as log:
+            log.seek(before)
+            return log.read().decode(errors="replace")
+
+    line = "Failed json decoding"
+    for sent in (1, 2):
+        body = b'{"data": [1, 2,'
+        response = requests.post(f"{server.url}/predictions/cnn", data=body, headers=json_headers, timeout=30)
+        assert response.status_code == 400 and response.json()["type"] == "BadJson"
+        # the frontend copies the worker's output into the log asynchronously: wait for the line itself
+        wait_for(lambda sent=sent: added().count(line) >= sent, 30, f"the handler's line for body {sent}")
+    # the worker writes in order: once the second body's line is there, all that the first one made is too
+    text = added()
+    assert "Traceback" not in text[: text.index(line, text.index(line) + 1)]
 
 
 def test_the_access_log_drops_query_strings(server):

@@ -165,3 +165,28 @@ def test_every_broken_model_is_named_even_when_one_fails_later(tmp_path, monkeyp
     message = str(raised.value)
     assert "model cnn failed to load: digest mismatch" in message
     assert "model mlp failed to load: cannot be loaded" in message
+
+
+def test_a_failure_counts_even_when_torchserve_kills_the_worker_before_it_says_it_died(tmp_path):
+    # what TorchServe 0.12 wrote for a damaged model: the worker logs its reason, answers the frontend, and
+    # is killed (its output no longer read) before its "Backend worker process died" line, here on the 2nd try
+    prefix = "2026-11-28T22:11:37,726 [INFO ] W-44169-mlp_1.0-stdout MODEL_LOG - "
+    reason = f"{prefix}Failed to load model mlp, exception model file model.pt cannot be loaded as torchscript\n"
+    died = f"{prefix}Backend worker process died.\n{prefix}RuntimeError: 500 - Unknown exception\n"
+    (tmp_path / "logs").mkdir()
+    log = tmp_path / "logs" / "model_log.log"
+    log.write_text(reason + died + reason)
+    assert server.failed_models(tmp_path, ["cnn", "mlp"]) == ["mlp"]
+    assert server.load_failure(log, "mlp") == "model file model.pt cannot be loaded as torchscript"
+    log.write_text(reason + died)
+    assert server.failed_models(tmp_path, ["mlp"]) == []  # once is not yet a verdict: TorchServe retries
+
+
+def test_a_worker_that_dies_without_a_reason_still_counts(tmp_path):
+    # an exception TorchServe's loader does not catch (not a RuntimeError): no reason line, only the death
+    prefix = "2026-11-28T22:11:37,726 [INFO ] W-9000-cnn_1.0-stdout MODEL_LOG - "
+    (tmp_path / "logs").mkdir()
+    log = tmp_path / "logs" / "model_log.log"
+    log.write_text(f"{prefix}Backend worker process died.\n{prefix}ImportError: no module named x\n" * 2)
+    assert server.failed_models(tmp_path, ["cnn", "mlp"]) == ["cnn"]
+    assert server.load_failure(log, "cnn") == "the worker died during start-up (see the log below)"
