@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
 
 import onnxruntime as ort
 import pytest
@@ -76,3 +77,23 @@ def test_a_bad_request_in_a_pt2_batch_fails_alone(pt2_server, mnist, expected):
         else:
             assert response.status_code == 200, response.text
             assert response.json()["label"] == expected[i]
+
+
+def test_the_pt2_archive_answers_the_open_inference_protocol(pt2_server, mnist, expected):
+    """Triton's client, binary tensor extension, a batch of 17 digits in one request, and one bad request."""
+    tritonclient_http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the dev extra")
+    url, headers = pt2_server
+    client = tritonclient_http.InferenceServerClient(url=urlparse(url).netloc, connection_timeout=30)
+    tensor = tritonclient_http.InferInput("digits", [17, 28, 28], "UINT8")
+    tensor.set_data_from_numpy(mnist.test_images[:17], binary_data=True)
+    outputs = [tritonclient_http.InferRequestedOutput(name, binary_data=True) for name in ("probabilities", "label")]
+    result = client.infer(NAME, [tensor], outputs=outputs, headers=dict(headers))  # it adds its own headers
+    assert result.as_numpy("label").tolist() == expected[:17].tolist()
+    assert result.as_numpy("probabilities").shape == (17, 10)
+    bad = requests.post(
+        f"{urlparse(url).scheme}://{urlparse(url).netloc}/v2/models/{NAME}/infer",
+        json={"inputs": [{"name": "x", "shape": [2, 28, 28], "datatype": "UINT8", "data": [0] * 5}]},
+        headers=headers,
+        timeout=30,
+    )
+    assert bad.status_code == 400 and "error" in bad.json(), bad.text
