@@ -4,10 +4,10 @@ against the fp32 peak.
 Every backend runs the same real MNIST test digits at each batch size, in one process. At each batch size
 the backends take turns, ROUNDS times, each turn a slice of the timed seconds, and each backend's times are
 pooled: a burst of other work on a shared machine then lands on every backend alike instead of on whichever
-one happened to be running (one window per backend let the int8/fp32 ratio swing from 0.94 to 2.25 for one
-file). The peak is a large float32 matmul, measured at the start, after every round of turns and at the
-end; the best is kept, the hardest ceiling (measured only at the start and the end, a burst of load on this
-machine once put it at 181 GFLOP/s, below what onnxruntime itself reached in the same run).
+one happened to be running (one window per backend let the int8/fp32 ratio of one file more than double
+between runs). The peak is a large float32 matmul, measured at the start, after every round of turns and at
+the end; the best is kept, the hardest ceiling (measured only at the start and the end, a burst of load
+once put it below what onnxruntime itself reached in the same run).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class OfflineResult:
     gflops: float  # from the model's FLOP count
     peak_share: float  # gflops / the best fp32 peak of the run
     # median over the rounds of (this round's GFLOP/s) / (the peak measured right after the round): on a
-    # machine whose speed drifts (the peak ranged 147-270 GFLOP/s within one run), the like-for-like figure
+    # machine whose speed drifts (the peak can vary by half within one run), the like-for-like figure
     paired_peak_share: float
 
 

@@ -145,9 +145,8 @@ def rewrite_for_int8(path: Path) -> list[str]:
     """Rewrites the float32 ONNX file at `path` into the same maths laid out for onnxruntime's int8 kernels.
 
     Two rewrites, each a no-op for a graph without its pattern (the mlp has neither); see their docstrings.
-    Measured on the cnn, int8 over fp32 onnxruntime samples/s at batch 256 on this 2-core AVX-512 VNNI
-    machine, both files in one process, interleaved: 0.8-1.1 before, 1.3-1.6 after with 2 threads (the
-    low end while other work loads the cores), 1.15 before and 1.8 after with 1 thread.
+    Without them the int8 cnn ran no faster than fp32 on a VNNI machine; with them it is well ahead (the
+    README's Performance section has the figures).
 
     Returns:
         The names of the nodes to leave in float32.
@@ -164,11 +163,11 @@ def keep_image_block_fp32(graph: onnx.GraphProto) -> list[str]:
 
     The image block is Conv -> Relu -> MaxPool reading the graph input with fewer than 4 channels. onnxruntime
     runs that conv slowly in int8: its fast kernel (MLAS ConvSym) needs input channels in multiples of 4, so
-    with 1 channel it takes im2col and a K=9 GEMM per image (one profile at batch 256: 31 of the int8 cnn's
-    48 ms, where fp32 runs the conv in 6). Widening it to 4 channels of which 3 are zero reaches ConvSym but
-    stays slower than fp32 (9 against 3.5 ms on 1 thread). Keeping the block float32 as it is does not help
-    either: onnxruntime's QDQ propagation moves conv2's QuantizeLinear above the MaxPool, which then runs as
-    a generic int8 NCHW MaxPool (40 ms). With the pool ahead of the ReLU (the same maths: max commutes with
+    with 1 channel it takes im2col and a K=9 GEMM per image, most of the int8 cnn's time in a profile, several
+    times what fp32 takes for that conv. Widening it to 4 channels of which 3 are zero reaches ConvSym but
+    stays slower than fp32. Keeping the block float32 as it is does not help either: onnxruntime's QDQ
+    propagation moves conv2's QuantizeLinear above the MaxPool, which then runs as a generic int8 NCHW
+    MaxPool, slower still. With the pool ahead of the ReLU (the same maths: max commutes with
     ReLU) the propagation stops at the ReLU, the pool stays a float32 NCHWc one and the ReLU folds into the
     QuantizeLinear.
     """
@@ -191,7 +190,7 @@ def flatten_channels_last(graph: onnx.GraphProto) -> bool:
     """Flattens the last feature map in NHWC order, permuting the following Gemm's weights to match.
 
     onnxruntime's int8 convs and pools run NHWC, so before an NCHW flatten it transposes the feature map
-    back: with 2 threads that Transpose took 0.9 of 10 ms at batch 256. An explicit NCHW -> NHWC Transpose
+    back, a tenth of the int8 cnn's time at batch 256 in a profile. An explicit NCHW -> NHWC Transpose
     ahead of the flatten cancels it. Returns whether the graph had such a flatten: (N, C, H, W) ->
     Reshape or Flatten -> Gemm with constant weights, C > 1 and H * W > 1.
     """

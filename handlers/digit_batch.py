@@ -118,7 +118,7 @@ def prediction_bodies(probabilities: torch.Tensor, labels: tuple[str, ...]) -> l
     """One JSON body `{"label", "confidence", "probabilities"}` per row, numbers to 7 significant digits.
 
     Seven digits are what the model's float32 logits carry. Written with one %-format a label rather than
-    json.dumps: the shortest round-trip repr of 11 doubles was 21 us a request, most of postprocessing.
+    json.dumps, whose shortest round-trip repr of 11 doubles was most of postprocessing.
     The label is the first of the most probable classes.
     """
     templates = body_templates(labels)
