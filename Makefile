@@ -72,11 +72,11 @@ format: setup ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: setup ## benchmarks, offline and over HTTP against a no-op handler, for mlp and cnn (after make demo)
+bench: setup ## benchmarks, offline (with int8 and .pt2) and over HTTP (PNG, drawings, OIP) against a no-op handler (after make demo)
 	@for model in mlp cnn; do \
 	  test -f $(ARTIFACTS)/$$model/export.json || { echo "no $(ARTIFACTS)/$$model/export.json: run make demo first"; exit 1; }; \
-	  grep -q onnx-int8 $(ARTIFACTS)/$$model/export.json || \
-	    $(DIGITS) export $$model --artifacts $(ARTIFACTS) --quantize int8 || exit 1; \
+	  { grep -q onnx-int8 $(ARTIFACTS)/$$model/export.json && grep -q '"pt2"' $(ARTIFACTS)/$$model/export.json; } || \
+	    $(DIGITS) export $$model --artifacts $(ARTIFACTS) --quantize int8 --pt2 || exit 1; \
 	done
 	$(DIGITS) bench offline cnn --artifacts $(ARTIFACTS) --out $(BENCH_OUT)/cnn-offline
 	$(DIGITS) bench offline mlp --artifacts $(ARTIFACTS) --out $(BENCH_OUT)/mlp-offline
@@ -87,6 +87,8 @@ bench: setup ## benchmarks, offline and over HTTP against a no-op handler, for m
 	  --input $(BENCH_OUT)/inputs/test-00000_label-7.png --out $(BENCH_OUT)/mlp-torchscript-http
 	$(DIGITS) bench http --model cnn --format onnx --artifacts $(ARTIFACTS) $(BENCH_HTTP) \
 	  --input $(BENCH_OUT)/inputs/drawn-00000_label-7.png --out $(BENCH_OUT)/cnn-onnx-drawn-http
+	$(DIGITS) bench http --model cnn --format onnx --artifacts $(ARTIFACTS) $(BENCH_HTTP) \
+	  --oip 64 --concurrency 4 --out $(BENCH_OUT)/cnn-onnx-oip-http
 
 clean: ## remove generated artifacts, archives and run folders (keeps .venv and the MNIST cache)
 	rm -rf $(ARTIFACTS) runs samples
