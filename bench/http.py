@@ -16,6 +16,7 @@ With `oip_digits` N, the body is instead an Open Inference Protocol request of N
 
 from __future__ import annotations
 
+import gzip
 import json
 import mimetypes
 import re
@@ -25,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,9 @@ STAGES = ("DecodeTime", "PreprocessTime", "InferenceTime", "PostprocessTime", "P
 METRIC_LINE = re.compile(r"result=\[METRICS\](\w+)\.(?:ms|Milliseconds):([0-9.]+)\|#ModelName:([^,|]+)")
 BATCH_LINE = re.compile(r"result=\[METRICS\]BatchSize\.Count:(\d+)\|#ModelName:([^,|]+)")  # requests a batch
 LOG_SETTLE_S = 0.5  # the frontend copies worker output into its logs asynchronously
+# TorchServe's log timestamps, "2026-11-28T23:49:26,857": ISO order, so comparable as strings
+LOG_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S,%f"
+LOG_TIME_CHARS = 23
 
 
 @dataclass(frozen=True)
@@ -236,20 +241,33 @@ def describe_body(path: Path) -> dict:
 
 
 class LogCursor:
-    """Reads what TorchServe appended to its log since `mark()`."""
+    """Reads what TorchServe logged in ts_log.log since `mark()`, across its rollovers.
+
+    The run folder's log4j2.xml rolls ts_log.log over at 10 MB into ts_log.N.log.gz (newest N = 1), and a
+    benchmark writes several times that, so a byte offset into the current file would miss what rolled away.
+    Lines carry TorchServe's timestamp (local time, milliseconds); those at or after the mark are kept.
+    """
 
     def __init__(self, log_dir: Path) -> None:
-        self.path = log_dir / "ts_log.log"
-        self.offset = 0
+        self.log_dir = log_dir
+        self.since = ""
 
     def mark(self) -> None:
-        self.offset = self.path.stat().st_size if self.path.is_file() else 0
+        self.since = datetime.now().strftime(LOG_TIME_FORMAT)[:LOG_TIME_CHARS]
 
     def read(self) -> str:
         time.sleep(LOG_SETTLE_S)
-        with self.path.open("rb") as f:
-            f.seek(self.offset)
-            return f.read().decode("utf-8", errors="replace")
+        rolled = sorted(self.log_dir.glob("ts_log.*.log.gz"), key=_rollover_index, reverse=True)  # oldest first
+        texts = [gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace") for path in rolled]
+        current = self.log_dir / "ts_log.log"
+        if current.is_file():
+            texts.append(current.read_text(errors="replace"))
+        lines = (line for text in texts for line in text.splitlines())
+        return "\n".join(line for line in lines if line[:LOG_TIME_CHARS] >= self.since and line[:2].isdigit())
+
+
+def _rollover_index(path: Path) -> int:
+    return int(path.name.split(".")[1])
 
 
 def handler_summary(metrics_log: str, model: str) -> dict[str, Any]:

@@ -113,3 +113,29 @@ def test_load_generators_count_requests_and_errors(generator, payload, errors, e
     result = run_load(generator, Target(echo_url, "token", body, "application/octet-stream"), 3, 12)
     assert (result.requests, result.errors) == (12, errors)
     assert 0 < result.latency.p50_ms <= result.latency.p99_ms
+
+
+def test_the_log_cursor_reads_what_was_logged_since_its_mark_across_rollovers(tmp_path):
+    """ts_log.log rolls over at 10 MB (gzipped as ts_log.N.log.gz, newest N = 1) several times in one bench run:
+    what was written after the mark must be read whole, from the rolled files too, and nothing before it."""
+    import gzip
+    from datetime import datetime, timedelta
+
+    from bench.http import LOG_TIME_FORMAT, LogCursor
+
+    def line(when: datetime, text: str) -> str:
+        return f"{when.strftime(LOG_TIME_FORMAT)[:23]} [INFO ] W-9000-cnn_1.0-stdout MODEL_METRICS - {text}\n"
+
+    now = datetime.now()
+    cursor = LogCursor(tmp_path)
+    (tmp_path / "ts_log.log").write_text(line(now - timedelta(seconds=5), "before"))
+    cursor.mark()
+    later = [now + timedelta(seconds=s) for s in (1, 2, 3)]
+    # what log4j leaves after two rollovers: the oldest in .2, the next in .1, the newest in the live file
+    (tmp_path / "ts_log.2.log.gz").write_bytes(
+        gzip.compress((line(now - timedelta(seconds=5), "before") + line(later[0], "first")).encode())
+    )
+    (tmp_path / "ts_log.1.log.gz").write_bytes(gzip.compress(line(later[1], "second").encode()))
+    (tmp_path / "ts_log.log").write_text(line(later[2], "third") + "a continuation line without a time\n")
+    read = cursor.read().splitlines()
+    assert [row.rsplit(" - ", 1)[1] for row in read] == ["first", "second", "third"]
