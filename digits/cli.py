@@ -92,7 +92,7 @@ EXIT_PARITY_FAILED = 1  # files written, but they do not compute what the eager 
 def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="export a trained model to TorchScript and ONNX and prove parity",
+        help="export a trained model to TorchScript and ONNX (and .pt2, int8) and prove parity",
         description="Export DIR/MODEL/checkpoint.pt to model.pt (TorchScript) and model.onnx (and with --pt2 "
         "model.pt2, AOTInductor), compare each with the eager model on the MNIST test set, and write parity.json, "
         "parity.md and, when parity passes, export.json. Logs each step's time. Exits 1 when parity fails.",
