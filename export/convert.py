@@ -30,8 +30,10 @@ from contract import (
     ONNX_INT8,
     PARITY_JSON,
     PARITY_MD,
+    PARITY_REPORT,
     PT2,
     TORCHSCRIPT,
+    Format,
     normalise,
 )
 from export import ExportError
@@ -119,7 +121,7 @@ def export_model(
             target = _write_pt2(eager, model_dir / PT2.file, example, meta, checkpoint_sha, compile_for)
         log(_written(model_dir / PT2.file, f"AOTInductor for {target}", seconds["pt2"]))
     else:
-        remove_stale_pt2(model_dir, log)
+        remove_stale(model_dir, PT2, log)
     with _timed(seconds, "parity"):
         data = load_mnist(data_dir, log=log)  # once: the fp32 and the int8 checks read the same digits
         report = prove_parity(eager, model_dir, meta, data, atol=atol, rtol=rtol, samples=samples)
@@ -129,7 +131,7 @@ def export_model(
         with _timed(seconds, "int8"):
             int8_report = export_int8(eager, model_dir, meta, data, samples=samples, log=log)
     else:
-        remove_stale_int8(model_dir, log)
+        remove_stale(model_dir, ONNX_INT8, log)
     files = _proven_files(model_dir, int8_report)
     _write_or_withdraw_manifest(report, model_dir, meta, checkpoint_sha, files, log)
     sizes = {path.name: path.stat().st_size for path in files.values()}
@@ -167,13 +169,6 @@ def check_exported_pt2(path: Path, meta: dict, checkpoint_sha: str, rerun: str) 
     return written
 
 
-def remove_stale_pt2(model_dir: Path, log) -> None:
-    """Deletes model.pt2: it was compiled from the model this export replaced."""
-    if (model_dir / PT2.file).exists():
-        log(f"removed {model_dir / PT2.file}: it was compiled from the replaced model (add --pt2 to keep one)")
-        (model_dir / PT2.file).unlink()
-
-
 def export_int8(eager: nn.Module, model_dir: Path, meta: dict, data, *, samples: int | None, log) -> PredictionParity:
     """model.onnx -> model.int8.onnx, calibrated on training digits; proves it and writes parity-int8.*."""
     from export.quantize import calibration_digits, quantize_int8
@@ -205,13 +200,14 @@ def prove_int8(eager: nn.Module, model_dir: Path, meta: dict, data, samples: int
     return report
 
 
-def remove_stale_int8(model_dir: Path, log) -> None:
-    """Deletes model.int8.onnx and its reports: they were made from the model.onnx this export replaced."""
-    stale = [model_dir / name for name in (ONNX_INT8.file, ONNX_INT8.parity_json, ONNX_INT8.parity_md)]
-    if (model_dir / ONNX_INT8.file).exists():
-        log(
-            f"removed {model_dir / ONNX_INT8.file}: it was quantised from the replaced model.onnx (add --quantize int8)"
-        )
+def remove_stale(model_dir: Path, fmt: Format, log) -> None:
+    """Deletes an optional format's file (and its own parity reports): it was made from the model this export
+    replaced, and an export without its flag does not remake it."""
+    stale = [model_dir / fmt.file]
+    if fmt.report != PARITY_REPORT:
+        stale += [model_dir / fmt.parity_json, model_dir / fmt.parity_md]
+    if stale[0].exists():
+        log(f"removed {stale[0]}: it was made from the model this export replaced (add {fmt.export_flags} to keep one)")
     for path in stale:
         path.unlink(missing_ok=True)
 

@@ -10,8 +10,9 @@ import dataclasses
 import functools
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from digit_inputs import read_request
 from digit_model import DigitMeta
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -61,17 +63,27 @@ def read_batch(data: list[Any], meta: DigitMeta, content_types: list[str | None]
     digits, rows, errors = [], [], {}
     for index, row in enumerate(data):
         content_type = content_types[index] if content_types else None
-        try:
-            digits.append(read_request(row, meta.size, content_type))
-        except RequestError as err:
-            logger.info("request %d of %d refused: %d %s: %s", index, len(data), err.code, err.kind, err.message)
-            errors[index] = err
-        except Exception as err:  # noqa: BLE001 - the per-request boundary: see the docstring
-            logger.exception("request %d of %d: unexpected %s while reading it", index, len(data), type(err).__name__)
-            errors[index] = unexpected(err)
+        digit = read_guarded(functools.partial(read_request, row, meta.size, content_type), index, len(data))
+        if isinstance(digit, RequestError):
+            errors[index] = digit
         else:
+            digits.append(digit)
             rows.append(index)
     return Readings(len(data), rows, digits, errors)
+
+
+def read_guarded(read: Callable[[], T], index: int, count: int) -> T | RequestError:
+    """The per-request boundary, for every protocol: request `index` of `count` read by `read`, or its own
+    error. A `RequestError` is its 4xx, logged as a line; anything else is this server's fault, logged once
+    with its traceback and answered as the request's own 500 (`unexpected`)."""
+    try:
+        return read()
+    except RequestError as err:
+        logger.info("request %d of %d refused: %d %s: %s", index, count, err.code, err.kind, err.message)
+        return err
+    except Exception as err:  # noqa: BLE001 - the per-request boundary: see the docstring
+        logger.exception("request %d of %d: unexpected %s while reading it", index, count, type(err).__name__)
+        return unexpected(err)
 
 
 def content_types(context: Any, count: int) -> list[str | None]:

@@ -21,16 +21,16 @@ JSON `data` (flat or nested) or the binary tensor data extension (`Inference-Hea
 
 from __future__ import annotations
 
+import functools
 import json
-import logging
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from digit_batch import Readings, content_types, label_value, read_batch
-from digit_errors import RequestError, bad_request, too_large, unexpected
+from digit_batch import Readings, content_types, label_value, read_batch, read_guarded
+from digit_errors import RequestError, bad_request, too_large
 from digit_imaging import to_uint8
 from digit_inputs import MAX_BODY_BYTES, decode_base64, parse_json, read_image, sniff_format
 from digit_model import DigitMeta
@@ -42,8 +42,6 @@ DATATYPES = ("UINT8", "FP32", "BYTES")
 HEADER_LENGTH = "inference-header-content-length"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,16 +75,11 @@ def read_requests(data: list[Any], context: Any, meta: DigitMeta) -> tuple[Readi
     errors = {plain_indices[position]: error for position, error in plain.errors.items()}
     read, spans = {}, {}
     for index in indices:
-        try:
-            request = read_oip(data[index], headers_of(context, index), meta.size)
-        except RequestError as err:
-            errors[index] = err
-            continue
-        except Exception as err:  # noqa: BLE001 - the per-request boundary, as in read_batch
-            logger.exception(
-                "OIP request %d of %d: unexpected %s while reading it", index, len(data), type(err).__name__
-            )
-            errors[index] = unexpected(err)
+        request = read_guarded(
+            functools.partial(read_oip, data[index], headers_of(context, index), meta.size), index, len(data)
+        )
+        if isinstance(request, RequestError):
+            errors[index] = request
             continue
         read[index] = request
         spans[index] = slice(len(rows), len(rows) + len(request.digits))
