@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from bench import BenchError
 from bench.timing import Latency, flops_per_sample, fp32_peak_gflops, machine, time_calls
@@ -106,14 +107,20 @@ def run_offline(
     batch_sizes: Sequence[int] = BATCH_SIZES,
     min_seconds: float = MIN_SECONDS,
     rounds: int = ROUNDS,
+    threads: int | None = None,
     data_dir: Path | None = None,
     log: Callable[[str], Any] = print,
 ) -> OfflineReport:
-    """Times every exported form of MODEL from ARTIFACTS/MODEL at each batch size; see the module docstring."""
+    """Times every exported form of MODEL from ARTIFACTS/MODEL at each batch size; see the module docstring.
+
+    Every backend runs on the same number of intra-op threads: `threads`, else torch's count (OMP_NUM_THREADS,
+    else one per core), as a served worker sizes onnxruntime's pool from torch's (`--threads` of an archive).
+    """
     check_batch_sizes(batch_sizes)
+    set_threads(threads)
     model_dir = Path(artifacts) / model
     eager, meta = load_eager(model_dir, model)
-    runners = load_runners(model_dir, eager, model)
+    runners = load_runners(model_dir, eager, model, torch.get_num_threads())
     images = mnist_batch(meta, max(batch_sizes), data_dir)
     log(f"bench offline {model}: measuring the fp32 peak")
     start_peak = fp32_peak_gflops()
@@ -174,8 +181,18 @@ def load_eager(model_dir: Path, model: str):
     return rebuild_model(payload), payload["metadata"]
 
 
-def load_runners(model_dir: Path, eager, model: str) -> dict[str, Runner]:
-    """Eager, and the exported files that export.json vouches for, loaded as `digits export` checks them."""
+def set_threads(threads: int | None) -> None:
+    """torch's intra-op threads for this process (eager, TorchScript, .pt2), when given."""
+    if threads is None:
+        return
+    if type(threads) is not int or threads < 1:
+        raise BenchError(f"threads must be a positive integer, got {threads!r}")
+    torch.set_num_threads(threads)
+
+
+def load_runners(model_dir: Path, eager, model: str, threads: int) -> dict[str, Runner]:
+    """Eager, and the exported files that export.json vouches for, loaded as `digits export` checks them;
+    onnxruntime sessions on `threads` intra-op threads, like torch's."""
     from export.runners import eager_runner, onnxruntime_backend, pt2_backend, torchscript_backend
 
     manifest_path = model_dir / MANIFEST_FILE
@@ -185,11 +202,11 @@ def load_runners(model_dir: Path, eager, model: str) -> dict[str, Runner]:
     runners: dict[str, Runner] = {
         "eager": eager_runner(eager),
         "torchscript": torchscript_backend(model_dir / files[TORCHSCRIPT.name]["path"]).run,
-        "onnxruntime": onnxruntime_backend(model_dir / files[ONNX.name]["path"], "ORT_ENABLE_ALL").run,
+        "onnxruntime": onnxruntime_backend(model_dir / files[ONNX.name]["path"], "ORT_ENABLE_ALL", threads).run,
     }
     if ONNX_INT8.name in files:  # written by `digits export MODEL --quantize int8` once its parity passed
         runners["onnxruntime-int8"] = onnxruntime_backend(
-            model_dir / files[ONNX_INT8.name]["path"], "ORT_ENABLE_ALL"
+            model_dir / files[ONNX_INT8.name]["path"], "ORT_ENABLE_ALL", threads
         ).run
     if PT2.name in files:  # written by `digits export MODEL --pt2`; runs on the device it was compiled for
         runners["aotinductor"] = pt2_backend(model_dir / files[PT2.name]["path"]).run

@@ -42,12 +42,13 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def machine_line(machine: dict) -> str:
+def machine_line(machine: dict, threads: str = "") -> str:
+    """The machine, its versions and load; `threads`, when given, says who ran on how many threads."""
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+    threads = f", {threads}" if threads else ""
     return (
-        f"Machine: {machine['cpu']} ({machine['architecture']}, {machine['logical_cpus']} logical CPUs, "
-        f"torch threads {machine['torch_threads']}), load average {machine['load_average_1min']} at the start; "
-        f"{versions}."
+        f"Machine: {machine['cpu']} ({machine['architecture']}, {machine['logical_cpus']} logical CPUs{threads}), "
+        f"load average {machine['load_average_1min']} at the start; {versions}."
     )
 
 
@@ -90,7 +91,7 @@ def offline_markdown(report: OfflineReport) -> str:
         f"{report.min_seconds:g} s per backend and batch size, after warm-up, in {report.rounds} turns taken in "
         "rotation by the backends.",
         "",
-        machine_line(report.machine),
+        machine_line(report.machine, f"every backend on {report.machine['torch_threads']} intra-op thread(s)"),
         "",
         *table(header, rows),
         "",

@@ -52,6 +52,12 @@ def add_offline(kinds: argparse._SubParsersAction) -> None:
         default=5,
         help="turns the backends take at each batch size, sharing those seconds (default 5)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="intra-op threads of every backend, onnxruntime's included (default: torch's, OMP_NUM_THREADS "
+        "or one per core); 1 compares with an archive's default worker",
+    )
     p.add_argument("--out", type=Path, help="output folder (default: runs/bench/MODEL-offline)")
     p.set_defaults(func=run_offline)
 
@@ -64,8 +70,15 @@ def run_offline(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--min-seconds must be at least 0 and --rounds at least 1, got {args.min_seconds} and {args.rounds}"
         )
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     report = measure(
-        args.artifacts, args.model, batch_sizes=args.batch_sizes, min_seconds=args.min_seconds, rounds=args.rounds
+        args.artifacts,
+        args.model,
+        batch_sizes=args.batch_sizes,
+        min_seconds=args.min_seconds,
+        rounds=args.rounds,
+        threads=args.threads,
     )
     paths = write_offline(report, args.out or DEFAULT_OUT / f"{args.model}-offline")
     print(paths[1].read_text(), end="")

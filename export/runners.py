@@ -58,10 +58,17 @@ def torchscript_backend(path: Path) -> Backend:
     return Backend("torchscript", None, run)
 
 
-def onnxruntime_backend(path: Path, optimization: str) -> Backend:
-    """onnxruntime on the CPU at one graph optimisation level (a name from `ORT_LEVELS`)."""
+def onnxruntime_backend(path: Path, optimization: str, threads: int | None = None) -> Backend:
+    """onnxruntime on the CPU at one graph optimisation level (a name from `ORT_LEVELS`).
+
+    `threads`: its intra-op pool (and no inter-op pool), as the handler sizes it; None: onnxruntime's own
+    default, one thread per physical core, whatever torch is set to.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own pybind error types, none exported

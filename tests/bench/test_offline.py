@@ -73,3 +73,40 @@ def test_offline_bench_adds_the_pt2_package_when_exported(pt2_export, tmp_path):
     assert {r["backend"] for r in report["results"]} == {"eager", "torchscript", "onnxruntime", "aotinductor"}
     assert "aotinductor / onnxruntime at batch 4" in report["ratios"]
     assert "aotinductor" in (out / "bench-offline.md").read_text()
+
+
+@pytest.fixture
+def torch_threads_restored():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_threads_sets_every_backend_onnxruntime_included(int8_artifacts, tmp_path, monkeypatch, torch_threads_restored):
+    import onnxruntime
+    import torch
+
+    import export.runners
+
+    pools, real_session = [], onnxruntime.InferenceSession
+
+    def session(path, options, **kwargs):  # the real session; records the pool it was given
+        pools.append((options.intra_op_num_threads, options.inter_op_num_threads))
+        return real_session(path, options, **kwargs)
+
+    monkeypatch.setattr(export.runners.ort, "InferenceSession", session)
+    out = tmp_path / "offline"
+    args = ["bench", "offline", "mlp", "--artifacts", str(int8_artifacts), "--batch-sizes", "4", "--threads", "1"]
+    assert main([*args, "--min-seconds", "0", "--rounds", "1", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == 1
+    assert pools == [(1, 1), (1, 1)]  # fp32 and int8 sessions, not onnxruntime's one-per-core default
+    report = json.loads((out / "bench-offline.json").read_text())
+    assert report["machine"]["torch_threads"] == 1
+    assert "every backend on 1 intra-op thread(s)" in (out / "bench-offline.md").read_text()
+
+
+def test_threads_must_be_positive(tmp_path, capsys):
+    assert main(["bench", "offline", "mlp", "--artifacts", str(tmp_path), "--threads", "0"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
