@@ -309,7 +309,36 @@ def test_a_pt2_without_its_facts_is_refused(model_dirs, tmp_path) -> None:
 
 @pytest.mark.parametrize("batch", [0, 4097])
 def test_a_pt2_refuses_a_batch_outside_its_range(model_dirs, batch: int) -> None:
-    predict = digit_model.load_predictor(model_dirs["pt2"] / "model.pt2", torch.device("cpu"))
+    predict = digit_model.load_pt2(model_dirs["pt2"] / "model.pt2", torch.device("cpu"))
     with pytest.raises(ValueError, match=f"model.pt2 takes batches of 1 to 4096 digits, got {batch}"):
         predict(torch.zeros(batch, 1, 28, 28))
     assert predict(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("fmt", sorted(MODEL_FILES))
+def test_a_large_batch_runs_in_chunks_with_the_same_scores(model_dirs, mnist_test, fmt: str) -> None:
+    path = model_dirs[fmt] / MODEL_FILES[fmt]
+    loaders = {"onnx": digit_model.load_onnx, "torchscript": digit_model.load_torchscript, "pt2": digit_model.load_pt2}
+    whole = loaders[fmt](path, torch.device("cpu"))
+    sizes = []
+
+    def recording(images: torch.Tensor) -> torch.Tensor:
+        sizes.append(len(images))
+        return whole(images)
+
+    digits = torch.from_numpy((mnist_test[0][:150] / 255.0 - 0.1307) / 0.3081).float()[:, None]
+    chunked = digit_model.in_chunks(recording, 64)(digits)
+    assert sizes == [64, 64, 22]
+    expected = whole(digits)
+    assert chunked.shape == expected.shape == (150, 10)
+    # kernels may block a batch by its size: the same scores to far below any tolerance, the same labels
+    assert torch.allclose(chunked, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(chunked.argmax(1), expected.argmax(1))
+    sizes.clear()
+    digit_model.in_chunks(recording, 64)(digits[:64])
+    assert sizes == [64]  # up to the chunk size, one call
+
+
+def test_on_the_cpu_a_batch_past_a_pt2_range_runs_in_chunks(model_dirs) -> None:
+    predict = digit_model.load_predictor(model_dirs["pt2"] / "model.pt2", torch.device("cpu"))
+    assert predict(torch.zeros(4097, 1, 28, 28)).shape == (4097, 10)  # chunks of CPU_CHUNK_ROWS, each in range
