@@ -243,8 +243,9 @@ def describe_body(path: Path) -> dict:
 class LogCursor:
     """Reads what TorchServe logged in ts_log.log since `mark()`, across its rollovers.
 
-    The run folder's log4j2.xml rolls ts_log.log over at 10 MB into ts_log.N.log.gz (newest N = 1), and a
-    benchmark writes several times that, so a byte offset into the current file would miss what rolled away.
+    The run folder's log4j2.xml rolls ts_log.log over at 10 MB into ts_log.N.log.gz (log4j's default
+    `fileIndex="max"`: oldest N = 1, at most 4 kept), and a benchmark writes several times that, so a byte
+    offset into the current file would miss what rolled away.
     Lines carry TorchServe's timestamp (local time, milliseconds); those at or after the mark are kept.
     """
 
@@ -257,7 +258,7 @@ class LogCursor:
 
     def read(self) -> str:
         time.sleep(LOG_SETTLE_S)
-        rolled = sorted(self.log_dir.glob("ts_log.*.log.gz"), key=_rollover_index, reverse=True)  # oldest first
+        rolled = sorted(self.log_dir.glob("ts_log.*.log.gz"), key=_rollover_index)  # oldest first
         texts = [gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace") for path in rolled]
         current = self.log_dir / "ts_log.log"
         if current.is_file():

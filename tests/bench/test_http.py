@@ -116,7 +116,7 @@ def test_load_generators_count_requests_and_errors(generator, payload, errors, e
 
 
 def test_the_log_cursor_reads_what_was_logged_since_its_mark_across_rollovers(tmp_path):
-    """ts_log.log rolls over at 10 MB (gzipped as ts_log.N.log.gz, newest N = 1) several times in one bench run:
+    """ts_log.log rolls over at 10 MB (gzipped as ts_log.N.log.gz, oldest N = 1) several times in one bench run:
     what was written after the mark must be read whole, from the rolled files too, and nothing before it."""
     import gzip
     from datetime import datetime, timedelta
@@ -131,11 +131,12 @@ def test_the_log_cursor_reads_what_was_logged_since_its_mark_across_rollovers(tm
     (tmp_path / "ts_log.log").write_text(line(now - timedelta(seconds=5), "before"))
     cursor.mark()
     later = [now + timedelta(seconds=s) for s in (1, 2, 3)]
-    # what log4j leaves after two rollovers: the oldest in .2, the next in .1, the newest in the live file
-    (tmp_path / "ts_log.2.log.gz").write_bytes(
+    # what log4j (DefaultRolloverStrategy, fileIndex "max") leaves after two rollovers: the oldest in .1, the
+    # next in .2, the newest in the live file (seen in a bench run's folder: .1 ended where .2 began)
+    (tmp_path / "ts_log.1.log.gz").write_bytes(
         gzip.compress((line(now - timedelta(seconds=5), "before") + line(later[0], "first")).encode())
     )
-    (tmp_path / "ts_log.1.log.gz").write_bytes(gzip.compress(line(later[1], "second").encode()))
+    (tmp_path / "ts_log.2.log.gz").write_bytes(gzip.compress(line(later[1], "second").encode()))
     (tmp_path / "ts_log.log").write_text(line(later[2], "third") + "a continuation line without a time\n")
     read = cursor.read().splitlines()
     assert [row.rsplit(" - ", 1)[1] for row in read] == ["first", "second", "third"]
