@@ -253,8 +253,9 @@ def load_onnx(path: Path, device: torch.device) -> Predictor:
 
 
 def load_pt2(path: Path, device: torch.device) -> Predictor:
-    """An AOTInductor package on `device`, which must be what it was compiled for; refuses a batch outside
-    the package's range, which the compiled code does not check."""
+    """An AOTInductor package on `device`, which must be what it was compiled for. A batch past the package's
+    range (many OIP requests of many digits) runs in chunks it takes; an empty one is refused, as the
+    compiled code checks no range itself."""
     facts = read_pt2_facts(path)
     check_pt2_loadable(facts, device, path.name)
     index = -1 if device.index is None else device.index  # -1: the CPU, or the current CUDA device
@@ -268,7 +269,7 @@ def load_pt2(path: Path, device: torch.device) -> Predictor:
         with torch.inference_mode():
             return compiled(images.to(device)).float().cpu()
 
-    return predict
+    return in_chunks(predict, high)
 
 
 def read_pt2_facts(path: Path) -> dict[str, Any]:

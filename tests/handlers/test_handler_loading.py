@@ -307,12 +307,15 @@ def test_a_pt2_without_its_facts_is_refused(model_dirs, tmp_path) -> None:
         digit_model.read_pt2_facts(package)
 
 
-@pytest.mark.parametrize("batch", [0, 4097])
-def test_a_pt2_refuses_a_batch_outside_its_range(model_dirs, batch: int) -> None:
+def test_a_pt2_takes_a_batch_past_its_range_in_chunks_and_refuses_an_empty_one(model_dirs) -> None:
+    # load_pt2 itself, not load_predictor: what a GPU worker gets, without the CPU's smaller chunks
     predict = digit_model.load_pt2(model_dirs["pt2"] / "model.pt2", torch.device("cpu"))
-    with pytest.raises(ValueError, match=f"model.pt2 takes batches of 1 to 4096 digits, got {batch}"):
-        predict(torch.zeros(batch, 1, 28, 28))
-    assert predict(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    with pytest.raises(ValueError, match="model.pt2 takes batches of 1 to 4096 digits, got 0"):
+        predict(torch.zeros(0, 1, 28, 28))
+    digits = torch.rand(4097, 1, 28, 28)
+    scores = predict(digits)
+    assert scores.shape == (4097, 10)
+    assert torch.allclose(scores[-1:], predict(digits[-1:]), rtol=1e-5, atol=1e-6)  # the second chunk's one row
 
 
 @pytest.mark.parametrize("fmt", sorted(MODEL_FILES))
@@ -339,6 +342,22 @@ def test_a_large_batch_runs_in_chunks_with_the_same_scores(model_dirs, mnist_tes
     assert sizes == [64]  # up to the chunk size, one call
 
 
-def test_on_the_cpu_a_batch_past_a_pt2_range_runs_in_chunks(model_dirs) -> None:
-    predict = digit_model.load_predictor(model_dirs["pt2"] / "model.pt2", torch.device("cpu"))
-    assert predict(torch.zeros(4097, 1, 28, 28)).shape == (4097, 10)  # chunks of CPU_CHUNK_ROWS, each in range
+@pytest.mark.parametrize("fmt", sorted(MODEL_FILES))
+def test_the_cpu_predictor_runs_in_chunks(model_dirs, monkeypatch, fmt: str) -> None:
+    sizes = []
+    whole = digit_model.in_chunks
+
+    def recording_chunks(predict, rows):
+        if rows != digit_model.CPU_CHUNK_ROWS:  # a .pt2's own chunks, at its compiled range
+            return whole(predict, rows)
+
+        def recording(images):
+            sizes.append(len(images))
+            return predict(images)
+
+        return whole(recording, rows)
+
+    monkeypatch.setattr(digit_model, "in_chunks", recording_chunks)
+    predict = digit_model.load_predictor(model_dirs[fmt] / MODEL_FILES[fmt], torch.device("cpu"))
+    assert predict(torch.zeros(130, 1, 28, 28)).shape == (130, 10)
+    assert sizes == [digit_model.CPU_CHUNK_ROWS, digit_model.CPU_CHUNK_ROWS, 130 - 2 * digit_model.CPU_CHUNK_ROWS]
