@@ -94,15 +94,25 @@ class HttpReport:
     body: dict  # what was sent: bytes, content type, image size and mode
     machine: dict
     rows: list[HttpRow] = field(default_factory=list)
+    # OIP runs: the served file offline at batch N on the worker's threads, measured after the loads
+    # (bench.offline.served_rate), so that each row's digits/s has its offline ceiling beside it
+    offline: dict | None = None
+
+    def offline_share(self, row: HttpRow) -> float | None:
+        """The row's digits per second over the offline rate of the same file, batch and threads."""
+        return row.digits_per_s / self.offline["samples_per_s"] if self.offline else None
 
     def to_dict(self) -> dict[str, Any]:
         plan = {**asdict(self.plan), "artifacts": str(self.plan.artifacts), "body": str(self.plan.body)}
-        rows = [{**asdict(row), "ratio": round(row.ratio, 3), "digits_per_s": row.digits_per_s} for row in self.rows]
+        rows = [
+            {**asdict(row), "ratio": round(row.ratio, 3), "digits_per_s": row.digits_per_s, "offline_share": share}
+            for row, share in ((row, self.offline_share(row)) for row in self.rows)
+        ]
         for row, source in zip(rows, self.rows, strict=True):
             for target in ("model", "noop"):
                 del row[target]["samples_ms"]  # summarised in latency
                 row[target]["requests_per_s"] = getattr(source, target).requests_per_s
-        return {"plan": plan, "body": self.body, "machine": self.machine, "rows": rows}
+        return {"plan": plan, "body": self.body, "machine": self.machine, "rows": rows, "offline": self.offline}
 
 
 def run_http(plan: HttpPlan, run_dir: Path, log: Callable[[str], Any] = print) -> HttpReport:
@@ -126,7 +136,21 @@ def run_http(plan: HttpPlan, run_dir: Path, log: Callable[[str], Any] = print) -
             row = HttpRow(concurrency, model, noop, summary, ratios, max(plan.oip_digits, 1))
             report.rows.append(row)
             log(progress_line(report.rows[-1]))
+    if plan.oip_digits:  # TorchServe is stopped: the offline run has the machine to itself
+        report.offline = measure_offline(plan, log)
     return report
+
+
+def measure_offline(plan: HttpPlan, log: Callable[[str], Any]) -> dict:
+    """The served file offline at batch N (the digits of one OIP request) on the worker's threads."""
+    from bench.offline import served_rate
+
+    offline = served_rate(plan.artifacts, plan.model, plan.fmt, plan.oip_digits, plan.settings.threads)
+    log(
+        f"  offline, no server: {offline['backend']} at batch {offline['batch_size']} on {offline['threads']} "
+        f"thread(s): {offline['samples_per_s']:7.0f} samples/s"
+    )
+    return offline
 
 
 def measure_level(plan: HttpPlan, targets: dict[str, Target], concurrency: int) -> dict[str, list[LoadResult]]:

@@ -193,24 +193,70 @@ def set_threads(threads: int | None) -> None:
 def load_runners(model_dir: Path, eager, model: str, threads: int) -> dict[str, Runner]:
     """Eager, and the exported files that export.json vouches for, loaded as `digits export` checks them;
     onnxruntime sessions on `threads` intra-op threads, like torch's."""
-    from export.runners import eager_runner, onnxruntime_backend, pt2_backend, torchscript_backend
+    from export.runners import eager_runner
 
+    files = exported_files(model_dir, model)
+    runners: dict[str, Runner] = {"eager": eager_runner(eager)}
+    # the int8 file once `--quantize int8` passed its parity; model.pt2 with `--pt2`, on its compiled device
+    for fmt in (TORCHSCRIPT, ONNX, ONNX_INT8, PT2):
+        if fmt.name in files:
+            runners[BACKEND_OF_FORMAT[fmt.name]] = format_runner(model_dir / files[fmt.name]["path"], fmt.name, threads)
+    return runners
+
+
+BACKEND_OF_FORMAT = {
+    TORCHSCRIPT.name: "torchscript",
+    ONNX.name: "onnxruntime",
+    ONNX_INT8.name: "onnxruntime-int8",
+    PT2.name: "aotinductor",
+}
+
+
+def exported_files(model_dir: Path, model: str) -> dict[str, Any]:
+    """export.json's files: format name -> {"path", ...}."""
     manifest_path = model_dir / MANIFEST_FILE
     if not manifest_path.is_file():
         raise BenchError(f"no {manifest_path}: export the model with parity first (`digits export {model}`)")
-    files = json.loads(manifest_path.read_text())["files"]
-    runners: dict[str, Runner] = {
-        "eager": eager_runner(eager),
-        "torchscript": torchscript_backend(model_dir / files[TORCHSCRIPT.name]["path"]).run,
-        "onnxruntime": onnxruntime_backend(model_dir / files[ONNX.name]["path"], "ORT_ENABLE_ALL", threads).run,
+    return json.loads(manifest_path.read_text())["files"]
+
+
+def format_runner(path: Path, fmt: str, threads: int) -> Runner:
+    """The file of one format (a `contract.FORMATS` name) loaded as `digits export` checks it."""
+    from export.runners import onnxruntime_backend, pt2_backend, torchscript_backend
+
+    if fmt in (ONNX.name, ONNX_INT8.name):
+        return onnxruntime_backend(path, "ORT_ENABLE_ALL", threads).run
+    if fmt == PT2.name:
+        return pt2_backend(path).run
+    return torchscript_backend(path).run
+
+
+def served_rate(artifacts: Path, model: str, fmt: str, batch_size: int, threads: int, seconds: float = 2.0) -> dict:
+    """Offline samples per second of the file an archive of `fmt` serves, at one batch size of real MNIST
+    test digits on `threads` intra-op threads (torch's count is restored after): what a worker of that many
+    threads could reach with no server around it.
+    """
+    check_batch_sizes([batch_size])
+    model_dir = Path(artifacts) / model
+    files = exported_files(model_dir, model)
+    if fmt not in files:
+        raise BenchError(f"{model_dir / MANIFEST_FILE} lists no {fmt} file: export it first")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, meta = load_eager(model_dir, model)
+        run = format_runner(model_dir / files[fmt]["path"], fmt, threads)
+        images = mnist_batch(meta, batch_size, None)
+        times = time_calls(lambda: run(images), min_seconds=seconds)
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        "backend": BACKEND_OF_FORMAT[fmt],
+        "batch_size": batch_size,
+        "threads": threads,
+        "samples_per_s": throughput(batch_size, times),
+        "seconds": seconds,
     }
-    if ONNX_INT8.name in files:  # written by `digits export MODEL --quantize int8` once its parity passed
-        runners["onnxruntime-int8"] = onnxruntime_backend(
-            model_dir / files[ONNX_INT8.name]["path"], "ORT_ENABLE_ALL", threads
-        ).run
-    if PT2.name in files:  # written by `digits export MODEL --pt2`; runs on the device it was compiled for
-        runners["aotinductor"] = pt2_backend(model_dir / files[PT2.name]["path"]).run
-    return runners
 
 
 def mnist_batch(meta: dict, count: int, data_dir: Path | None) -> np.ndarray:

@@ -157,6 +157,7 @@ def http_markdown(report: HttpReport) -> str:
             ],
             [_http_row(row) for row in report.rows],
         ),
+        *oip_lines(report),
         "",
         "Handler time per batch, from its TorchServe metrics (mean ms; p99 in brackets); the whole batch is "
         "TorchServe's own PredictionTime:",
@@ -167,6 +168,23 @@ def http_markdown(report: HttpReport) -> str:
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+def oip_lines(report: HttpReport) -> list[str]:
+    """OIP runs: digits per second at each concurrency, against the served file's offline rate."""
+    if not report.plan.oip_digits:
+        return []
+    rates = "; ".join(f"concurrency {row.concurrency}: {row.digits_per_s:,.0f}" for row in report.rows)
+    lines = ["", f"Digits per second ({report.plan.oip_digits} a request): {rates}."]
+    if report.offline:
+        offline = report.offline
+        shares = "; ".join(f"concurrency {row.concurrency}: {report.offline_share(row):.0%}" for row in report.rows)
+        lines[-1] += (
+            f" Offline, with TorchServe stopped, the same file ({offline['backend']}) at batch "
+            f"{offline['batch_size']} on {offline['threads']} thread(s), the worker's: "
+            f"{offline['samples_per_s']:,.0f} samples/s. Served over OIP: {shares} of it."
+        )
+    return lines
 
 
 def _http_row(row) -> list[str]:

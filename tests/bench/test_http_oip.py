@@ -27,6 +27,13 @@ def test_http_bench_over_oip_counts_digits(int8_artifacts, tmp_path):
         assert row["digits_per_request"] == 8
         assert row["digits_per_s"] == pytest.approx(row["model"]["requests_per_s"] * 8)
         assert row["handler"]["batches"] >= 1 and row["handler"]["mean_batch_size"] >= 1
+        assert row["offline_share"] == pytest.approx(row["digits_per_s"] / report["offline"]["samples_per_s"])
+    # the served file offline at the request's batch on the worker's threads (1 by default), torch's restored
+    offline = report["offline"]
+    assert (offline["backend"], offline["batch_size"], offline["threads"]) == ("onnxruntime-int8", 8, 1)
+    assert offline["samples_per_s"] > 0
+    markdown = (out / "bench-http.md").read_text()
+    assert "Offline, with TorchServe stopped, the same file (onnxruntime-int8) at batch 8 on 1 thread(s)" in markdown
 
 
 def test_bench_refuses_oip_over_the_handlers_limit(tmp_path, capsys):
