@@ -5,12 +5,15 @@ raw body as the parameter "body" (frontend `InferenceRequestHandler.handleKFV2Pr
 /predictions, but the frontend marks the two differently: /predictions and /explanations add the header
 `url_path`, the KServe routes (`/v2/.../infer`, also `/v1/models/NAME:predict`) add only `explain`. So a
 request is OIP when it has `explain` and no `url_path`, or when neither (TorchServe's OIP gRPC
-`ModelInfer` sets no headers) and its body is a JSON object with "inputs". TorchServe's `kservev2` envelope
-(TS_SERVICE_ENVELOPE) is not used: it reads only request 0 of a batch; the bundle keeps it off.
+`ModelInfer` sets no headers) and its body is a JSON object with "inputs". A KServe v1 body
+(`{"instances": [...]}`, no "inputs") is refused naming the routes digits speaks; v1 is not implemented.
+TorchServe's `kservev2` envelope (TS_SERVICE_ENVELOPE) is not used: it reads only request 0 of a batch; the
+bundle keeps it off.
 
 A request: one input tensor, any name:
   - UINT8 or FP32 pixel intensities 0..255, white digit on black, shape [N,H,W], [N,1,H,W] or [N,H*W];
-    an FP32 tensor whose values all lie in [0, 1] is read as scaled 0..1 (x 255);
+    an FP32 tensor whose values all lie in [0, 1] is read as scaled 0..1 (x 255); a tensor with any blank
+    digit (no ink by /predictions' rule, `digit_imaging.require_ink`) is refused NoDigit, naming it by index;
   - BYTES, shape [N] (or [-1]: as many as sent), each element an encoded image (base64 in JSON; raw or
     base64 bytes in the binary extension), framed as /predictions frames images.
 JSON `data` (flat or nested) or the binary tensor data extension (`Inference-Header-Content-Length`,
@@ -31,7 +34,7 @@ from typing import Any
 import numpy as np
 from digit_batch import Readings, content_types, label_value, read_batch, read_guarded
 from digit_errors import RequestError, bad_request, too_large
-from digit_imaging import to_uint8
+from digit_imaging import require_ink, to_uint8
 from digit_inputs import MAX_BODY_BYTES, decode_base64, parse_json, read_image, sniff_format
 from digit_model import DigitMeta
 
@@ -110,12 +113,13 @@ def read_oip(row: Any, headers: Mapping[str, str], size: tuple[int, int]) -> Oip
     """Reads one OIP inference request into its digits and the outputs it asks for.
 
     Raises:
-        RequestError: 400 for a malformed request, 413 past MAX_DIGITS, 415 for an element that is no image.
+        RequestError: 400 for a malformed request (a KServe v1 one included) or a blank digit, 413 past
+            MAX_DIGITS, 415 for an element that is no image.
     """
     envelope, binary = split_body(row, headers)
     tensor = single_input(envelope)
-    digits = read_tensor(tensor, binary, size)
-    return OipRequest(request_id(envelope), digits, requested_outputs(envelope))
+    request, outputs = request_id(envelope), requested_outputs(envelope)  # the envelope before the pixels
+    return OipRequest(request, read_tensor(tensor, binary, size), outputs)
 
 
 def split_body(row: Any, headers: Mapping[str, str]) -> tuple[dict[str, Any], bytes]:
@@ -146,6 +150,13 @@ def split_body(row: Any, headers: Mapping[str, str]) -> tuple[dict[str, Any], by
 def single_input(envelope: Mapping[str, Any]) -> Mapping[str, Any]:
     """The request's one input tensor, checked for the fields every tensor has."""
     inputs = envelope.get("inputs")
+    if inputs is None and "instances" in envelope:
+        raise bad_request(
+            "KServeV1",
+            'this is a KServe v1 request ({"instances": [...]}), which digits does not speak: send an Open '
+            'Inference Protocol (v2) request {"inputs": [...]} to /v2/models/NAME/infer, or an image or '
+            '{"data": pixels} to /predictions/NAME',
+        )
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], Mapping):
         got = f"{len(inputs)} inputs" if isinstance(inputs, list) else f"'inputs' {type(inputs).__name__}"
         raise bad_request("BadRequest", f"send exactly one input tensor in 'inputs' (any name); got {got}")
@@ -161,7 +172,12 @@ def single_input(envelope: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def read_tensor(tensor: Mapping[str, Any], binary: bytes, size: tuple[int, int]) -> np.ndarray:
-    """The input's digits as (N, H, W) float32 0..255."""
+    """The input's digits as (N, H, W) float32 0..255.
+
+    Raises:
+        RequestError: as `read_oip`; 400 NoDigit naming the first blank digit by index (the rule of
+            /predictions, `require_ink`, all digits at once).
+    """
     parameters = tensor.get("parameters") or {}
     binary_size = parameters.get("binary_data_size") if isinstance(parameters, Mapping) else None
     if binary_size is not None:
@@ -179,7 +195,10 @@ def read_tensor(tensor: Mapping[str, Any], binary: bytes, size: tuple[int, int])
         values = binary_pixels(binary, tensor["datatype"], count)
     else:
         values = json_pixels(tensor["data"], tensor["datatype"], count)
-    return intensities(values, tensor["datatype"]).reshape(-1, *size)
+    digits = intensities(values, tensor["datatype"]).reshape(-1, *size)
+    # uint8 values (binary UINT8) are the same levels in a quarter of the bytes: half the time to check
+    require_ink(values.reshape(digits.shape) if values.dtype == np.uint8 else digits)
+    return digits
 
 
 def pixel_tensor_count(shape: list[int], size: tuple[int, int]) -> int:

@@ -71,6 +71,8 @@ def test_border_median_is_the_median_of_the_outermost_pixels(shape) -> None:
         outer = np.ones(shape, dtype=bool)
         outer[1:-1, 1:-1] = False  # every pixel of the first and last row and column, each once
         assert border_median(image) == np.median(image[outer])
+    stack = rng.integers(0, 256, (5, *shape), dtype=np.uint8)  # a stack (an OIP tensor): one median per image
+    np.testing.assert_array_equal(border_median(stack), [np.median(image[outer]) for image in stack])
 
 
 def test_aspect_ratio_is_kept() -> None:

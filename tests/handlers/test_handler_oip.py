@@ -136,3 +136,79 @@ def test_bytes_images_in_the_binary_extension(handle) -> None:
 def test_bad_tensors(handle, tensor, status, words) -> None:
     answer = handle([{"body": {"inputs": [{"name": "x", **tensor}]}}], [OIP])[0]
     assert answer.status == status and words.lower() in answer.body["error"].lower(), answer.body
+
+
+def binary_tensor(pixels: np.ndarray, datatype: str = "UINT8") -> tuple[bytes, dict]:
+    """An OIP request of `pixels` ((N, 28, 28)) in the binary extension, and its headers."""
+    data = pixels.astype(np.uint8 if datatype == "UINT8" else "<f4").tobytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": datatype,
+                    "shape": list(pixels.shape),
+                    "parameters": {"binary_data_size": len(data)},
+                }
+            ]
+        }
+    ).encode()
+    return header + data, {**OIP, "Inference-Header-Content-Length": str(len(header))}
+
+
+def test_a_blank_digit_fails_its_own_request_naming_it(handle, mnist_test) -> None:
+    """/predictions' rule (no ink, no digit) for every digit of a pixel tensor, UINT8 and FP32, JSON and binary:
+    its request gets 400 NoDigit naming the digit, its neighbours in the batch are answered."""
+    digits = mnist_test[0][:4].astype(np.uint8)
+    blank_dark, blank_light = digits.copy(), 255 - digits
+    blank_dark[2] = 0  # black: no ink on a dark background
+    blank_light[0] = 240  # light grey paper: no ink on a light background
+    faint = digits.copy()
+    faint[3] = np.where(digits[3] > 0, 15, 0)  # strokes 15 levels above the background: under the 16 needed
+    binary, binary_headers = binary_tensor(blank_light)
+    rows = [
+        {"body": oip_body(blank_dark)},
+        {"body": binary},
+        {"body": oip_body(blank_dark.astype(np.float32) / 255, datatype="FP32")},  # scaled 0..1
+        {"body": oip_body(faint.astype(np.float32), datatype="FP32")},
+        {"body": oip_body(digits)},
+        {"body": {"data": digits[0].tolist()}},
+    ]
+    answers = handle(rows, [OIP, binary_headers, OIP, OIP, OIP, PREDICTIONS])
+    for answer, blank in zip(answers[:4], [2, 0, 2, 3], strict=True):
+        assert answer.status == 400 and set(answer.body) == {"error"}, answer.body
+        assert answer.body["error"].startswith(f"digit {blank}: no digit found"), answer.body
+    assert answers[3].body["error"].startswith("digit 3: no digit found: the image is nearly uniform (ink contrast 15")
+    assert answers[4].status == 200 and len(output(answers[4], "label")) == 4
+    assert answers[5].status == 200 and answers[5].body["label"] in range(10)
+
+
+def test_every_blank_digit_is_counted_and_the_first_ten_named(handle) -> None:
+    pixels = digits(30)
+    pixels[3:25] = 7  # uniform grey, 22 of them
+    error = handle([{"body": oip_body(pixels)}], [OIP])[0].body["error"]
+    assert error.startswith("digit 3: ") and error.endswith(
+        "; 22 digits are blank: 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, ..."
+    )
+
+
+def test_all_mnist_test_digits_pass_as_uint8_tensors(handlers_by_format, model_dirs, mnist) -> None:
+    """The 10,000 test digits, as binary UINT8 tensors of MAX_DIGITS digits in one batch: none is refused."""
+    images = np.asarray(mnist.test_images, dtype=np.uint8).reshape(-1, 28, 28)
+    requests = [binary_tensor(images[start : start + MAX_DIGITS]) for start in range(0, len(images), MAX_DIGITS)]
+    context = make_context(model_dirs["onnx"])
+    answers = run_batch(
+        handlers_by_format["onnx"], context, [{"body": b} for b, _ in requests], [h for _, h in requests]
+    )
+    assert [a.status for a in answers] == [200] * len(requests), [a.body for a in answers if a.status != 200][:1]
+    assert sum(len(output(a, "label")) for a in answers) == len(images) == 10_000
+
+
+def test_a_kserve_v1_body_is_told_where_oip_and_predictions_are(handle) -> None:
+    """TorchServe routes /v1/models/NAME:predict to the handler as it routes OIP: a v1 body learns what to send."""
+    answer = handle([{"body": {"instances": [digits(1)[0].tolist()]}}], [OIP])[0]
+    assert answer.status == 400 and set(answer.body) == {"error"}
+    assert "KServe v1" in answer.body["error"] and "/v2/models/NAME/infer" in answer.body["error"]
+    assert "/predictions/NAME" in answer.body["error"]
+    both = handle([{"body": {"instances": [], "inputs": []}}], [OIP])[0]  # "inputs" present: an OIP request
+    assert both.status == 400 and "exactly one input tensor" in both.body["error"]

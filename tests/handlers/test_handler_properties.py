@@ -14,6 +14,7 @@ import pytest
 from digit_errors import RequestError
 from digit_imaging import MIN_CONTRAST
 from digit_inputs import read_request
+from digit_oip import read_oip
 from handler_helpers import make_context, png_bytes, run_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -208,3 +209,54 @@ def test_any_batch_gets_one_answer_per_request(handlers_by_format, model_dirs, p
             assert math.isclose(sum(answer.body["probabilities"]), 1.0, abs_tol=1e-6)
         else:
             assert answer.status in (400, 413, 415) and answer.body["code"] == answer.status
+
+
+def blank_by_reference(digit: np.ndarray) -> bool:
+    """/predictions' rule written out on its own: the strongest ink is < MIN_CONTRAST from the border's median."""
+    border = np.concatenate([digit[0], digit[-1], digit[1:-1, 0], digit[1:-1, -1]])
+    background = np.median(border)
+    return (background - digit.min() if background > 127.5 else digit.max() - background) < MIN_CONTRAST
+
+
+BORDER = [(row, col) for row in range(SIZE[0]) for col in range(SIZE[1]) if row in (0, 27) or col in (0, 27)]
+
+
+@st.composite
+def pixel_stacks(draw) -> np.ndarray:
+    """1-6 digits, each a stroke of one level on paper of another (the contrast often at or near the
+    threshold, MIN_CONTRAST = 16), with up to 60 of the 108 border pixels set anew: (N, 28, 28) uint8."""
+    stack = np.empty((draw(st.integers(1, 6)), *SIZE), dtype=np.uint8)
+    for digit in stack:
+        paper = draw(st.integers(0, 255) | st.sampled_from([127, 128]))  # 127.5: the light-paper boundary
+        digit[:] = paper
+        top, left = draw(st.integers(1, 20)), draw(st.integers(1, 20))
+        contrast = draw(st.sampled_from([-16, -15, 15, 16]) | st.integers(-40, 40) | st.integers(-255, 255))
+        digit[top : top + 6, left : left + 3] = np.clip(paper + contrast, 0, 255)
+        for _ in range(draw(st.integers(0, 60))):
+            digit[draw(st.sampled_from(BORDER))] = draw(st.integers(0, 255))
+    return stack
+
+
+@FAST
+@given(pixel_stacks(), st.sampled_from(["UINT8 binary", "UINT8 JSON", "FP32 JSON"]))
+def test_pixel_tensors_are_refused_exactly_when_a_digit_is_blank(stack: np.ndarray, encoding: str) -> None:
+    """An OIP pixel tensor gets NoDigit exactly when some digit is blank by the single-digit rule (FP32 all
+    within [0, 1] read as scaled 0..1), and the message names the first one."""
+    datatype = encoding.split()[0]
+    tensor = {"name": "x", "datatype": datatype, "shape": list(stack.shape)}
+    if encoding == "UINT8 binary":
+        header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": stack.size}}]}).encode()
+        row, headers = {"body": header + stack.tobytes()}, {"inference-header-content-length": str(len(header))}
+    else:
+        data = stack.tolist() if datatype == "UINT8" else stack.astype(np.float32).tolist()
+        row, headers = {"body": {"inputs": [{**tensor, "data": data}]}}, {}
+    seen = stack.astype(np.float32) * (255 if datatype == "FP32" and stack.max() <= 1 else 1)
+    blank = [index for index, digit in enumerate(seen) if blank_by_reference(digit)]
+    try:
+        request = read_oip(row, headers, SIZE)
+    except RequestError as err:
+        assert blank and err.kind == "NoDigit" and err.message.startswith(f"digit {blank[0]}: no digit found"), err
+        assert len(blank) == 1 or f"; {len(blank)} digits are blank: " in err.message
+        return
+    assert not blank
+    np.testing.assert_array_equal(request.digits, seen)

@@ -33,19 +33,22 @@ def total(samples: dict, name: str, **labels: str) -> float:
     return sum(value for (sample, tags), value in samples.items() if sample == name and wanted <= tags)
 
 
-def oip(datatype: str, count: int, **extra) -> dict:
-    data = np.zeros((count, 784), dtype=np.uint8).tolist()
-    return {"inputs": [{"name": "x", "datatype": datatype, "shape": [count, 784], "data": data}], **extra}
+def oip(datatype: str, digits: np.ndarray, **extra) -> dict:
+    """An OIP request of `digits` ((N, 28, 28) uint8 MNIST digits: a blank one would be refused NoDigit)."""
+    data = digits.reshape(len(digits), 784).tolist()
+    return {"inputs": [{"name": "x", "datatype": datatype, "shape": [len(digits), 784], "data": data}], **extra}
 
 
 def test_metrics_parse_and_count_the_traffic(server, mnist) -> None:
     digit = {"data": np.asarray(mnist.test_images[0]).tolist()}
+    digits = np.asarray(mnist.test_images[:3], dtype=np.uint8).reshape(3, 28, 28)
     sent = [  # (path, body, protocol, status, error type, digits)
         *[("predictions", digit, "predictions", 200, "OK", 1)] * 5,
         *[("predictions", {"inputs": []}, "predictions", 400, "BadJson", 0)] * 2,
-        *[("v2", oip("UINT8", 3), "oip", 200, "OK", 3)] * 4,
-        *[("v2", oip("INT16", 1), "oip", 400, "BadDatatype", 0)] * 2,
-        ("v2", oip("UINT8", 1, outputs=[{"name": "logits"}]), "oip", 400, "UnknownOutput", 0),
+        *[("v2", oip("UINT8", digits), "oip", 200, "OK", 3)] * 4,
+        *[("v2", oip("INT16", digits[:1]), "oip", 400, "BadDatatype", 0)] * 2,
+        ("v2", oip("UINT8", digits[:1], outputs=[{"name": "logits"}]), "oip", 400, "UnknownOutput", 0),
+        ("v2", oip("UINT8", digits[:1] * 0), "oip", 400, "NoDigit", 0),
     ]
     before = scrape(server)
     for path, body, *_ in sent:

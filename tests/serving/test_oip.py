@@ -172,7 +172,9 @@ BAD_REQUESTS = {
     "N over the limit": ({"inputs": [tensor(shape=(1025, 784), data=[0])]}, 413, "1024"),
     "unknown output": ({"inputs": [tensor()], "outputs": [{"name": "logits"}]}, 400, "logits"),
     "two inputs": ({"inputs": [tensor(), tensor()]}, 400, "one input"),
-    "no inputs": ({"instances": [[0] * 784]}, 400, "inputs"),
+    "no inputs": ({"inputs": []}, 400, "one input"),
+    "a KServe v1 body": ({"instances": [[0] * 784]}, 400, "/v2/models/NAME/infer"),
+    "a blank digit": ({"inputs": [tensor(shape=(2, 784), data=[255] * 8 + [0] * 776 + [0] * 784)]}, 400, "digit 1:"),
     "UINT8 out of range": ({"inputs": [tensor(data=[256] * 784)]}, 400, "0..255"),
     "FP32 negative": ({"inputs": [tensor("FP32", data=[-1.0] * 784)]}, 400, "0..255"),
     "strings as pixels": ({"inputs": [tensor(data=["0"] * 784)]}, 400, "integers"),
@@ -203,6 +205,31 @@ def test_bad_requests_never_fail_their_neighbours(server, digits, expected) -> N
             assert label["data"] == [int(expected["cnn"][int(body["id"])])]
         else:
             assert 400 <= response.status_code < 500 and "error" in response.json()
+
+
+def test_a_blank_digit_fails_its_request_in_binary_too(client, server, digits) -> None:
+    """/predictions' rule (no ink, no digit) for a UINT8 tensor in the binary extension, Triton's default."""
+    with_blank = digits[:3].copy()
+    with_blank[1] = 0
+    tensor = tritonclient_http.InferInput("digits", [3, 28, 28], "UINT8")
+    tensor.set_data_from_numpy(with_blank, binary_data=True)
+    with pytest.raises(InferenceServerException, match="digit 1: no digit found") as refused:
+        infer(client, server, "cnn", tensor)
+    assert refused.value.status() == "400"
+
+
+def test_the_kserve_v1_route_is_told_where_oip_is(server, digits) -> None:
+    """TorchServe hands POST /v1/models/NAME:predict to the handler as it hands OIP; v1 is not spoken, and a v1
+    body learns where OIP and /predictions are instead of "send exactly one input tensor"."""
+    response = requests.post(
+        f"{server.url}/v1/models/cnn:predict",
+        json={"instances": [digits[0].tolist()]},
+        headers=server.headers(),
+        timeout=30,
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "KServe v1" in error and "/v2/models/NAME/infer" in error and "/predictions/NAME" in error
 
 
 def test_predictions_answers_are_unchanged(server, digits, expected) -> None:

@@ -1,10 +1,11 @@
 """The reverse proxy the README recommends (serving/nginx-digits.conf), started in front of a real TorchServe:
-what TorchServe's frontend does not do itself, it does. Skipped where nginx is not installed
-(Debian: apt-get install nginx)."""
+what TorchServe's frontend does not do itself, it does, for /predictions and OIP inference alike. Skipped where
+nginx is not installed (Debian: apt-get install nginx)."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from hostile_payloads import LARGEST_PROGRESSIVE_JPEG
@@ -155,33 +157,86 @@ def test_idle_and_half_sent_connections_are_closed(proxy, server) -> None:
     assert waited < 3 * TIMEOUT_S  # TorchServe alone kept them open for 45 s and more
 
 
-@pytest.mark.parametrize("method", ["PUT", "PATCH", "DELETE", "TRACE", "GET", "OPTIONS"])
-def test_only_post_predicts(proxy, server, mnist, method: str) -> None:
+def oip_json(digits: np.ndarray) -> dict:
+    """An OIP request of (N, 28, 28) uint8 digits as JSON."""
+    return {"inputs": [{"name": "x", "datatype": "UINT8", "shape": list(digits.shape), "data": digits.tolist()}]}
+
+
+def oip_binary(digits: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """An OIP request of (N, 28, 28) uint8 digits in the binary extension, labels asked for in binary."""
+    tensor = {"name": "x", "datatype": "UINT8", "shape": list(digits.shape)}
+    header = {
+        "inputs": [{**tensor, "parameters": {"binary_data_size": digits.size}}],
+        "outputs": [{"name": "label", "parameters": {"binary_data": True}}],
+    }
+    head = json.dumps(header).encode()
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
+    return head + digits.tobytes(), headers
+
+
+def test_oip_passes_through_as_json_and_binary(proxy, server, mnist, expected_labels) -> None:
+    """OIP inference through the recipe, both encodings: the binary extension's headers pass both ways."""
     url, _, _ = proxy
-    digit = png_of(mnist.test_images[0])
-    response = requests.request(method, f"{url}/predictions/cnn", data=digit, headers=server.headers(), timeout=10)
+    digits = np.asarray(mnist.test_images[:7], dtype=np.uint8).reshape(7, 28, 28)
+    answer = requests.post(f"{url}/v2/models/cnn/infer", json=oip_json(digits), headers=server.headers(), timeout=30)
+    assert answer.status_code == 200, answer.text
+    label = next(o for o in answer.json()["outputs"] if o["name"] == "label")
+    assert label["data"] == expected_labels["cnn"][:7].tolist()
+    body, headers = oip_binary(digits)
+    answer = requests.post(f"{url}/v2/models/cnn/infer", data=body, headers={**server.headers(), **headers}, timeout=30)
+    assert answer.status_code == 200 and answer.headers["Content-Type"] == "application/octet-stream", answer.content
+    length = int(answer.headers["Inference-Header-Content-Length"])
+    [label] = json.loads(answer.content[:length])["outputs"]
+    assert label["name"] == "label" and label["parameters"]["binary_data_size"] == 7 * 8
+    np.testing.assert_array_equal(np.frombuffer(answer.content[length:], dtype="<i8"), expected_labels["cnn"][:7])
+
+
+PREDICTING_PATHS = ["/predictions/cnn", "/v2/models/cnn/infer"]
+
+
+@pytest.mark.parametrize("path", PREDICTING_PATHS)
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "DELETE", "TRACE", "GET", "OPTIONS"])
+def test_only_post_predicts(proxy, server, mnist, method: str, path: str) -> None:
+    url, _, _ = proxy
+    digit = np.asarray(mnist.test_images[:1], dtype=np.uint8).reshape(1, 28, 28)
+    body = png_of(digit[0]) if path.startswith("/predictions") else json.dumps(oip_json(digit))
+    response = requests.request(method, f"{url}{path}", data=body, headers=server.headers(), timeout=10)
     assert response.status_code in (403, 405), (method, response.status_code)
 
 
-@pytest.mark.parametrize(("method", "path"), [("GET", "/api-description"), ("OPTIONS", "/"), ("GET", "/models")])
-def test_nothing_but_predictions_and_ping_is_reachable(proxy, method: str, path: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api-description"),
+        ("OPTIONS", "/"),
+        ("GET", "/models"),
+        ("POST", "/v1/models/cnn:predict"),  # TorchServe would hand it to the handler, which refuses v1 anyway
+        ("POST", "/v2/models/cnn/explain"),  # TorchServe would predict: its handler has no explanations
+        ("GET", "/v2/models/cnn"),
+        ("GET", "/v2/health/ready"),
+        ("POST", "/v2/models/cnn/versions/1.0/infer"),
+    ],
+)
+def test_nothing_but_predictions_oip_inference_and_ping_is_reachable(proxy, server, method: str, path: str) -> None:
     url, _, _ = proxy
-    assert requests.request(method, f"{url}{path}", timeout=10).status_code == 404
+    response = requests.request(method, f"{url}{path}", json={"inputs": []}, headers=server.headers(), timeout=10)
+    assert response.status_code == 404
 
 
-def test_query_strings_reach_no_log(proxy, server, mnist) -> None:
+@pytest.mark.parametrize("path", PREDICTING_PATHS)
+def test_query_strings_reach_no_log(proxy, server, mnist, path: str) -> None:
     url, _, root = proxy
     secret = "not-a-real-key-9876543210"
     logs = {"nginx": root / "digits.log", "TorchServe": server.run_dir / "logs" / "access_log.log"}
-    lines = {name: _request_lines(path) for name, path in logs.items()}
-    response = requests.post(
-        f"{url}/predictions/cnn?token={secret}", data=png_of(mnist.test_images[0]), headers=server.headers()
-    )
+    lines = {name: _request_lines(log, path) for name, log in logs.items()}
+    digit = np.asarray(mnist.test_images[:1], dtype=np.uint8).reshape(1, 28, 28)
+    body = png_of(digit[0]) if path.startswith("/predictions") else json.dumps(oip_json(digit))
+    response = requests.post(f"{url}{path}?token={secret}", data=body, headers=server.headers(), timeout=30)
     assert response.status_code == 200
-    for name, path in logs.items():  # both servers write their access logs after answering: wait for the line
-        wait_for(lambda path=path, name=name: _request_lines(path) > lines[name], 30, f"{name}'s access-log line")
-        assert secret not in path.read_text(errors="replace")
+    for name, log in logs.items():  # both servers write their access logs after answering: wait for the line
+        wait_for(lambda log=log, name=name: _request_lines(log, path) > lines[name], 30, f"{name}'s access-log line")
+        assert secret not in log.read_text(errors="replace")
 
 
-def _request_lines(path: Path) -> int:
-    return path.read_text(errors="replace").count("/predictions/cnn") if path.is_file() else 0
+def _request_lines(log: Path, path: str) -> int:
+    return log.read_text(errors="replace").count(path) if log.is_file() else 0
