@@ -94,7 +94,7 @@ class HttpReport:
     body: dict  # what was sent: bytes, content type, image size and mode
     machine: dict
     rows: list[HttpRow] = field(default_factory=list)
-    # OIP runs: the served file offline at batch N on the worker's threads, measured after the loads
+    # OIP runs: the served file offline at batch N on the workers' threads, measured after the loads
     # (bench.offline.served_rate), so that each row's digits/s has its offline ceiling beside it
     offline: dict | None = None
 
@@ -142,10 +142,12 @@ def run_http(plan: HttpPlan, run_dir: Path, log: Callable[[str], Any] = print) -
 
 
 def measure_offline(plan: HttpPlan, log: Callable[[str], Any]) -> dict:
-    """The served file offline at batch N (the digits of one OIP request) on the worker's threads."""
+    """The served file offline at batch N (the digits of one OIP request) on as many threads as all the
+    model's workers have together (workers x threads): the ceiling for that much CPU."""
     from bench.offline import served_rate
 
-    offline = served_rate(plan.artifacts, plan.model, plan.fmt, plan.oip_digits, plan.settings.threads)
+    threads = plan.settings.workers * plan.settings.threads
+    offline = served_rate(plan.artifacts, plan.model, plan.fmt, plan.oip_digits, threads)
     log(
         f"  offline, no server: {offline['backend']} at batch {offline['batch_size']} on {offline['threads']} "
         f"thread(s): {offline['samples_per_s']:7.0f} samples/s"

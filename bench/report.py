@@ -181,7 +181,8 @@ def oip_lines(report: HttpReport) -> list[str]:
         shares = "; ".join(f"concurrency {row.concurrency}: {report.offline_share(row):.0%}" for row in report.rows)
         lines[-1] += (
             f" Offline, with TorchServe stopped, the same file ({offline['backend']}) at batch "
-            f"{offline['batch_size']} on {offline['threads']} thread(s), the worker's: "
+            f"{offline['batch_size']} on {offline['threads']} thread(s), as many as the model's "
+            f"{report.plan.settings.workers} worker(s) have: "
             f"{offline['samples_per_s']:,.0f} samples/s. Served over OIP: {shares} of it."
         )
     return lines

@@ -7,6 +7,8 @@ raw body as the parameter "body" (frontend `InferenceRequestHandler.handleKFV2Pr
 request is OIP when it has `explain` and no `url_path`, or when neither (TorchServe's OIP gRPC
 `ModelInfer` sets no headers) and its body is a JSON object with "inputs". A KServe v1 body
 (`{"instances": [...]}`, no "inputs") is refused naming the routes digits speaks; v1 is not implemented.
+KServe's explain routes (`/v2/models/NAME/explain`, `/v1/models/NAME:explain`) come with `explain: True`
+(the frontend adds it after the client's headers, so a client cannot set it) and are refused: no explainer.
 TorchServe's `kservev2` envelope (TS_SERVICE_ENVELOPE) is not used: it reads only request 0 of a batch; the
 bundle keeps it off.
 
@@ -116,6 +118,12 @@ def read_oip(row: Any, headers: Mapping[str, str], size: tuple[int, int]) -> Oip
         RequestError: 400 for a malformed request (a KServe v1 one included) or a blank digit, 413 past
             MAX_DIGITS, 415 for an element that is no image.
     """
+    if headers.get("explain", "").strip().lower() == "true":
+        raise bad_request(
+            "NoExplainer",
+            "this model has no explainer: KServe's explain routes (/v2/models/NAME/explain, "
+            "/v1/models/NAME:explain) are not served; send inference requests to /v2/models/NAME/infer",
+        )
     envelope, binary = split_body(row, headers)
     tensor = single_input(envelope)
     request, outputs = request_id(envelope), requested_outputs(envelope)  # the envelope before the pixels

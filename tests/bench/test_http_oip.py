@@ -19,7 +19,7 @@ def test_http_bench_over_oip_counts_digits(int8_artifacts, tmp_path):
     out = tmp_path / "http"
     args = ["bench", "http", "--model", "mlp", "--format", "onnx-int8", "--artifacts", str(int8_artifacts)]
     load = ["--concurrency", "1,2", "--requests", "8", "--rounds", "2", "--warmup", "2", "--load-generator", "python"]
-    assert main([*args, *load, "--oip", "8", "--out", str(out)]) == 0
+    assert main([*args, *load, "--oip", "8", "--workers", "2", "--out", str(out)]) == 0
     report = json.loads((out / "bench-http.json").read_text())
     assert report["plan"]["oip_digits"] == 8 and report["body"]["bytes"] > 8 * 784
     for row in report["rows"]:
@@ -28,12 +28,12 @@ def test_http_bench_over_oip_counts_digits(int8_artifacts, tmp_path):
         assert row["digits_per_s"] == pytest.approx(row["model"]["requests_per_s"] * 8)
         assert row["handler"]["batches"] >= 1 and row["handler"]["mean_batch_size"] >= 1
         assert row["offline_share"] == pytest.approx(row["digits_per_s"] / report["offline"]["samples_per_s"])
-    # the served file offline at the request's batch on the worker's threads (1 by default), torch's restored
+    # the served file offline at the request's batch on all the workers' threads (2 x 1), torch's restored
     offline = report["offline"]
-    assert (offline["backend"], offline["batch_size"], offline["threads"]) == ("onnxruntime-int8", 8, 1)
+    assert (offline["backend"], offline["batch_size"], offline["threads"]) == ("onnxruntime-int8", 8, 2)
     assert offline["samples_per_s"] > 0
     markdown = (out / "bench-http.md").read_text()
-    assert "Offline, with TorchServe stopped, the same file (onnxruntime-int8) at batch 8 on 1 thread(s)" in markdown
+    assert "the same file (onnxruntime-int8) at batch 8 on 2 thread(s), as many as the model's 2 worker(s)" in markdown
 
 
 def test_bench_refuses_oip_over_the_handlers_limit(tmp_path, capsys):

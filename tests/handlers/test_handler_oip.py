@@ -212,3 +212,11 @@ def test_a_kserve_v1_body_is_told_where_oip_and_predictions_are(handle) -> None:
     assert "/predictions/NAME" in answer.body["error"]
     both = handle([{"body": {"instances": [], "inputs": []}}], [OIP])[0]  # "inputs" present: an OIP request
     assert both.status == 400 and "exactly one input tensor" in both.body["error"]
+
+
+def test_an_explain_route_is_refused_beside_an_inference_that_is_answered(handle, mnist_test) -> None:
+    """KServe's explain routes reach the handler with `explain: True` (frontend-set, last): no explainer here."""
+    body = oip_body(mnist_test[0][:2])
+    explained, inferred = handle([{"body": body}, {"body": body}], [{"explain": "True"}, OIP])
+    assert explained.status == 400 and "no explainer" in explained.body["error"]
+    assert inferred.status == 200 and len(output(inferred, "label")) == 2

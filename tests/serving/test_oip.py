@@ -232,6 +232,22 @@ def test_the_kserve_v1_route_is_told_where_oip_is(server, digits) -> None:
     assert "KServe v1" in error and "/v2/models/NAME/infer" in error and "/predictions/NAME" in error
 
 
+@pytest.mark.parametrize("path", ["/v2/models/cnn/explain", "/v1/models/cnn:explain"])
+def test_kserves_explain_routes_are_refused_not_answered_as_inference(server, digits, expected, path) -> None:
+    """TorchServe hands KServe's explain routes to the handler too, marked `explain: True`; there is no
+    explainer, so they get a 4xx naming the route to use, while a client's own `explain` header changes nothing."""
+    body = {"inputs": [tensor(shape=(1, 784), data=digits[0].ravel().tolist())]}
+    response = requests.post(f"{server.url}{path}", json=body, headers=server.headers(), timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "no explainer" in error and "/v2/models/NAME/infer" in error
+    headers = {**server.headers(), "explain": "True"}
+    inferred = requests.post(f"{server.url}/v2/models/cnn/infer", json=body, headers=headers, timeout=30)
+    assert inferred.status_code == 200, inferred.text
+    label = next(o for o in inferred.json()["outputs"] if o["name"] == "label")
+    assert label["data"] == [int(expected["cnn"][0])]
+
+
 def test_predictions_answers_are_unchanged(server, digits, expected) -> None:
     response = requests.post(
         f"{server.url}/predictions/cnn", json={"data": digits[0].tolist()}, headers=server.headers(), timeout=30
