@@ -11,6 +11,11 @@ BENCH_OUT ?= runs/bench
 # settings of both archives of each HTTP bench; empty: `digits archive`'s defaults (batch 16, 5 ms, 1 worker,
 # 1 thread), what `make demo` serves. E.g. make bench BENCH_HTTP="--workers 2"
 BENCH_HTTP ?=
+# the OIP step's (4 requests of 64 digits in flight): one single-thread worker per core, at most 4, each taking
+# its share of the requests as a batch, so that the workers compute side by side (README, Clients that batch).
+# On this 2-core VM: --workers 2 --batch-size 2.
+OIP_WORKERS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
+BENCH_OIP ?= --workers $(OIP_WORKERS) --batch-size $(shell echo $$((4 / $(OIP_WORKERS))))
 
 .DEFAULT_GOAL := help
 .PHONY: help setup demo test test-slow lint format bench clean
@@ -87,7 +92,7 @@ bench: setup ## benchmarks, offline (with int8 and .pt2) and over HTTP (PNG, dra
 	  --input $(BENCH_OUT)/inputs/test-00000_label-7.png --out $(BENCH_OUT)/mlp-torchscript-http
 	$(DIGITS) bench http --model cnn --format onnx --artifacts $(ARTIFACTS) $(BENCH_HTTP) \
 	  --input $(BENCH_OUT)/inputs/drawn-00000_label-7.png --out $(BENCH_OUT)/cnn-onnx-drawn-http
-	$(DIGITS) bench http --model cnn --format onnx --artifacts $(ARTIFACTS) $(BENCH_HTTP) \
+	$(DIGITS) bench http --model cnn --format onnx --artifacts $(ARTIFACTS) $(BENCH_OIP) \
 	  --oip 64 --concurrency 4 --out $(BENCH_OUT)/cnn-onnx-oip-http
 
 clean: ## remove generated artifacts, archives and run folders (keeps .venv and the MNIST cache)
