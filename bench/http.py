@@ -11,7 +11,8 @@ Prometheus mode (what `digits serve` runs) as in log mode.
 
 With `oip_digits` N, the body is instead an Open Inference Protocol request of N MNIST test digits (a UINT8
 [N,28,28] tensor in the binary extension, outputs binary too, as Triton's clients send by default), sent to
-/v2/models/MODEL/infer, and rows report digits per second beside requests per second.
+/v2/models/MODEL/infer, and rows report digits per second beside requests per second; after the loads,
+with TorchServe stopped, the served file is timed offline at batch N on the workers' threads (`offline`).
 """
 
 from __future__ import annotations

@@ -103,7 +103,8 @@ def add_http(kinds: argparse._SubParsersAction) -> None:
         default=0,
         metavar="N",
         help="send Open Inference Protocol requests of N MNIST test digits each (a binary UINT8 tensor) to "
-        "/v2/models/MODEL/infer instead of --input to /predictions; rows add digits/s",
+        "/v2/models/MODEL/infer instead of --input to /predictions; rows add digits/s and their share of the "
+        "served file's offline rate at batch N on the workers' threads, timed after the loads",
     )
     p.add_argument("--concurrency", type=_int_list, default=(1, 4, 16, 64), help="default 1,4,16,64")
     p.add_argument("--requests", type=int, default=4000, help="requests per target and concurrency (default 4000)")
