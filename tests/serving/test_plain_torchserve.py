@@ -1,4 +1,4 @@
-"""The README's plain command, exactly as written, on the config `digits config` writes."""
+"""docs/serving.md's plain command, exactly as written, on the config `digits config` writes."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from serving_helpers import port_flags
 
 from digits.cli import main
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+SERVING_DOC = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
 PLAIN = "torchserve --start --ncs --model-store model_store --models all --ts-config torchserve.properties"
 
 
-def test_readme_shows_the_plain_command():
-    assert PLAIN in README.read_text()
+def test_the_serving_page_shows_the_plain_command():
+    assert PLAIN in SERVING_DOC.read_text()
 
 
 def test_plain_torchserve_command_serves_the_store(store, tmp_path, mnist, ports, monkeypatch):
