@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import requests
 
-from bench import BenchError
-from bench.load import LoadResult, Target, find_ab, pooled, run_load
-from bench.timing import machine
-from serving.archive import ServingSettings
+from ..serving.archive import ServingSettings
+from . import BenchError
+from .load import LoadResult, Target, find_ab, pooled, run_load
+from .timing import machine
 
 HOST = "127.0.0.1"
 NOOP = "noop"
@@ -145,7 +145,7 @@ def run_http(plan: HttpPlan, run_dir: Path, log: Callable[[str], Any] = print) -
 def measure_offline(plan: HttpPlan, log: Callable[[str], Any]) -> dict:
     """The served file offline at batch N (the digits of one OIP request) on as many threads as all the
     model's workers have together (workers x threads): the ceiling for that much CPU."""
-    from bench.offline import served_rate
+    from .offline import served_rate
 
     threads = plan.settings.workers * plan.settings.threads
     offline = served_rate(plan.artifacts, plan.model, plan.fmt, plan.oip_digits, threads)
@@ -168,9 +168,9 @@ def measure_level(plan: HttpPlan, targets: dict[str, Target], concurrency: int) 
 @contextmanager
 def serving(plan: HttpPlan, store: Path, run_dir: Path) -> Iterator[str]:
     """The model's and the no-op's archives in `store`, served by a TorchServe of our own; yields its URL."""
-    from serving import server
-    from serving.archive import archive_model, archive_noop
-    from serving.config import Ports
+    from ..serving import server
+    from ..serving.archive import archive_model, archive_noop
+    from ..serving.config import Ports
 
     archive_model(plan.model, plan.fmt, plan.artifacts, store, settings=plan.settings, log=lambda _: None)
     archive_noop(store, NOOP, plan.settings)
@@ -197,7 +197,7 @@ def free_ports(count: int) -> list[int]:
 
 
 def read_inference_token(run_dir: Path) -> str:
-    from serving.server import read_token
+    from ..serving.server import read_token
 
     return read_token(run_dir)
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench import BenchError
-from bench.timing import Latency
+from . import BenchError
+from .timing import Latency
 
 AB_INSTALL = "install it (Debian/Ubuntu: apt-get install apache2-utils)"
 AB_TIMEOUT_S = 30  # per request, as ab's own default

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import BenchError
-from bench.timing import Latency, flops_per_sample, fp32_peak_gflops, machine, time_calls
-from contract import MANIFEST_FILE, ONNX, ONNX_INT8, PT2, TORCHSCRIPT, normalise
+from ..contract import MANIFEST_FILE, ONNX, ONNX_INT8, PT2, TORCHSCRIPT, normalise
+from . import BenchError
+from .timing import Latency, flops_per_sample, fp32_peak_gflops, machine, time_calls
 
 BATCH_SIZES = (1, 8, 64, 256)
 MIN_SECONDS = 1.0  # timed per backend and batch size, after warm-up
@@ -174,8 +174,8 @@ def check_batch_sizes(batch_sizes: Sequence[int]) -> None:
 
 def load_eager(model_dir: Path, model: str):
     """The eager model from its checkpoint (eval mode) and the checkpoint's metadata."""
-    from export.convert import find_checkpoint, load_model_checkpoint
-    from training.checkpoint import rebuild_model
+    from ..export.convert import find_checkpoint, load_model_checkpoint
+    from ..training.checkpoint import rebuild_model
 
     payload = load_model_checkpoint(find_checkpoint(model_dir, model), model)
     return rebuild_model(payload), payload["metadata"]
@@ -193,7 +193,7 @@ def set_threads(threads: int | None) -> None:
 def load_runners(model_dir: Path, eager, model: str, threads: int) -> dict[str, Runner]:
     """Eager, and the exported files that export.json vouches for, loaded as `digits export` checks them;
     onnxruntime sessions on `threads` intra-op threads, like torch's."""
-    from export.runners import eager_runner
+    from ..export.runners import eager_runner
 
     files = exported_files(model_dir, model)
     runners: dict[str, Runner] = {"eager": eager_runner(eager)}
@@ -222,7 +222,7 @@ def exported_files(model_dir: Path, model: str) -> dict[str, Any]:
 
 def format_runner(path: Path, fmt: str, threads: int) -> Runner:
     """The file of one format (a `contract.FORMATS` name) loaded as `digits export` checks it."""
-    from export.runners import onnxruntime_backend, pt2_backend, torchscript_backend
+    from ..export.runners import onnxruntime_backend, pt2_backend, torchscript_backend
 
     if fmt in (ONNX.name, ONNX_INT8.name):
         return onnxruntime_backend(path, "ORT_ENABLE_ALL", threads).run
@@ -261,7 +261,7 @@ def served_rate(artifacts: Path, model: str, fmt: str, batch_size: int, threads:
 
 def mnist_batch(meta: dict, count: int, data_dir: Path | None) -> np.ndarray:
     """(count, *input_shape) float32: real MNIST test digits, normalised as the checkpoint says, repeated if need be."""
-    from training.data import load_mnist
+    from ..training.data import load_mnist
 
     images = load_mnist(data_dir, log=lambda _: None).test_images
     images = np.resize(images, (count, *images.shape[1:]))  # np.resize repeats; 10,000 is far above our batches

@@ -11,8 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, also on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.http import STAGES, HttpReport  # noqa: E402
-from bench.offline import OfflineReport  # noqa: E402
+from .http import STAGES, HttpReport  # noqa: E402
+from .offline import OfflineReport  # noqa: E402
 
 
 def write_offline(report: OfflineReport, out: Path) -> list[Path]:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from export.cpu import cpu_flags, cpu_model
+from ..export.cpu import cpu_flags, cpu_model
 
 PEAK_MATMUL_SIZE = 2048  # 17 GFLOP a product: long enough to reach the peak, short enough to repeat
 PEAK_REPS = 8

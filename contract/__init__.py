@@ -2,8 +2,8 @@
 
 Data flows one way: checkpoint -> exported files -> archive -> server. Every layer but `handlers/` imports
 the names from here; the handler ships alone inside the `.mar` and keeps its own copy of the few it needs
-(`handlers/digit_model.py`, `handlers/digit_batch.py`), which `tests/handlers/test_contract_copy.py` pins
-to this module. Training decides the values (mean, std, labels, input shape, layout:
+(`handlers/digit_contract.py`), which `tests/handlers/test_contract_copy.py` pins to this module.
+Training decides the values (mean, std, labels, input shape, layout:
 `training/constants.py`); this module decides their names, the files they travel in, and the one formula
 that applies them.
 
@@ -26,6 +26,21 @@ MANIFEST_FILE = "export.json"  # written only when parity passes: the archive st
 # Files inside a `.mar` beside the model file and the handler
 META_FILE = "digits_meta.json"
 CONFIG_FILE = "model-config.yaml"
+# model-config.yaml's section for the handler itself (TorchServe hands the file to it as
+# context.model_yaml_config), and its key for the intra-op threads of each worker
+HANDLER_SECTION = "handler"
+THREADS_KEY = "threads"
+
+# Inside a `.pt2` package (`digits export --pt2`): the facts its compiled code depends on, in an entry that
+# `zipfile` reads without loading any code, and the keys a loader refuses a package without
+PT2_META_ENTRY = "extra/digits_meta.json"
+PT2_REQUIRED_KEYS = ("torch_version", "device", "target", "min_batch", "max_batch")
+
+# Open Inference Protocol outputs of a digits model: name -> datatype. A request gets OIP_DEFAULT_OUTPUTS
+# unless its `outputs` names others. probabilities [N, classes]; label [N] (the label itself for "0".."9");
+# framed [N, H, W], each digit as the model saw it after framing, white on black.
+OIP_OUTPUTS = {"probabilities": "FP32", "label": "INT64", "framed": "UINT8"}
+OIP_DEFAULT_OUTPUTS = ("probabilities", "label")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ def add_artifacts(p: argparse.ArgumentParser) -> None:
 
 def add_serving_settings(p: argparse.ArgumentParser, *, of: str = "") -> None:
     """--batch-size, --max-batch-delay, --workers and --threads, their defaults from serving.ServingSettings."""
-    from serving.archive import ServingSettings
+    from .serving.archive import ServingSettings
 
     default = ServingSettings()
     p.add_argument(

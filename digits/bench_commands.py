@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from contract import FORMATS, ONNX
-from digits.arguments import add_artifacts, add_serving_settings
+from .arguments import add_artifacts, add_serving_settings
+from .contract import FORMATS, ONNX
 
 DEFAULT_OUT = Path("runs") / "bench"
 
@@ -63,8 +63,8 @@ def add_offline(kinds: argparse._SubParsersAction) -> None:
 
 
 def run_offline(args: argparse.Namespace) -> int:
-    from bench.offline import run_offline as measure
-    from bench.report import write_offline
+    from .bench.offline import run_offline as measure
+    from .bench.report import write_offline
 
     if args.min_seconds < 0 or args.rounds < 1:
         raise ValueError(
@@ -129,10 +129,10 @@ def add_http(kinds: argparse._SubParsersAction) -> None:
 
 
 def run_http(args: argparse.Namespace) -> int:
-    from bench.http import HttpPlan
-    from bench.http import run_http as measure
-    from bench.report import write_http
-    from serving.archive import ServingSettings
+    from .bench.http import HttpPlan
+    from .bench.http import run_http as measure
+    from .bench.report import write_http
+    from .serving.archive import ServingSettings
 
     if args.rounds < 1 or args.requests // args.rounds < max(args.concurrency) or args.warmup < 0:
         raise ValueError(
@@ -169,8 +169,8 @@ def run_http(args: argparse.Namespace) -> int:
 
 def oip_input(out: Path, digits: int) -> Path:
     """An OIP request of the first `digits` MNIST test digits, written into the output folder."""
-    from bench.http import oip_body
-    from training.data import load_mnist
+    from .bench.http import oip_body
+    from .training.data import load_mnist
 
     data = load_mnist(log=lambda _: None)
     return oip_body(data.test_images[:digits], out / f"oip-{digits}-digits.bin")
@@ -178,8 +178,8 @@ def oip_input(out: Path, digits: int) -> Path:
 
 def default_input(out: Path) -> Path:
     """MNIST test digit 0 as the 28x28 PNG a client would send, written into the output folder."""
-    from serving.samples import write_samples
-    from training.data import load_mnist
+    from .serving.samples import write_samples
+    from .training.data import load_mnist
 
     data = load_mnist(log=lambda _: None)
     [path] = write_samples(data.test_images, data.test_labels, out, 1, drawn=False)

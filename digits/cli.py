@@ -11,13 +11,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from contract import MANIFEST_FILE, ONNX_INT8
-from digits.arguments import add_artifacts, add_data_dir
-from digits.bench_commands import BENCH_COMMANDS
-from digits.serving_commands import SERVING_COMMANDS
+from .arguments import add_artifacts, add_data_dir
+from .bench_commands import BENCH_COMMANDS
+from .contract import MANIFEST_FILE, ONNX_INT8
+from .serving_commands import SERVING_COMMANDS
 
 if TYPE_CHECKING:
-    from export.reports import ParityReport
+    from .export.reports import ParityReport
 
 EXIT_USAGE = 2  # bad input of any kind: one line on stderr, no traceback
 
@@ -50,7 +50,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from training.train import TrainConfig, train
+    from .training.train import TrainConfig, train
 
     config = TrainConfig(
         model=args.model,
@@ -77,7 +77,7 @@ def add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from training.models import get_model, list_models
+    from .training.models import get_model, list_models
 
     print(f"{'model':10} {'epochs':>6} {'batch':>5} {'lr':>7}  description")
     for name in list_models():
@@ -121,7 +121,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from export.convert import export_model
+    from .export.convert import export_model
 
     result = export_model(
         args.artifacts,
@@ -154,7 +154,7 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from export.convert import verify_model
+    from .export.convert import verify_model
 
     report, int8_report = verify_model(args.artifacts, args.model, **_tolerances(args))
     status = _print_report(args, report, args.artifacts / args.model)
@@ -219,9 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from serving.server import ServeError
-    from training.checkpoint import CheckpointError
-    from training.data import DataError
+    from .serving.server import ServeError
+    from .training.checkpoint import CheckpointError
+    from .training.data import DataError
 
     return (ValueError, DataError, CheckpointError, ServeError, FileNotFoundError, PermissionError)
 

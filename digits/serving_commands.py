@@ -9,8 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from contract import FORMATS
-from digits.arguments import add_artifacts, add_data_dir, add_serving_settings
+from .arguments import add_artifacts, add_data_dir, add_serving_settings
+from .contract import FORMATS
 
 DEFAULT_STORE = Path("model_store")
 
@@ -39,13 +39,13 @@ def _add_ports(p: argparse.ArgumentParser) -> None:
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
-    from serving.config import default_run_dir
+    from .serving.config import default_run_dir
 
     return (args.run_dir or default_run_dir()).resolve()
 
 
 def _ports(args: argparse.Namespace):
-    from serving.config import Ports
+    from .serving.config import Ports
 
     return Ports(
         args.inference_port,
@@ -92,7 +92,7 @@ def add_archive(sub: argparse._SubParsersAction) -> None:
 
 
 def run_archive(args: argparse.Namespace) -> int:
-    from serving.archive import ServingSettings, archive_model
+    from .serving.archive import ServingSettings, archive_model
 
     settings = ServingSettings(args.batch_size, args.max_batch_delay, args.workers, args.response_timeout, args.threads)
     archive_model(args.model, args.format, args.artifacts, args.model_store, args.name, settings)
@@ -114,8 +114,8 @@ def add_config(sub: argparse._SubParsersAction) -> None:
 
 
 def run_config(args: argparse.Namespace) -> int:
-    from serving.config import render_config
-    from serving.metrics import write_metrics_config
+    from .serving.config import render_config
+    from .serving.metrics import write_metrics_config
 
     _ports(args).validate()
     _warn_if_exposed(args.bind)
@@ -145,7 +145,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from serving import server
+    from .serving import server
 
     run_dir, ports = _run_dir(args), _ports(args)
     ports.validate()
@@ -184,7 +184,7 @@ def add_stop(sub: argparse._SubParsersAction) -> None:
 
 
 def run_stop(args: argparse.Namespace) -> int:
-    from serving.server import stop
+    from .serving.server import stop
 
     state = stop(_run_dir(args))
     print(f"TorchServe stopped (pid {state.pid})" if state else "TorchServe is not running")
@@ -202,7 +202,7 @@ def add_token(sub: argparse._SubParsersAction) -> None:
 
 
 def run_token(args: argparse.Namespace) -> int:
-    from serving.server import read_token, refresh_token
+    from .serving.server import read_token, refresh_token
 
     kind = "management" if args.management else "inference"
     print(refresh_token(_run_dir(args), kind) if args.refresh else read_token(_run_dir(args), kind))
@@ -220,8 +220,8 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from serving.client import predict_files
-    from serving.samples import label_from_name
+    from .serving.client import predict_files
+    from .serving.samples import label_from_name
 
     results = predict_files(args.files, args.model, _run_dir(args), args.url, args.token)
     width = max(len(r.file) for r in results)
@@ -247,8 +247,8 @@ def add_samples(sub: argparse._SubParsersAction) -> None:
 
 
 def run_samples(args: argparse.Namespace) -> int:
-    from serving.samples import write_samples
-    from training.data import load_mnist
+    from .serving.samples import write_samples
+    from .training.data import load_mnist
 
     if not 1 <= args.count <= 10_000:
         raise ValueError(f"--count must be between 1 and 10000, got {args.count}")
@@ -282,9 +282,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from serving.client import classify_many, resolve_endpoint
-    from serving.samples import drawn_large
-    from training.data import load_mnist
+    from .serving.client import classify_many, resolve_endpoint
+    from .serving.samples import drawn_large
+    from .training.data import load_mnist
 
     if not 1 <= args.count <= 10_000 or args.concurrency < 1:
         raise ValueError(f"--count must be 1-10000 and --concurrency positive, got {args.count}, {args.concurrency}")
@@ -312,7 +312,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_kserve(sub: argparse._SubParsersAction) -> None:
-    from serving.kserve import KSERVE_PORTS, MOUNT, SCALE_METRICS, Deployment
+    from .serving.kserve import KSERVE_PORTS, MOUNT, SCALE_METRICS, Deployment
 
     defaults = Deployment()
     p = sub.add_parser(
@@ -348,7 +348,7 @@ def add_kserve(sub: argparse._SubParsersAction) -> None:
 def run_kserve(args: argparse.Namespace) -> int:
     import yaml
 
-    from serving.kserve import Deployment, crd_schema, validate_manifest, write_bundle
+    from .serving.kserve import Deployment, crd_schema, validate_manifest, write_bundle
 
     deployment = Deployment(
         args.name,
@@ -388,7 +388,7 @@ def add_ui(sub: argparse._SubParsersAction) -> None:
 
 
 def run_ui(args: argparse.Namespace) -> int:
-    from serving.ui import TorchServeLink, make_server
+    from .serving.ui import TorchServeLink, make_server
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")

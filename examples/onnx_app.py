@@ -7,7 +7,8 @@ std, input_shape (C, H, W), layout and labels. Images are read and framed by the
 (`handlers/digit_inputs.py`, `handlers/digit_imaging.py`: numpy and Pillow, plus libspng when installed), so
 a drawing gets the same 28x28 input here as from the server: grayscale, inverted when the background is
 light, cropped to the ink, scaled, centred by mass, as MNIST was made. The normalisation is the artefact
-contract's (`contract/__init__.py`). Prints one line per image: file, label, confidence.
+contract's, in the handler's pinned copy (`handlers/digit_contract.py`). Prints one line per image: file,
+label, confidence.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ import numpy as np
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
-# the handler's modules import each other by bare name, as inside an archive; the contract is a package
-sys.path[:0] = [str(ROOT / "handlers"), str(ROOT)]
+# the handler's modules import each other by bare name, as inside an archive
+sys.path.insert(0, str(ROOT / "handlers"))
 
+from digit_contract import LAYOUTS, PREPROCESSING_KEYS, normalise  # noqa: E402
 from digit_errors import RequestError  # noqa: E402
 from digit_inputs import read_image  # noqa: E402
-
-from contract import LAYOUTS, PREPROCESSING_KEYS, normalise  # noqa: E402
 
 
 def load_model(path: Path) -> tuple[ort.InferenceSession, dict]:

@@ -22,7 +22,7 @@ import onnx
 import torch
 from torch import nn
 
-from contract import (
+from ..contract import (
     CHECKPOINT_FILE,
     MANIFEST_FILE,
     NORMALISATION,
@@ -36,8 +36,11 @@ from contract import (
     Format,
     normalise,
 )
-from export import ExportError
-from export.metadata import (
+from ..training.checkpoint import load_checkpoint, rebuild_model
+from ..training.data import load_mnist
+from ..training.models import list_models
+from . import ExportError
+from .metadata import (
     carried_metadata,
     check_metadata_matches,
     decode_onnx_metadata,
@@ -45,15 +48,12 @@ from export.metadata import (
     onnx_metadata_props,
     sha256_file,
 )
-from export.onnx import check_onnx_file, export_onnx, onnx_opset
-from export.parity import ATOL, RTOL, check_parity, check_prediction_parity, check_tolerances
-from export.pt2 import check_loadable, export_pt2, read_pt2_metadata, resolve_device
-from export.reports import ParityReport, PredictionParity
-from export.runners import eager_runner, file_backends, onnxruntime_backend, pt2_backend
-from export.torchscript import export_torchscript
-from training.checkpoint import load_checkpoint, rebuild_model
-from training.data import load_mnist
-from training.models import list_models
+from .onnx import check_onnx_file, export_onnx, onnx_opset
+from .parity import ATOL, RTOL, check_parity, check_prediction_parity, check_tolerances
+from .pt2 import check_loadable, export_pt2, read_pt2_metadata, resolve_device
+from .reports import ParityReport, PredictionParity
+from .runners import eager_runner, file_backends, onnxruntime_backend, pt2_backend
+from .torchscript import export_torchscript
 
 QUANTIZATIONS = {"int8": ONNX_INT8}  # --quantize value -> the format it adds
 EXAMPLE_BATCH = 2  # a batch of 1 lets the exporters bake the batch size in
@@ -171,7 +171,7 @@ def check_exported_pt2(path: Path, meta: dict, checkpoint_sha: str, rerun: str) 
 
 def export_int8(eager: nn.Module, model_dir: Path, meta: dict, data, *, samples: int | None, log) -> PredictionParity:
     """model.onnx -> model.int8.onnx, calibrated on training digits; proves it and writes parity-int8.*."""
-    from export.quantize import calibration_digits, quantize_int8
+    from .quantize import calibration_digits, quantize_int8
 
     calibration = normalise(calibration_digits(data.train_images), meta["mean"], meta["std"], meta["input_shape"])
     start = time.perf_counter()

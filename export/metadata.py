@@ -11,8 +11,8 @@ import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from contract import CARRIED_KEYS, NORMALISATION
-from export import ExportError
+from ..contract import CARRIED_KEYS, NORMALISATION
+from . import ExportError
 
 PRODUCER_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript")
 

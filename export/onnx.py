@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from onnx.external_data_helper import uses_external_data
 from torch import nn
 
-from export import ExportError
+from . import ExportError
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

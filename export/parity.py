@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from export.reports import ParityCheck, ParityReport, PredictionParity
-from export.runners import Backend, Runner
+from .reports import ParityCheck, ParityReport, PredictionParity
+from .runners import Backend, Runner
 
 ATOL = 1e-5
 RTOL = 1e-4

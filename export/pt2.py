@@ -23,21 +23,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export import ExportError
+from ..contract import PT2_META_ENTRY, PT2_REQUIRED_KEYS
+from . import ExportError
 
 MIN_BATCH = 1
 # The largest batch a package accepts (the range torch.export and Inductor compile for); it covers every
 # caller: parity's whole-set chunks (1,000), the bench's batches, TorchServe's batchSize (16 by default).
 MAX_BATCH = 4096
-META_ENTRY = "digits_meta.json"  # under the package's extra/ folder (torch.export.pt2_archive's EXTRA_DIR)
-EXTRA_DIR = "extra/"
 # Inductor options, measured on cnn at batch 64 on this CPU (README, "Which format to pick"): freezing turns
 # the weights into constants, so that Inductor hands both convolutions and both linear layers to oneDNN with
 # the ReLU fused (0.36-0.39 of onnxruntime's speed, 0.28-0.36 without); it needs the compile to run without
 # autograd. max_autotune added 0.05-0.09 for four times the compile, so it is left out.
 INDUCTOR_CONFIGS = {"freezing": True}
-# the metadata keys a package must carry for `load_pt2` to trust it
-REQUIRED_KEYS = ("torch_version", "device", "min_batch", "max_batch", "target")
+EXTRA_DIR = "extra/"  # where torch's package_pt2 puts its extra_files (torch.export.pt2_archive's EXTRA_DIR)
 
 Pt2Runner = Callable[[torch.Tensor], torch.Tensor]  # (N, C, H, W) float32 on its device -> (N, classes)
 
@@ -58,7 +56,7 @@ def export_pt2(model: nn.Module, path: Path, example: torch.Tensor, metadata: di
         # as torch._inductor.aoti_compile_and_package compiles it (which cannot add extra files to the package)
         module = program.module(check_guards=False)
         files = torch._inductor.aot_compile(module, (example.to(device),), options=options)
-    extra = {META_ENTRY: json.dumps({**metadata, **build_facts(device)}, indent=2)}
+    extra = {PT2_META_ENTRY.removeprefix(EXTRA_DIR): json.dumps({**metadata, **build_facts(device)}, indent=2)}
     from torch.export.pt2_archive._package import package_pt2
 
     package_pt2(str(path), aoti_files=files, extra_files=extra)
@@ -124,17 +122,19 @@ def read_pt2_metadata(path: Path) -> dict:
     """The package's extra/digits_meta.json, read without compiling or loading anything."""
     try:
         with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith(f"/{EXTRA_DIR}{META_ENTRY}")]
+            names = [n for n in archive.namelist() if n.endswith(f"/{PT2_META_ENTRY}")]
             if len(names) != 1:
-                raise ExportError(f"{path} carries no {EXTRA_DIR}{META_ENTRY}; re-export with `digits export --pt2`")
+                raise ExportError(f"{path} carries no {PT2_META_ENTRY}; re-export with `digits export --pt2`")
             meta = json.loads(archive.read(names[0]))
     except (zipfile.BadZipFile, OSError) as err:
         raise ExportError(f"{path} is not a .pt2 package: {err}") from None
     except ValueError as err:
-        raise ExportError(f"{path}: {META_ENTRY} is not JSON ({err}); re-export with `digits export --pt2`") from None
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
+        raise ExportError(
+            f"{path}: {PT2_META_ENTRY} is not JSON ({err}); re-export with `digits export --pt2`"
+        ) from None
+    missing = [k for k in PT2_REQUIRED_KEYS if k not in meta]
     if missing:
-        raise ExportError(f"{path}: {META_ENTRY} lacks {', '.join(missing)}; re-export with `digits export --pt2`")
+        raise ExportError(f"{path}: {PT2_META_ENTRY} lacks {', '.join(missing)}; re-export with `digits export --pt2`")
     return meta
 
 

@@ -20,8 +20,8 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from export import ExportError
-from export.onnx import INPUT_NAME
+from . import ExportError
+from .onnx import INPUT_NAME
 
 CALIBRATION_SAMPLES = 1024  # training digits; MinMax ranges settle well before this
 CALIBRATION_BATCH = 128

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from export.cpu import describe_cpu, summary
+from .cpu import describe_cpu, summary
 
 
 @dataclass

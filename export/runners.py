@@ -15,10 +15,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from export import ExportError
-from export.onnx import INPUT_NAME, OUTPUT_NAME
-from export.pt2 import load_pt2, read_pt2_metadata
-from export.torchscript import load_torchscript
+from . import ExportError
+from .onnx import INPUT_NAME, OUTPUT_NAME
+from .pt2 import load_pt2, read_pt2_metadata
+from .torchscript import load_torchscript
 
 ORT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export import ExportError
+from . import ExportError
 
 
 @contextmanager

@@ -1,9 +1,7 @@
 """The TorchServe handler of the digits archives: `DigitHandler`, the one class of this module.
 
-An archive ships this file as its handler and, as extra files, its siblings `digit_errors.py`,
-`digit_imaging.py`, `digit_inputs.py`, `digit_budget.py`, `digit_png.py`, `digit_model.py`, `digit_batch.py`,
-`digit_oip.py`
-and `digit_metrics.py`, plus `digits_meta.json`.
+An archive ships this file as its handler and, as extra files, every sibling module `digit_*.py` of this
+folder (`digits archive` takes them all), plus `digits_meta.json`.
 TorchServe 0.12.0 unpacks them side by side into the model dir, starts the worker with that dir as its
 working directory and on its PYTHONPATH (the frontend's `EnvironmentUtils.getEnvString` and
 `WorkerLifeCycle.startWorkerPython`), and imports the handler by bare module name
@@ -34,6 +32,7 @@ from digit_batch import (
     prediction_bodies,
     to_probabilities,
 )
+from digit_contract import HANDLER_SECTION, THREADS_KEY
 from digit_errors import RequestError, quiet_client_tracebacks
 from digit_metrics import StageTimes
 from digit_model import (
@@ -186,7 +185,7 @@ def answer_counts(batch: Batch, oip: OipBatch) -> Counter[tuple[str, int, str]]:
 def set_threads(model_yaml_config: dict | None) -> None:
     """Intra-op threads of this worker, from model-config.yaml's `handler: {threads: N}` (the archive step's
     --threads); without it, torch's default (OMP_NUM_THREADS, else every core) stays."""
-    threads = ((model_yaml_config or {}).get("handler") or {}).get("threads")
+    threads = ((model_yaml_config or {}).get(HANDLER_SECTION) or {}).get(THREADS_KEY)
     if threads is None:
         return
     if type(threads) is not int or threads < 1:

@@ -18,18 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from digit_contract import LAYOUTS, META_FILE, PT2_META_ENTRY, PT2_REQUIRED_KEYS, REQUIRED_KEYS, RUNTIME_BY_SUFFIX
 
 logger = logging.getLogger(__name__)
 
-# The handler's copy of the artefact contract (`contract/__init__.py`, which an archive does not ship);
-# tests/handlers/test_contract_copy.py pins each name to it.
-META_FILE = "digits_meta.json"
-RUNTIME_BY_SUFFIX = {".pt": "torchscript", ".onnx": "onnx", ".pt2": "pt2"}  # one suffix, one runtime
-REQUIRED_KEYS = ("format", "sha256", "mean", "std", "input_shape", "layout", "labels")
-LAYOUTS = ("NCHW",)
-# inside a .pt2 package (AOTInductor, `digits export --pt2`): the build facts the compiled code depends on
-PT2_META_ENTRY = "extra/digits_meta.json"
-PT2_REQUIRED_KEYS = ("torch_version", "device", "target", "min_batch", "max_batch")
 REBUILD = "rebuild the archive with `digits archive`"
 # Rows of one forward pass on the CPU; a larger batch (several OIP requests of many digits) runs in chunks of
 # this size. A conv net's activations outgrow the caches with the batch (the cnn's are about 230 KB a digit):

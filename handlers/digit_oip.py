@@ -35,14 +35,15 @@ from typing import Any
 
 import numpy as np
 from digit_batch import Readings, content_types, label_value, read_batch, read_guarded
+from digit_contract import OIP_DEFAULT_OUTPUTS, OIP_OUTPUTS
 from digit_errors import RequestError, bad_request, too_large
 from digit_imaging import require_ink, to_uint8
 from digit_inputs import MAX_BODY_BYTES, decode_base64, parse_json, read_image, sniff_format
 from digit_model import DigitMeta
 
 MAX_DIGITS = 1024  # digits in one request; TorchServe's max_request_size bounds the bytes first
-OUTPUTS = ("probabilities", "label", "framed")
-DEFAULT_OUTPUTS = ("probabilities", "label")
+OUTPUTS = tuple(OIP_OUTPUTS)  # name -> datatype in the contract
+DEFAULT_OUTPUTS = OIP_DEFAULT_OUTPUTS
 DATATYPES = ("UINT8", "FP32", "BYTES")
 HEADER_LENGTH = "inference-header-content-length"
 JSON_TYPE = "application/json"
@@ -381,11 +382,11 @@ def output_tensors(request: OipRequest, probabilities: np.ndarray, labels: tuple
     """Output name -> (datatype, values, JSON text of the values), computed only when asked for."""
     tensors: dict[str, tuple] = {}
     if "probabilities" in request.outputs:
-        tensors["probabilities"] = ("FP32", probabilities.astype(np.float32), join_floats)
+        tensors["probabilities"] = (OIP_OUTPUTS["probabilities"], probabilities.astype(np.float32), join_floats)
     if "label" in request.outputs:
-        tensors["label"] = ("INT64", label_ids(labels)[probabilities.argmax(axis=1)], join_ints)
+        tensors["label"] = (OIP_OUTPUTS["label"], label_ids(labels)[probabilities.argmax(axis=1)], join_ints)
     if "framed" in request.outputs:
-        tensors["framed"] = ("UINT8", to_uint8(request.digits), join_ints)
+        tensors["framed"] = (OIP_OUTPUTS["framed"], to_uint8(request.digits), join_ints)
     return tensors
 
 

@@ -21,9 +21,20 @@ from pathlib import Path
 
 import yaml
 
-from contract import ARCHIVE_META_KEYS, CARRIED_KEYS, CONFIG_FILE, FORMATS, MANIFEST_FILE, META_FILE, PARITY_JSON
+from ..contract import (
+    ARCHIVE_META_KEYS,
+    CARRIED_KEYS,
+    CONFIG_FILE,
+    FORMATS,
+    HANDLER_SECTION,
+    MANIFEST_FILE,
+    META_FILE,
+    PARITY_JSON,
+    THREADS_KEY,
+)
+from ..handlers import handler_dir
 
-HANDLER_DIR = Path(__file__).resolve().parent.parent / "handlers"
+HANDLER_DIR = handler_dir()  # the installed package's files, or the checkout's
 HANDLER_MODULE = "digit_handler.py"
 NOOP_HANDLER = "noop_handler.py"  # the benchmarks' ceiling; archived alone, never inside a model's archive
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")  # the archiver's own rule for model names
@@ -62,7 +73,7 @@ class ServingSettings:
             "batchSize": self.batch_size,
             "maxBatchDelay": self.max_batch_delay,
             "responseTimeout": self.response_timeout,
-            "handler": {"threads": self.threads},  # read by the handler itself (context.model_yaml_config)
+            HANDLER_SECTION: {THREADS_KEY: self.threads},  # read by the handler itself (context.model_yaml_config)
         }
 
 

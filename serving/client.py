@@ -8,7 +8,7 @@ from pathlib import Path
 
 import requests
 
-from serving.server import ServeError, read_state, read_token
+from .server import ServeError, read_state, read_token
 
 
 @dataclass

@@ -7,8 +7,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from serving.archive import ArchiveError, read_archive_settings
-from serving.metrics import write_metrics_config
+from .archive import ArchiveError, read_archive_settings
+from .metrics import write_metrics_config
 
 MAX_REQUEST_BYTES = 10 * 1024 * 1024  # a 4096x4096 PNG fits; anything bigger is refused by the frontend
 

@@ -30,9 +30,9 @@ from typing import Any
 
 import yaml
 
-from serving.archive import ArchiveError
-from serving.config import LOG_CONFIG, MAX_REQUEST_BYTES, Ports, allowed_urls, list_archives, models_entry
-from serving.metrics import write_metrics_config
+from .archive import ArchiveError
+from .config import LOG_CONFIG, MAX_REQUEST_BYTES, Ports, allowed_urls, list_archives, models_entry
+from .metrics import write_metrics_config
 
 MOUNT = "/mnt/models"  # where KServe puts the storageUri's content
 # TorchServe behind the wrapper, as pytorch/serve's kubernetes/kserve/config.properties has it; the wrapper

@@ -17,7 +17,7 @@ from typing import Any
 import ts
 import yaml
 
-from serving.archive import HANDLER_DIR
+from .archive import HANDLER_DIR
 
 TS_METRICS_CONFIG = Path(ts.__file__).parent / "configs" / "metrics.yaml"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from serving.config import Ports, list_archives, make_private, write_config, write_private
+from .config import Ports, list_archives, make_private, write_config, write_private
 
 READY_TIMEOUT_S = 60
 TS_PROCESS = "org.pytorch.serve.ModelServer"  # in the command line of TorchServe's Java process

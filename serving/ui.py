@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import requests
 
-from serving.server import ServeError, read_state, read_token, refresh_token
+from .server import ServeError, read_state, read_token, refresh_token
 
 STATIC = Path(__file__).resolve().with_name("static")
 PAGES = {  # URL path -> (file in STATIC, content type); nothing else on disk is reachable

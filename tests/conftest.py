@@ -8,9 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from export.convert import ExportResult, export_model
-from training.train import TrainConfig, train
+from digits.export.convert import ExportResult, export_model
+from digits.training.train import TrainConfig, train
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from contract import CHECKPOINT_KEYS
+from ..contract import CHECKPOINT_KEYS
 
 CHECKPOINT_FORMAT = 1
 
@@ -61,7 +61,7 @@ def refusal(path: Path, err: pickle.UnpicklingError) -> str:
 
 def rebuild_model(payload: dict) -> nn.Module:
     """Rebuilds the eval-mode model from the registry and the checkpoint's metadata."""
-    from training.models import get_model
+    from .models import get_model
 
     meta = payload["metadata"]
     try:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.constants import INPUT_SHAPE, NUM_CLASSES
+from .constants import INPUT_SHAPE, NUM_CLASSES
 
 
 @dataclass(frozen=True)

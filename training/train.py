@@ -15,12 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-import contract
-from training.checkpoint import save_checkpoint
-from training.constants import INPUT_SHAPE, LABELS, LAYOUT, MNIST_MEAN, MNIST_STD
-from training.data import MnistData, load_mnist
-from training.models import freeze_backbone, get_model, load_imagenet_weights
-from training.plots import plot_history
+from .. import contract
+from .checkpoint import save_checkpoint
+from .constants import INPUT_SHAPE, LABELS, LAYOUT, MNIST_MEAN, MNIST_STD
+from .data import MnistData, load_mnist
+from .models import freeze_backbone, get_model, load_imagenet_weights
+from .plots import plot_history
 
 
 @dataclass

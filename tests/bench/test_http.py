@@ -8,10 +8,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from digits.bench import BenchError
+from digits.bench.http import STAGES
+from digits.bench.load import Target, find_ab, parse_ab, pooled, run_load
 
-from bench import BenchError
-from bench.http import STAGES
-from bench.load import Target, find_ab, parse_ab, pooled, run_load
 from digits.cli import main
 
 
@@ -121,7 +121,7 @@ def test_the_log_cursor_reads_what_was_logged_since_its_mark_across_rollovers(tm
     import gzip
     from datetime import datetime, timedelta
 
-    from bench.http import LOG_TIME_FORMAT, LogCursor
+    from digits.bench.http import LOG_TIME_FORMAT, LogCursor
 
     def line(when: datetime, text: str) -> str:
         return f"{when.strftime(LOG_TIME_FORMAT)[:23]} [INFO ] W-9000-cnn_1.0-stdout MODEL_METRICS - {text}\n"

@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from digits.bench.http import oip_body, target_for
+from digits.bench.load import run_load
 
-from bench.http import oip_body, target_for
-from bench.load import run_load
 from digits.cli import main
 
 

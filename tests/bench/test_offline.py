@@ -41,7 +41,7 @@ def test_offline_bench_of_an_unexported_model_names_the_command(tmp_path, capsys
 
 
 def test_backends_take_turns_so_a_burst_of_load_lands_on_all_of_them():
-    from bench.offline import time_in_turns
+    from digits.bench.offline import time_in_turns
 
     calls = []
     runners = {name: (lambda batch, name=name: calls.append(name)) for name in ("a", "b")}
@@ -57,7 +57,7 @@ def test_offline_bench_refuses_zero_rounds(tmp_path, capsys):
 
 
 def test_the_paired_share_sets_each_round_against_its_own_peak():
-    from bench.offline import paired_share
+    from digits.bench.offline import paired_share
 
     # two rounds of 1 ms batches of 10 samples with 1 MFLOP each: 10 GFLOP/s; peaks of 20 then 40 GFLOP/s
     assert paired_share(10, [[1.0], [1.0]], [20.0, 40.0], 1_000_000) == pytest.approx((0.5 + 0.25) / 2)
@@ -87,8 +87,7 @@ def torch_threads_restored():
 def test_threads_sets_every_backend_onnxruntime_included(int8_artifacts, tmp_path, monkeypatch, torch_threads_restored):
     import onnxruntime
     import torch
-
-    import export.runners
+    from digits.export import runners
 
     pools, real_session = [], onnxruntime.InferenceSession
 
@@ -96,7 +95,7 @@ def test_threads_sets_every_backend_onnxruntime_included(int8_artifacts, tmp_pat
         pools.append((options.intra_op_num_threads, options.inter_op_num_threads))
         return real_session(path, options, **kwargs)
 
-    monkeypatch.setattr(export.runners.ort, "InferenceSession", session)
+    monkeypatch.setattr(runners.ort, "InferenceSession", session)
     out = tmp_path / "offline"
     args = ["bench", "offline", "mlp", "--artifacts", str(int8_artifacts), "--batch-sizes", "4", "--threads", "1"]
     assert main([*args, "--min-seconds", "0", "--rounds", "1", "--out", str(out)]) == 0

@@ -7,10 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from export.convert import ExportResult, export_model
-from training.data import MnistData, load_mnist
-from training.train import TrainConfig, train
+from digits.export.convert import ExportResult, export_model
+from digits.training.data import MnistData, load_mnist
+from digits.training.train import TrainConfig, train
 
 # One brief training per registered model: enough for parity (which compares a model with itself), far from
 # the accuracy targets. test_every_registered_model_has_a_recipe fails when a new model has no entry.

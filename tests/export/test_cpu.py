@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from export import cpu
+from digits.export import cpu
 
 AVX2_ONLY = "avx2 fma bmi2 sse4_2"  # the AMD EPYC: no AVX-512, no VNNI
 VNNI_XEON = "avx2 fma avx512f avx512bw avx512_vnni amx_int8"

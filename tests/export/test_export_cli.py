@@ -7,11 +7,11 @@ import os
 import onnx
 import pytest
 import torch
+from digits.export import convert
+from digits.training.checkpoint import load_checkpoint, rebuild_model, save_checkpoint
 from onnx import numpy_helper
 
 from digits.cli import main
-from export import convert
-from training.checkpoint import load_checkpoint, rebuild_model, save_checkpoint
 
 
 def _one_error_line(capsys, command: str) -> str:

@@ -9,12 +9,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
-from export.metadata import sha256_file
-from export.parity import BATCH_SIZES
-from export.runners import torchscript_backend
-from training.checkpoint import load_checkpoint, rebuild_model
-from training.models import list_models
+from digits.export.metadata import sha256_file
+from digits.export.parity import BATCH_SIZES
+from digits.export.runners import torchscript_backend
+from digits.training.checkpoint import load_checkpoint, rebuild_model
+from digits.training.models import list_models
 
 CHECK_FIELDS = {
     "backend",

@@ -14,11 +14,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from digits.contract import normalise
+from digits.serving.archive import archive_model
+from digits.serving.samples import drawn_large
 from PIL import Image
-
-from contract import normalise
-from serving.archive import archive_model
-from serving.samples import drawn_large
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "examples" / "onnx_app.py"

@@ -6,16 +6,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from digits.contract import normalise
+from digits.export.convert import example_input
+from digits.export.metadata import onnx_metadata_props
+from digits.export.onnx import export_onnx
+from digits.export.parity import check_parity, compare
+from digits.export.runners import Backend, eager_runner, file_backends, onnxruntime_backend
+from digits.export.torchscript import export_torchscript
+from digits.training.checkpoint import load_checkpoint, rebuild_model
 from onnx import numpy_helper
-
-from contract import normalise
-from export.convert import example_input
-from export.metadata import onnx_metadata_props
-from export.onnx import export_onnx
-from export.parity import check_parity, compare
-from export.runners import Backend, eager_runner, file_backends, onnxruntime_backend
-from export.torchscript import export_torchscript
-from training.checkpoint import load_checkpoint, rebuild_model
 
 SAMPLES = 300
 

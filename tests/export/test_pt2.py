@@ -8,14 +8,14 @@ import shutil
 
 import pytest
 import torch
+from digits.contract import PT2
+from digits.export import ExportError
+from digits.export.convert import export_model
+from digits.export.metadata import sha256_file
+from digits.export.parity import BATCH_SIZES
+from digits.export.pt2 import MAX_BATCH, load_pt2, read_pt2_metadata, resolve_device
 
-from contract import PT2
 from digits.cli import main
-from export import ExportError
-from export.convert import export_model
-from export.metadata import sha256_file
-from export.parity import BATCH_SIZES
-from export.pt2 import MAX_BATCH, load_pt2, read_pt2_metadata, resolve_device
 
 
 @pytest.fixture

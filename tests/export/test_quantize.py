@@ -14,13 +14,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnxruntime.quantization.shape_inference import quant_pre_process
-
-from contract import ONNX_INT8, normalise
-from digits.cli import main
-from export import ExportError
-from export.parity import INT8_MAX_ACCURACY_DIFF, INT8_MIN_AGREEMENT, check_prediction_parity
-from export.quantize import (
+from digits.contract import ONNX_INT8, normalise
+from digits.export import ExportError
+from digits.export.parity import INT8_MAX_ACCURACY_DIFF, INT8_MIN_AGREEMENT, check_prediction_parity
+from digits.export.quantize import (
     INT16_MAX,
     WEIGHT_LIMIT,
     check_no_saturation,
@@ -29,7 +26,10 @@ from export.quantize import (
     quantize_int8,
     rewrite_for_int8,
 )
-from export.runners import Backend
+from digits.export.runners import Backend
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from digits.cli import main
 
 SAMPLES = 1000
 

@@ -6,10 +6,9 @@ import warnings
 
 import pytest
 import torch
+from digits.export import ExportError
+from digits.export.torchscript import export_torchscript, load_torchscript
 from torch import nn
-
-from export import ExportError
-from export.torchscript import export_torchscript, load_torchscript
 
 
 class _Unscriptable(nn.Module):

@@ -65,7 +65,7 @@ def served(
 @pytest.fixture(scope="session")
 def mnist() -> Any:
     """MNIST from the offline cache (uint8 digits, white on black)."""
-    from training.data import load_mnist  # fixture data only: the handler itself never imports training
+    from digits.training.data import load_mnist  # fixture data only: the handler itself never imports training
 
     return load_mnist(log=lambda *args: None)
 

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 from ts.context import Context, RequestProcessor
 
-import contract
+from digits import contract
 
 HANDLERS_DIR = Path(__file__).resolve().parents[2] / "handlers"
 
@@ -49,7 +49,7 @@ def save_model(model: nn.Module, path: Path, device: str = "cpu") -> None:
     model = model.eval()
     example = torch.zeros(2, 1, 28, 28)
     if path.suffix == ".pt2":
-        from export.pt2 import export_pt2  # fixture data only: the handler itself never imports export
+        from digits.export.pt2 import export_pt2  # fixture data only: the handler itself never imports export
 
         export_pt2(model, path, example, {}, torch.device(device))
         return

@@ -1,31 +1,55 @@
 """The handler ships alone inside the .mar and keeps its own copy of the artefact contract: pinned here.
 
-Each name the handler copies from `contract/` must equal the contract's, and its normalisation must give
-the contract's numbers bit for bit, or an archive would be read or fed differently from how it was made.
+Each name `handlers/digit_contract.py` copies from `contract/` must equal the contract's, and its
+normalisation must give the contract's numbers bit for bit, or an archive would be read or fed differently
+from how it was made. The modules that use the copy must take it from there, not keep another.
 """
 
 from __future__ import annotations
 
 import digit_batch
+import digit_contract
 import digit_model
+import digit_oip
 import numpy as np
+import pytest
 
-import contract
+from digits import contract
+
+COPIED = (
+    "META_FILE",
+    "LAYOUTS",
+    "PREPROCESSING_KEYS",
+    "HANDLER_SECTION",
+    "THREADS_KEY",
+    "PT2_META_ENTRY",
+    "PT2_REQUIRED_KEYS",
+    "OIP_OUTPUTS",
+    "OIP_DEFAULT_OUTPUTS",
+)
 
 
-def test_the_metadata_file_name_is_the_contracts() -> None:
-    assert digit_model.META_FILE == contract.META_FILE
+@pytest.mark.parametrize("name", COPIED)
+def test_each_copied_name_is_the_contracts(name: str) -> None:
+    assert getattr(digit_contract, name) == getattr(contract, name)
 
 
 def test_the_handler_loads_every_runtime_of_the_contract_by_its_suffix() -> None:
     expected = {fmt.suffix: fmt.runtime for fmt in contract.FORMATS.values()}
-    assert digit_model.RUNTIME_BY_SUFFIX == expected
+    assert digit_contract.RUNTIME_BY_SUFFIX == expected
 
 
 def test_the_handler_requires_the_keys_the_contract_says() -> None:
-    assert digit_model.REQUIRED_KEYS == contract.ARCHIVE_REQUIRED_KEYS
+    assert digit_contract.REQUIRED_KEYS == contract.ARCHIVE_REQUIRED_KEYS
     assert set(digit_model.DigitMeta.__dataclass_fields__) == set(contract.ARCHIVE_META_KEYS)
-    assert digit_model.LAYOUTS == contract.LAYOUTS
+
+
+def test_the_modules_use_the_one_copy() -> None:
+    assert digit_model.META_FILE is digit_contract.META_FILE
+    assert digit_model.RUNTIME_BY_SUFFIX is digit_contract.RUNTIME_BY_SUFFIX
+    assert digit_model.PT2_REQUIRED_KEYS is digit_contract.PT2_REQUIRED_KEYS
+    assert digit_oip.OUTPUTS == tuple(digit_contract.OIP_OUTPUTS)
+    assert digit_oip.DEFAULT_OUTPUTS is digit_contract.OIP_DEFAULT_OUTPUTS
 
 
 def test_the_handler_normalises_every_intensity_as_the_contract_does(mnist) -> None:

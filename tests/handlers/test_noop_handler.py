@@ -7,9 +7,8 @@ import sys
 import zipfile
 
 import pytest
+from digits.serving.archive import ServingSettings, archive_noop
 from handler_helpers import HANDLERS_DIR, make_context, run_batch
-
-from serving.archive import ServingSettings, archive_noop
 
 
 @pytest.fixture

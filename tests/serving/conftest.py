@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from digits.export.convert import export_model
+from digits.serving.archive import ServingSettings, archive_model
+from digits.serving.server import read_state, read_token
+from digits.training.data import load_mnist
+from digits.training.train import TrainConfig, normalise, train
 from serving_helpers import PORT_FLAGS, free_ports, port_flags
 
 from digits.cli import main
-from export.convert import export_model
-from serving.archive import ServingSettings, archive_model
-from serving.server import read_state, read_token
-from training.data import load_mnist
-from training.train import TrainConfig, normalise, train
 
 ARCHIVED = {"cnn": "onnx", "mlp": "torchscript"}  # what `make demo` serves
 

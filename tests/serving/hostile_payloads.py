@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from digits.serving.config import MAX_REQUEST_BYTES
 from PIL import Image
-
-from serving.config import MAX_REQUEST_BYTES
 
 # the costly files are shared with the handler's unit tests, whose folder is not on this one's path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "handlers"))

@@ -5,8 +5,8 @@ import zipfile
 
 import pytest
 import yaml
+from digits.contract import CONFIG_FILE, META_FILE
 
-from contract import CONFIG_FILE, META_FILE
 from digits.cli import main
 
 

@@ -16,9 +16,8 @@ from urllib.parse import unquote
 import psutil
 import pytest
 import requests
-
-from serving.config import Ports, render_config
-from serving.server import read_state
+from digits.serving.config import Ports, render_config
+from digits.serving.server import read_state
 
 REFUSED = "InvalidKeyException"  # TorchServe's error type for a missing or wrong key (status 400, not 401)
 INFERENCE_APIS = [

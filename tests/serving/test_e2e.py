@@ -10,10 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from digits.serving.samples import drawn_large
 from PIL import Image
 from serving_helpers import wait_for
-
-from serving.samples import drawn_large
 
 pytestmark = pytest.mark.usefixtures("server")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import requests
 import torch
+from digits.serving.server import read_state, read_token
 from serving_helpers import port_flags, wait_for
 
 from digits.cli import main
-from serving.server import read_state, read_token
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

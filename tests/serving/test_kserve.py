@@ -22,12 +22,12 @@ import psutil
 import pytest
 import requests
 import yaml
+from digits.serving.config import Ports
+from digits.serving.kserve import Deployment, crd_schema, validate_manifest, write_bundle
+from digits.serving.server import find_java
 from serving_helpers import free_ports
 
 from digits.cli import main
-from serving.config import Ports
-from serving.kserve import Deployment, crd_schema, validate_manifest, write_bundle
-from serving.server import find_java
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("DIGITS_SHARED") or REPO.parent / "shared") / "kserve"

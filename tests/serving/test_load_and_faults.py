@@ -27,13 +27,13 @@ import onnxruntime as ort
 import psutil
 import pytest
 import requests
+from digits.serving.archive import archive_model
+from digits.serving.server import ServerState, read_state, read_token
+from digits.training.train import normalise
 from PIL import Image
 from serving_helpers import PORT_FLAGS, free_ports, port_flags, wait_for
 
 from digits.cli import main
-from serving.archive import archive_model
-from serving.server import ServerState, read_state, read_token
-from training.train import normalise
 
 RECOVERY_S = 15  # the bound: serving again within 15 s of the kill
 DIGITS = 1000  # distinct MNIST test digits the load cycles through

@@ -9,10 +9,9 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import requests
+from digits.serving.config import LOG_CONFIG, make_private
 from PIL import Image
 from serving_helpers import wait_for
-
-from serving.config import LOG_CONFIG, make_private
 
 
 def _png(pixels) -> bytes:

@@ -19,9 +19,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import requests
+from digits.training.train import normalise
 from PIL import Image
-
-from training.train import normalise
 
 tritonclient_http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] (the dev extra) is needed")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -264,7 +263,7 @@ def test_standard_oip_grpc_clients_cannot_reach_torchserve(server) -> None:
     `org.pytorch.serve.grpc.openinference.GRPCInferenceService`, not the protocol's `inference.GRPCInferenceService`,
     ignores raw_input_contents, and a 4xx answer kills the worker), so Triton's gRPC client gets UNIMPLEMENTED."""
     grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] (the dev extra) is needed")
-    from serving.server import read_state
+    from digits.serving.server import read_state
 
     port = read_state(server.run_dir).ports["grpc_inference"]
     client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{port}")

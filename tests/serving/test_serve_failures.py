@@ -14,12 +14,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from digits.contract import META_FILE
+from digits.serving import server
+from digits.serving.server import TS_PROCESS, check_not_running
 from serving_helpers import PORT_FLAGS, port_flags
 
-from contract import META_FILE
 from digits.cli import main
-from serving import server
-from serving.server import TS_PROCESS, check_not_running
 
 
 def _rewrite_archive(source: Path, target: Path, change) -> None:

@@ -13,13 +13,13 @@ from urllib.parse import urlparse
 import onnxruntime as ort
 import pytest
 import requests
+from digits.serving.archive import ServingSettings, archive_model
+from digits.serving.server import read_state, read_token
+from digits.training.train import normalise
 from PIL import Image
 from serving_helpers import PORT_FLAGS, free_ports, port_flags
 
 from digits.cli import main
-from serving.archive import ServingSettings, archive_model
-from serving.server import read_state, read_token
-from training.train import normalise
 
 NAME = "mlp-pt2"
 

@@ -8,10 +8,9 @@ import threading
 
 import pytest
 import requests
+from digits.serving.server import read_token
+from digits.serving.ui import CSP, MAX_IMAGE_BYTES, TorchServeLink, make_server
 from PIL import Image
-
-from serving.server import read_token
-from serving.ui import CSP, MAX_IMAGE_BYTES, TorchServeLink, make_server
 
 
 def start(link: TorchServeLink):

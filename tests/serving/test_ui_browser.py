@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from digits.serving.samples import drawn_large
+from digits.serving.server import read_state, read_token, refresh_token
 from PIL import Image
 from serving_helpers import PORT_FLAGS, free_ports, port_flags
 
 from digits.cli import main
-from serving.samples import drawn_large
-from serving.server import read_state, read_token, refresh_token
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
 from selenium.common.exceptions import TimeoutException  # noqa: E402

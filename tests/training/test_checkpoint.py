@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
+from digits.training.checkpoint import CheckpointError, load_checkpoint
 
 from digits.cli import main
-from training.checkpoint import CheckpointError, load_checkpoint
 
 
 class Smuggled:

@@ -7,9 +7,8 @@ import zipfile
 
 import numpy as np
 import pytest
-
-from training import data as data_mod
-from training.data import DataError, load_mnist, read_idx_folder, write_idx_folder
+from digits.training import data as data_mod
+from digits.training.data import DataError, load_mnist, read_idx_folder, write_idx_folder
 
 
 def _tiny_mnist(seed: int = 0) -> dict[str, np.ndarray]:

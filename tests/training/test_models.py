@@ -3,9 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-
-from training.constants import INPUT_SHAPE, NUM_CLASSES
-from training.models import freeze_backbone, get_model, list_models, load_imagenet_weights
+from digits.training.constants import INPUT_SHAPE, NUM_CLASSES
+from digits.training.models import freeze_backbone, get_model, list_models, load_imagenet_weights
 
 # Every registered model must appear here (the guard below fails otherwise): parameter counts pin
 # the architectures the guide describes.

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 import torchvision
+from digits.training.checkpoint import load_checkpoint, rebuild_model
+from digits.training.constants import LABELS, MNIST_MEAN, MNIST_STD
+from digits.training.models import list_models
+from digits.training.train import TrainConfig, pick_device, train
 
 from digits.cli import main
-from training.checkpoint import load_checkpoint, rebuild_model
-from training.constants import LABELS, MNIST_MEAN, MNIST_STD
-from training.models import list_models
-from training.train import TrainConfig, pick_device, train
 
 
 def _train(tmp_path, model="mlp", **overrides):
