@@ -34,6 +34,7 @@ from digit_batch import (
 )
 from digit_contract import HANDLER_SECTION, THREADS_KEY
 from digit_errors import RequestError, quiet_client_tracebacks
+from digit_json import fast_json_available, take_over_decoding
 from digit_metrics import StageTimes
 from digit_model import (
     ModelLoadError,
@@ -76,6 +77,7 @@ class DigitHandler(BaseHandler):
         self.device = choose_device(properties.get("gpu_id"))
         keep_fp32_exact()  # the import of BaseHandler switched Ampere+ GPUs to TF32
         quiet_client_tracebacks()  # TorchServe logs one per JSON body it cannot parse
+        take_over_decoding()  # JSON bodies reach the handler as bytes, parsed once, where needed (digit_json.py)
         self.meta = read_metadata(model_dir)
         set_threads(context.model_yaml_config)  # before loading: onnxruntime sizes its pool from torch's count
         model_path = find_model_file(model_dir, self.manifest, self.meta)
@@ -85,12 +87,13 @@ class DigitHandler(BaseHandler):
         check_predictor(self.model, self.meta)
         self.initialized = True
         logger.info(
-            "digits handler: serving %s (%s, test accuracy %s) on %s; PNG decoding: %s",
+            "digits handler: serving %s (%s, test accuracy %s) on %s; PNG decoding: %s; JSON parsing: %s",
             self.meta.model or model_path.stem,
             self.meta.format,
             self.meta.test_accuracy,
             self.device,
             "libspng for plain 8-bit PNGs" if fast_png_available() else "Pillow only (pyspng is not installed)",
+            "msgspec, json where it refuses" if fast_json_available() else "json only (msgspec is not installed)",
         )
 
     def handle(self, data: list[Any], context: Any) -> list[bytes]:

@@ -20,7 +20,6 @@ import base64
 import binascii
 import codecs
 import io
-import json
 import math
 import re
 import warnings
@@ -31,6 +30,7 @@ import numpy as np
 from digit_budget import MAX_IMAGE_SIDE, MAX_PIXELS, check_decoding_work, check_exif
 from digit_errors import RequestError, bad_request, too_large, unsupported
 from digit_imaging import frame_digit, require_ink, to_grayscale
+from digit_json import loads
 from digit_png import decode_plain_png
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -164,7 +164,7 @@ def without_bom(payload: bytes) -> bytes:
 def parse_json(text: bytes) -> Any:
     """Parses JSON text that TorchServe forwarded unparsed (sent as bytes, or too deep for it)."""
     try:
-        return json.loads(text)
+        return loads(text)
     except RecursionError:
         raise bad_request("BadJson", "JSON is nested too deeply; send at most [[[...]]]") from None
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError both are ValueErrors

@@ -40,6 +40,7 @@ from digit_contract import OIP_DEFAULT_OUTPUTS, OIP_OUTPUTS
 from digit_errors import RequestError, bad_request, too_large
 from digit_imaging import require_ink, to_uint8
 from digit_inputs import MAX_BODY_BYTES, decode_base64, parse_json, read_image, sniff_format, text_bytes
+from digit_json import decoded_as_worker, parameter_types
 from digit_model import DigitMeta
 
 MAX_DIGITS = 1024  # digits in one request; TorchServe's max_request_size bounds the bytes first
@@ -76,7 +77,9 @@ def read_requests(data: list[Any], context: Any, meta: DigitMeta) -> tuple[Readi
     Each request is routed once (`route`), its body parsed at most once: a /predictions body that `route`
     parsed goes on parsed, and one it could not parse is refused with the error the /predictions reader gives.
     """
-    routes = [guarded_route(row, headers_of(context, index), index, len(data)) for index, row in enumerate(data)]
+    headers = [headers_of(context, index) for index in range(len(data))]
+    data = [as_received(row, headers[index], context, index) for index, row in enumerate(data)]
+    routes = [guarded_route(row, headers[index], index, len(data)) for index, row in enumerate(data)]
     indices = [index for index, routed in enumerate(routes) if routed.protocol != PREDICTIONS]
     refused = {index: r.problem for index, r in enumerate(routes) if r.protocol == PREDICTIONS and r.problem}
     types = content_types(context, len(data))
@@ -105,10 +108,28 @@ def read_requests(data: list[Any], context: Any, meta: DigitMeta) -> tuple[Readi
 
 def headers_of(context: Any, index: int) -> dict[str, str]:
     """Request `index`'s headers as the frontend passed them: names as spelled (its map is case-sensitive)."""
+    return {str(k): v for k, v in request_properties(context, index).items() if isinstance(v, str)}
+
+
+def request_properties(context: Any, index: int) -> Mapping[str, Any]:
+    """Request `index`'s headers (strings) and its parameters' content types (dicts), as ts/service.py keeps them."""
     processors = getattr(context, "request_processor", None)
     if not processors or index >= len(processors) or processors[index] is None:
         return {}
-    return {str(k): v for k, v in processors[index].get_request_properties().items() if isinstance(v, str)}
+    return processors[index].get_request_properties()
+
+
+def as_received(row: Any, headers: Mapping[str, str], context: Any, index: int) -> Any:
+    """The row as this reader expects it, the worker's own JSON decoding being off (digit_json.py): the raw
+    bytes for a request that came through a KServe route, what the worker would have made of it otherwise."""
+    if kserve_route(headers):
+        return row
+    return decoded_as_worker(row, parameter_types(request_properties(context, index)))
+
+
+def kserve_route(headers: Mapping[str, str]) -> bool:
+    """Whether the frontend marked the request as sent to a KServe route: `explain` and no `url_path` (see `route`)."""
+    return "explain" in headers and "url_path" not in headers
 
 
 @dataclass(frozen=True)
@@ -138,7 +159,7 @@ def route(row: Any, headers: Mapping[str, str]) -> Route:
     a client's `explain` header changes its own request only.
     """
     explain = headers.get("explain", "").strip().lower() == "true"
-    kserve = "explain" in headers and "url_path" not in headers
+    kserve = kserve_route(headers)
     extension = any(name.lower() == HEADER_LENGTH for name in headers)
     try:
         body, binary = parse_body(row, headers, kserve)
