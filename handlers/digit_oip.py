@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+import itertools
 import json
 import struct
 from collections.abc import Mapping
@@ -374,6 +375,34 @@ def json_pixels(data: Any, datatype: str, count: int) -> np.ndarray:
     """JSON `data`, flat or nested, as numbers: integers for UINT8, numbers for FP32."""
     if not isinstance(data, list):
         raise bad_request("BadData", f"input 'data' must be a JSON list, got {type(data).__name__}")
+    levels = uint8_levels(data, count) if datatype == "UINT8" else None
+    return levels if levels is not None else any_json_pixels(data, datatype, count)
+
+
+def uint8_levels(data: list, count: int) -> np.ndarray | None:
+    """UINT8 `data` as uint8 levels read in C, or None where `any_json_pixels` must decide.
+
+    `bytes()` reads a flat list of integers 0..255 without a Python loop per value and refuses anything else;
+    nested lists are flattened level by level, all lists of a level of one length (regular, as np.asarray
+    wants them). This is `any_json_pixels`' result for the requests clients send, in a fraction of its time
+    (np.asarray inspects every value's type first). Anything else goes the general way, which names the
+    problem as before: another type, a value out of range, ragged lists, the wrong count, and data whose
+    levels are all 0 or 1 (which np.asarray reads as booleans when JSON sent true and false).
+    """
+    level = data
+    try:
+        while level and isinstance(level[0], list):
+            if len(set(map(len, level))) != 1:
+                return None
+            level = list(itertools.chain.from_iterable(level))
+        levels = np.frombuffer(bytes(level), dtype=np.uint8)
+    except (TypeError, ValueError):
+        return None
+    return levels if levels.size == count and levels.max() > 1 else None
+
+
+def any_json_pixels(data: list, datatype: str, count: int) -> np.ndarray:
+    """JSON `data` of any shape and type, checked: integers for UINT8, numbers for FP32."""
     try:
         values = np.asarray(data)
     except (ValueError, OverflowError):
