@@ -77,7 +77,7 @@ format: setup ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: setup ## benchmarks, offline (with int8 and .pt2) and over HTTP (PNG, drawings, OIP) against a no-op handler (after make demo)
+bench: setup ## benchmarks, offline (with int8 and .pt2) and over HTTP (PNG, drawings, OIP binary and JSON) against a no-op handler (after make demo)
 	@for model in mlp cnn; do \
 	  test -f $(ARTIFACTS)/$$model/export.json || { echo "no $(ARTIFACTS)/$$model/export.json: run make demo first"; exit 1; }; \
 	  { grep -q onnx-int8 $(ARTIFACTS)/$$model/export.json && grep -q '"pt2"' $(ARTIFACTS)/$$model/export.json; } || \
@@ -93,7 +93,9 @@ bench: setup ## benchmarks, offline (with int8 and .pt2) and over HTTP (PNG, dra
 	$(DIGITS) bench http --model cnn --format onnx --artifacts $(ARTIFACTS) $(BENCH_HTTP) \
 	  --input $(BENCH_OUT)/inputs/drawn-00000_label-7.png --out $(BENCH_OUT)/cnn-onnx-drawn-http
 	$(DIGITS) bench http --model cnn --format onnx --artifacts $(ARTIFACTS) $(BENCH_OIP) \
-	  --oip 64 --concurrency 4 --out $(BENCH_OUT)/cnn-onnx-oip-http
+	  --oip 64 --encoding binary --concurrency 4 --out $(BENCH_OUT)/cnn-onnx-oip-http
+	$(DIGITS) bench http --model cnn --format onnx --artifacts $(ARTIFACTS) $(BENCH_OIP) \
+	  --oip 64 --encoding json --concurrency 4 --out $(BENCH_OUT)/cnn-onnx-oip-json-http
 
 clean: ## remove generated artifacts, archives and run folders (keeps .venv and the MNIST cache)
 	rm -rf $(ARTIFACTS) runs samples

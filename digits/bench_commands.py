@@ -102,9 +102,16 @@ def add_http(kinds: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="send Open Inference Protocol requests of N MNIST test digits each (a binary UINT8 tensor) to "
+        help="send Open Inference Protocol requests of N MNIST test digits each (a UINT8 tensor) to "
         "/v2/models/MODEL/infer instead of --input to /predictions; rows add digits/s and their share of the "
         "served file's offline rate at batch N on the workers' threads, timed after the loads",
+    )
+    p.add_argument(
+        "--encoding",
+        default="binary",
+        choices=["binary", "json"],  # bench.http.OIP_ENCODINGS, which is imported only when a bench runs
+        help="with --oip: the tensor in the binary extension, outputs binary (default; Triton's clients), or "
+        "json: its values in the JSON body, outputs in JSON (hand-written clients)",
     )
     p.add_argument("--concurrency", type=_int_list, default=(1, 4, 16, 64), help="default 1,4,16,64")
     p.add_argument("--requests", type=int, default=4000, help="requests per target and concurrency (default 4000)")
@@ -146,7 +153,9 @@ def run_http(args: argparse.Namespace) -> int:
     settings.validate()
     if not 0 <= args.oip <= 1024 or (args.oip and args.input):
         raise ValueError(f"--oip takes 1-1024 digits a request (the handler's limit), without --input; got {args.oip}")
-    body = oip_input(out, args.oip) if args.oip else args.input or default_input(out)
+    if args.encoding != "binary" and not args.oip:
+        raise ValueError(f"--encoding {args.encoding} is the encoding of OIP requests: give --oip N too")
+    body = oip_input(out, args.oip, args.encoding) if args.oip else args.input or default_input(out)
     plan = HttpPlan(
         model=args.model,
         fmt=args.format,
@@ -159,6 +168,7 @@ def run_http(args: argparse.Namespace) -> int:
         settings=settings,
         generator=args.load_generator,
         oip_digits=args.oip,
+        oip_encoding=args.encoding,
     )
     report = measure(plan, out / "torchserve")
     paths = write_http(report, out)
@@ -167,13 +177,14 @@ def run_http(args: argparse.Namespace) -> int:
     return 0
 
 
-def oip_input(out: Path, digits: int) -> Path:
-    """An OIP request of the first `digits` MNIST test digits, written into the output folder."""
+def oip_input(out: Path, digits: int, encoding: str) -> Path:
+    """An OIP request of the first `digits` MNIST test digits in `encoding`, written into the output folder."""
     from .bench.http import oip_body
     from .training.data import load_mnist
 
     data = load_mnist(log=lambda _: None)
-    return oip_body(data.test_images[:digits], out / f"oip-{digits}-digits.bin")
+    suffix = ".json" if encoding == "json" else ".bin"
+    return oip_body(data.test_images[:digits], out / f"oip-{digits}-digits{suffix}", encoding)
 
 
 def default_input(out: Path) -> Path:
