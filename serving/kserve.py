@@ -17,7 +17,8 @@ Security inside the pod (README, Security): TorchServe's inference, management a
 127.0.0.1 only, for the wrapper; keys are off, since the wrapper sends none; the model API stays closed and
 `allowed_urls` admits only archives of the mounted store; `enable_envvars_config` stays off, so
 TS_SERVICE_ENVELOPE (whose `kservev2` envelope reads only the first request of a batch) and any other TS_*
-variable change nothing; the metrics port listens on every address, for Prometheus.
+variable change nothing; the metrics port listens on loopback too, scraped by KServe's queue-proxy, which
+Prometheus scrapes in turn (METRICS_ANNOTATIONS).
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ from typing import Any
 import yaml
 
 from .archive import ArchiveError
-from .config import LOG_CONFIG, MAX_REQUEST_BYTES, Ports, allowed_urls, list_archives, models_entry
+from .config import (
+    LOG_CONFIG,
+    MAX_REQUEST_BYTES,
+    Ports,
+    allowed_urls,
+    list_archives,
+    max_response_size,
+    models_entry,
+)
 from .metrics import write_metrics_config
 
 MOUNT = "/mnt/models"  # where KServe puts the storageUri's content
@@ -39,6 +48,14 @@ MOUNT = "/mnt/models"  # where KServe puts the storageUri's content
 # itself takes 8080 (HTTP) and 8081 (gRPC), and KServe's runtime scrapes 8082 (prometheus.kserve.io/port)
 KSERVE_PORTS = Ports(inference=8085, management=8086, metrics=8082, grpc_inference=7070, grpc_management=7071)
 SCALE_METRICS = ("concurrency", "rps", "cpu", "memory")
+# TorchServe's metrics port answers any method and any Host, without a key (PrometheusMetricsRequestHandler),
+# so it listens on the pod's loopback only. KServe's queue-proxy extension (qpext, serverless mode) scrapes it
+# there (GET http://localhost:PORT/PATH, from the runtime's prometheus.kserve.io annotations), merges it with
+# its own metrics on its aggregate port (9088), and KServe points the pod's prometheus.io annotations at that.
+METRICS_ANNOTATIONS = {
+    "serving.kserve.io/enable-metric-aggregation": "true",
+    "serving.kserve.io/enable-prometheus-scraping": "true",
+}
 
 
 @dataclass(frozen=True)
@@ -112,7 +129,8 @@ def render_kserve_config(archives: list[Path], ports: Ports, mount: str = MOUNT)
     lines = {
         "inference_address": f"http://127.0.0.1:{ports.inference}",
         "management_address": f"http://127.0.0.1:{ports.management}",
-        "metrics_address": f"http://0.0.0.0:{ports.metrics}",
+        # loopback too: KServe's queue-proxy scrapes it from inside the pod (METRICS_ANNOTATIONS)
+        "metrics_address": f"http://127.0.0.1:{ports.metrics}",
         "grpc_inference_address": "127.0.0.1",
         "grpc_inference_port": str(ports.grpc_inference),
         "grpc_management_address": "127.0.0.1",
@@ -126,7 +144,7 @@ def render_kserve_config(archives: list[Path], ports: Ports, mount: str = MOUNT)
         "enable_envvars_config": "false",
         "install_py_dep_per_model": "false",
         "max_request_size": str(MAX_REQUEST_BYTES),
-        "max_response_size": str(MAX_REQUEST_BYTES),
+        "max_response_size": str(max_response_size(archives)),
         "default_workers_per_model": "1",
         "metrics_mode": "prometheus",
         "metrics_config": f"{mount}/config/metrics.yaml",
@@ -144,7 +162,7 @@ def inference_service(deployment: Deployment) -> dict[str, Any]:
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
-        "metadata": {"name": deployment.name},
+        "metadata": {"name": deployment.name, "annotations": dict(METRICS_ANNOTATIONS)},
         "spec": {
             "predictor": {
                 "minReplicas": deployment.min_replicas,
