@@ -10,19 +10,14 @@ import io
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from digits.serving.archive import ServingSettings, archive_model
-from digits.serving.server import read_state, read_token
 from hostile_payloads import round3_corpus
 from PIL import Image
-from serving_helpers import PORT_FLAGS, free_ports, port_flags, wait_for
-
-from digits.cli import main
+from serving_helpers import Server, serving, wait_for
 
 BY_NAME = {hostile.name: hostile for hostile in round3_corpus()}
 CASES = [
@@ -39,44 +34,24 @@ NEIGHBOURS = 4
 NEIGHBOUR_S = 5.0  # generous on a busy machine; unbounded, the WebP request held its neighbours 122 s
 
 
-@dataclass
-class Batching:
-    url: str
-    management_url: str
-    metrics_url: str
-    run_dir: Path
-    token: str
-    management_token: str
-
-
 @pytest.fixture(scope="module")
 def batching(artifacts, tmp_path_factory):
     """`digits serve` of the cnn archived with batch 8 and a 1 s delay."""
-    store, run_dir = tmp_path_factory.mktemp("batching_store"), tmp_path_factory.mktemp("batching_run")
+    store = tmp_path_factory.mktemp("batching_store")
     settings = ServingSettings(batch_size=8, max_batch_delay=DELAY_MS)
     archive_model("cnn", "onnx", artifacts, store, settings=settings, log=lambda _: None)
-    argv = ["--run-dir", str(run_dir)]
-    assert main(["serve", "--model-store", str(store), *argv, *port_flags(free_ports(len(PORT_FLAGS)))]) == 0
-    state = read_state(run_dir)
-    yield Batching(
-        state.inference_url,
-        state.management_url,
-        state.metrics_url,
-        run_dir,
-        read_token(run_dir),
-        read_token(run_dir, "management"),
-    )
-    assert main(["stop", *argv]) == 0
+    with serving(store, tmp_path_factory.mktemp("batching_run")) as started:
+        yield started
 
 
-def worker_pid(server: Batching) -> int:
+def worker_pid(server: Server) -> int:
     headers = {"Authorization": f"Bearer {server.management_token}"}
     [worker] = requests.get(f"{server.management_url}/models/cnn", headers=headers, timeout=10).json()[0]["workers"]
     assert worker["status"] == "READY", worker
     return worker["pid"]
 
 
-def batch_sizes(server: Batching) -> tuple[float, float]:
+def batch_sizes(server: Server) -> tuple[float, float]:
     """(batches, requests in them) so far, from the handler's BatchSize histogram."""
     text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
     values = {
@@ -103,15 +78,15 @@ def label_of(response: requests.Response) -> int:
     return body["label"]
 
 
-def timed_post(server: Batching, path: str, request: dict) -> tuple[requests.Response, float]:
+def timed_post(server: Server, path: str, request: dict) -> tuple[requests.Response, float]:
     request = dict(request)
-    headers = {**request.pop("headers", {}), "Authorization": f"Bearer {server.token}"}
+    headers = {**request.pop("headers", {}), **server.headers()}
     start = time.perf_counter()
     response = requests.post(f"{server.url}{path}", headers=headers, timeout=180, **request)
     return response, time.perf_counter() - start
 
 
-def model_log(server: Batching) -> str:
+def model_log(server: Server) -> str:
     path = server.run_dir / "logs" / "model_log.log"
     return path.read_text(errors="replace") if path.is_file() else ""
 
