@@ -214,12 +214,14 @@ def parse_body(row: Any, headers: Mapping[str, str], kserve: bool) -> tuple[Any,
         RequestError: 400 for a malformed Inference-Header-Content-Length or JSON; 413 past MAX_BODY_BYTES.
     """
     body = row.get("body") if isinstance(row, Mapping) else None
+    length = binary_header(headers)
     if body is None or (not kserve and "data" in row):
         return None, b""
-    if not isinstance(body, (bytes, bytearray, str)):
-        return body, b""  # JSON the frontend parsed (application/json)
+    if not isinstance(body, (bytes, bytearray, str)):  # JSON the frontend parsed (application/json): no binary part
+        if length is not None:
+            header_length(length)  # still a client's mistake to name
+        return body, b""
     payload = text_bytes(body) if isinstance(body, str) else bytes(body)
-    length = binary_header(headers)
     if length is not None:
         split = header_length(length, len(payload))
         return parse_json_part(payload[:split]), payload[split:]
@@ -240,17 +242,18 @@ def binary_header(headers: Mapping[str, str]) -> str | None:
     return next(iter(values), None)
 
 
-def header_length(value: str, body_size: int) -> int:
+def header_length(value: str, body_size: int | None = None) -> int:
     """The JSON part's length from Inference-Header-Content-Length: ASCII digits, at most the body's size.
 
     `str.isdigit` alone admits other scripts' digits and superscripts ("²"), which `int` then rejects.
     """
     digits = value.strip()
-    if not (digits.isascii() and digits.isdigit()) or len(digits) > len(str(body_size)) or int(digits) > body_size:
+    bound = MAX_BODY_BYTES if body_size is None else body_size
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > len(str(bound)) or int(digits) > bound:
         raise bad_request(
             "BadHeader",
             f"Inference-Header-Content-Length is {ascii(value[:40])}: it must be the length in bytes of the "
-            f"request's JSON part, in ASCII digits, at most the body's {body_size} bytes",
+            f"request's JSON part, in ASCII digits, at most the body's {bound} bytes",
         )
     return int(digits)
 

@@ -361,20 +361,26 @@ def oip_images(images: list[bytes], binary: bool = True, **envelope: Any) -> dic
         return {"data": json.dumps({"inputs": [tensor], **envelope}), "headers": JSON}
     data = b"".join(struct.pack("<I", len(image)) + image for image in images)
     tensor = {"name": "i", "datatype": "BYTES", "shape": [len(images)], "parameters": {"binary_data_size": len(data)}}
-    header = json.dumps({"inputs": [tensor], **envelope}).encode()
+    header = json.dumps({"inputs": [tensor], **envelope}, ensure_ascii=False).encode()
+    assert len(header) + len(data) <= MAX_REQUEST_BYTES, "TorchServe would refuse it before the handler sees it"
     return {"data": header + data, "headers": {**BINARY, "Inference-Header-Content-Length": str(len(header))}}
 
 
 def oip_digits(count: int = 1, **envelope: Any) -> dict[str, Any]:
-    """An OIP UINT8 request of `count` copies of the corpus's digit, as JSON."""
+    """An OIP UINT8 request of `count` copies of the corpus's digit, as JSON (UTF-8, non-ASCII unescaped:
+    1,750,000 "é" are 3.5 MB, as the issue sent them)."""
     tensor = {"name": "x", "datatype": "UINT8", "shape": [count, 784], "data": np.tile(DIGIT.ravel(), count).tolist()}
-    return {"data": json.dumps({"inputs": [tensor], **envelope}), "headers": JSON}
+    body = json.dumps({"inputs": [tensor], **envelope}, ensure_ascii=False).encode()
+    assert len(body) <= MAX_REQUEST_BYTES, "TorchServe would refuse it before the handler sees it"
+    return {"data": body, "headers": JSON}
 
 
-def with_header_length(value: str) -> dict[str, Any]:
-    """A valid OIP JSON request whose Inference-Header-Content-Length is `value`."""
+def with_header_length(value: str | bytes, content_type: dict[str, str] = BINARY) -> dict[str, Any]:
+    """A valid OIP JSON request whose Inference-Header-Content-Length is `value` (a str goes out as Latin-1,
+    as HTTP/1.1 header bytes; TorchServe's Netty reads them back the same way), sent as the binary extension
+    is (octet-stream) or as JSON, which TorchServe parses before the handler sees it."""
     request = oip_digits()
-    return {**request, "headers": {**JSON, "Inference-Header-Content-Length": value}}
+    return {**request, "headers": {**content_type, "Inference-Header-Content-Length": value}}
 
 
 def answer_size_corpus() -> list[Hostile]:
@@ -406,7 +412,7 @@ def answer_size_corpus() -> list[Hostile]:
 
 def request_budget_corpus() -> list[Hostile]:
     """Images each within the bounds of one image, summed over a request past one large image's worth."""
-    webp, png = large_image("WEBP", lossless=True), large_image("PNG")
+    webp, png = large_image("WEBP", lossless=True), large_image("PNG", compress_level=9)  # 512 fit in 10 MiB
     pixels = ("16,777,216", "in one request")
     return [
         Hostile("1024-lossless-4096-webps-binary", oip_images([webp] * 1024), 413, None, pixels, INFER),
@@ -440,7 +446,8 @@ def header_and_route_corpus() -> list[Hostile]:
         for label, value in [
             ("superscript-two", "\u00b2"),
             ("5000-digits", "9" * 5_000),
-            ("arabic-indic-digits", "\u0661\u0662"),
+            ("superscripts", "\u00b3\u00b9"),
+            ("arabic-indic-digits-as-utf8", "\u0661\u0662".encode()),
             ("plus-sign", "+12"),
             ("minus-sign", "-1"),
             ("inner-space", "1 2"),
@@ -449,8 +456,10 @@ def header_and_route_corpus() -> list[Hostile]:
         ]
     ]
     v1 = {"json": {"instances": [DIGIT.tolist()]}}
+    as_json = with_header_length("\u00b2", JSON)
     return [
         *header,
+        Hostile("header-length-superscript-two-on-json", as_json, 400, None, name, INFER),
         Hostile("kserve-v1-body-on-predictions", v1, 400, None, ("KServe v1",)),
         Hostile("oip-body-on-explanations", oip_digits(), 400, None, ("no explainer",), "/explanations/cnn"),
         Hostile(
