@@ -33,7 +33,7 @@ from digit_batch import (
     to_probabilities,
 )
 from digit_contract import HANDLER_SECTION, RESPONSE_LIMIT_KEY, THREADS_KEY, TORCHSERVE_MAX_RESPONSE
-from digit_errors import RequestError, quiet_client_tracebacks, too_large
+from digit_errors import RequestError, too_large
 from digit_json import fast_json_available, take_over_decoding
 from digit_metrics import StageTimes
 from digit_model import (
@@ -76,8 +76,9 @@ class DigitHandler(BaseHandler):
         self.manifest = context.manifest
         self.device = choose_device(properties.get("gpu_id"))
         keep_fp32_exact()  # the import of BaseHandler switched Ampere+ GPUs to TF32
-        quiet_client_tracebacks()  # TorchServe logs one per JSON body it cannot parse
-        take_over_decoding()  # JSON bodies reach the handler as bytes, parsed once, where needed (digit_json.py)
+        # JSON bodies reach the handler as bytes, parsed once where needed (digit_json.py); TorchServe's worker
+        # no longer parses them, nor logs a traceback for each one that does not parse
+        take_over_decoding()
         self.meta = read_metadata(model_dir)
         set_threads(context.model_yaml_config)  # before loading: onnxruntime sizes its pool from torch's count
         self.response_limit = response_limit(context.model_yaml_config)
