@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import requests
 
+from ..contract import OIP_DEFAULT_OUTPUTS
 from ..serving.archive import ServingSettings
 from . import BenchError
 from .load import LoadResult, Target, find_ab, pooled, run_load
@@ -228,7 +229,7 @@ def oip_body(digits: np.ndarray, path: Path) -> Path:
                     "parameters": {"binary_data_size": digits.nbytes},
                 }
             ],
-            "outputs": [{"name": name, "parameters": {"binary_data": True}} for name in ("probabilities", "label")],
+            "outputs": [{"name": name, "parameters": {"binary_data": True}} for name in OIP_DEFAULT_OUTPUTS],
         }
     ).encode()
     path.parent.mkdir(parents=True, exist_ok=True)

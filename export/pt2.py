@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..contract import PT2_META_ENTRY, PT2_REQUIRED_KEYS
+from ..training.devices import pick_device
 from . import ExportError
 
 MIN_BATCH = 1
@@ -73,18 +74,14 @@ def _export_program(model: nn.Module, example: torch.Tensor) -> torch.export.Exp
 
 
 def resolve_device(name: str) -> torch.device:
-    """The device to compile for: "auto" is the GPU when CUDA is there, else the CPU; else `name`, which
-    must be a CPU or a CUDA device this machine has."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device to compile for: `training.devices.pick_device`'s rule, limited to what AOTInductor
+    compiles for (a CPU or a CUDA device)."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ExportError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        device = pick_device(name)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
     if device.type not in ("cpu", "cuda"):
         raise ExportError(f"--device {name}: .pt2 packages are compiled for cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ExportError(f"--device {name}: CUDA is not available here")
     return device
 
 

@@ -95,7 +95,7 @@ def test_exporting_without_pt2_removes_the_package_compiled_from_the_replaced_mo
 def test_asking_for_cuda_without_it_is_a_clear_error():
     with pytest.raises(ExportError, match="--device cuda: CUDA is not available here"):
         resolve_device("cuda")
-    with pytest.raises(ExportError, match="unknown device 'gpu0'"):
+    with pytest.raises(ExportError, match="--device 'gpu0' is not a device"):
         resolve_device("gpu0")
     assert resolve_device("auto") == torch.device("cpu")
 
