@@ -65,6 +65,11 @@ class Format:
     export_flags: str = ""
 
     @property
+    def optional(self) -> bool:
+        """Written only when asked for (its `export_flags`); the others on every export."""
+        return bool(self.export_flags)
+
+    @property
     def suffix(self) -> str:
         return "." + self.file.rsplit(".", 1)[1]
 

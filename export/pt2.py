@@ -129,7 +129,7 @@ def read_pt2_metadata(path: Path) -> dict:
         raise ExportError(
             f"{path}: {PT2_META_ENTRY} is not JSON ({err}); re-export with `digits export --pt2`"
         ) from None
-    missing = [k for k in PT2_REQUIRED_KEYS if k not in meta]
+    missing = [k for k in PT2_REQUIRED_KEYS if k not in meta] if isinstance(meta, dict) else PT2_REQUIRED_KEYS
     if missing:
         raise ExportError(f"{path}: {PT2_META_ENTRY} lacks {', '.join(missing)}; re-export with `digits export --pt2`")
     return meta
