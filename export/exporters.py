@@ -52,12 +52,15 @@ class Exporter:
     check: the file against the checkpoint's metadata and digest, before any parity; raises ExportError
         whose message ends with `rerun`. Run on every export and every `digits verify`.
     backends: the ways parity runs the file; a "predictions" format is judged on the first.
+    runner: the file as a serving worker runs it, on `threads` intra-op threads (None: the runtime's
+        default), for the benchmarks.
     prepare: refuses bad options before any work (a --device this machine lacks).
     """
 
     fmt: Format
     write: Callable[[ExportJob, Path], str]
     backends: Callable[[Path], list[Backend]]
+    runner: Callable[[Path, int | None], Backend]
     check: Callable[[Path, dict, str, str], None] = lambda path, meta, checkpoint_sha, rerun: None
     prepare: Callable[[dict[str, Any]], None] = lambda options: None
 
@@ -124,10 +127,6 @@ def _write_int8(job: ExportJob, path: Path) -> str:
     return f"int8 QDQ, calibrated on {len(calibration)} training digits"
 
 
-def _int8_backends(path: Path) -> list[Backend]:
-    return [replace(onnxruntime_backend(path, "ORT_ENABLE_ALL"), name="onnxruntime-int8")]
-
-
 # --- .pt2 (AOTInductor) ------------------------------------------------------------------------------
 
 
@@ -154,7 +153,28 @@ def _prepare_pt2(options: dict[str, Any]) -> None:
     resolve_device(options.get("device", "auto"))
 
 
-register_exporter(Exporter(TORCHSCRIPT, _write_torchscript, lambda path: [torchscript_backend(path)]))
-register_exporter(Exporter(ONNX, _write_onnx, _onnx_backends, check=check_exported_onnx))
-register_exporter(Exporter(ONNX_INT8, _write_int8, _int8_backends))
-register_exporter(Exporter(PT2, _write_pt2, _pt2_backends, check=check_exported_pt2, prepare=_prepare_pt2))
+def _onnx_runner(path: Path, threads: int | None) -> Backend:
+    return onnxruntime_backend(path, "ORT_ENABLE_ALL", threads)
+
+
+def _int8_runner(path: Path, threads: int | None) -> Backend:
+    return replace(_onnx_runner(path, threads), name="onnxruntime-int8")
+
+
+def _torch_threads(load: Callable[[Path], Backend]) -> Callable[[Path, int | None], Backend]:
+    """A runner whose threads are torch's, which the caller sets (`torch.set_num_threads`)."""
+    return lambda path, threads: load(path)
+
+
+register_exporter(
+    Exporter(
+        TORCHSCRIPT, _write_torchscript, lambda path: [torchscript_backend(path)], _torch_threads(torchscript_backend)
+    )
+)
+register_exporter(Exporter(ONNX, _write_onnx, _onnx_backends, _onnx_runner, check=check_exported_onnx))
+register_exporter(Exporter(ONNX_INT8, _write_int8, lambda path: [_int8_runner(path, None)], _int8_runner))
+register_exporter(
+    Exporter(
+        PT2, _write_pt2, _pt2_backends, _torch_threads(pt2_backend), check=check_exported_pt2, prepare=_prepare_pt2
+    )
+)

@@ -13,7 +13,7 @@ from digits.export import ExportError
 from digits.export.convert import export_model, verify_model
 from digits.export.exporters import EXPORTERS, Exporter, ExportJob, exporters, register_exporter
 from digits.export.metadata import sha256_file
-from digits.export.runners import torchscript_backend
+from digits.export.runners import Backend, torchscript_backend
 from digits.export.torchscript import export_torchscript
 
 SAMPLES = 300  # test digits for the whole-set check
@@ -31,13 +31,16 @@ def _check_copy(path: Path, meta: dict, checkpoint_sha: str, rerun: str) -> None
         raise ExportError(f"{path} is too small to be a model; {rerun}")
 
 
+def _copy_runner(path: Path, threads: int | None) -> Backend:
+    return replace(torchscript_backend(path), name="copy")
+
+
 @pytest.fixture
 def throwaway_format(monkeypatch):
     """COPY as one more line of the contract's FORMATS, and its exporter registered, for one test."""
     monkeypatch.setitem(FORMATS, COPY.name, COPY)
-    register_exporter(
-        Exporter(COPY, _write_copy, lambda path: [replace(torchscript_backend(path), name="copy")], check=_check_copy)
-    )
+    copy = Exporter(COPY, _write_copy, lambda path: [_copy_runner(path, None)], _copy_runner, check=_check_copy)
+    register_exporter(copy)
     yield COPY
     del EXPORTERS[COPY.name]
 
@@ -49,7 +52,7 @@ def test_every_contract_format_has_an_exporter_in_contract_order():
 
 def test_an_exporter_for_a_format_outside_the_contract_is_refused():
     with pytest.raises(ValueError, match="not contract.FORMATS' entry"):
-        register_exporter(Exporter(COPY, _write_copy, lambda path: []))
+        register_exporter(Exporter(COPY, _write_copy, lambda path: [], _copy_runner))
 
 
 def test_a_registered_format_is_exported_verified_and_reported(throwaway_format, checkpoint_copy, capsys):
