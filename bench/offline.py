@@ -24,7 +24,7 @@ import torch
 
 from ..contract import MANIFEST_FILE, normalise
 from . import BenchError
-from .timing import Latency, flops_per_sample, fp32_peak_gflops, machine, time_calls
+from .timing import Latency, flops_per_sample, fp32_peak_gflops, known_fields, machine, time_calls
 
 BATCH_SIZES = (1, 8, 64, 256)
 MIN_SECONDS = 1.0  # timed per backend and batch size, after warm-up
@@ -98,6 +98,15 @@ class OfflineReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ratios": self.ratios()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OfflineReport:
+        """The report back from its JSON (`to_dict`), as `digits bench report` reads it."""
+        results = [
+            OfflineResult(**{**known_fields(OfflineResult, r), "latency": Latency(**r["latency"])})
+            for r in data["results"]
+        ]
+        return cls(**{**known_fields(cls, data), "results": results})
 
 
 def run_offline(

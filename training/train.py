@@ -241,8 +241,9 @@ def _write_outputs(config, model, model_args, data, history, seconds, log) -> Tr
         "device": str(next(model.parameters()).device),
         "history": history,
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_history(history, out_dir / "history.png", title=f"{config.model}: {last['test_accuracy']:.2%} test accuracy")
+    (out_dir / contract.METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    title = f"{config.model}: {last['test_accuracy']:.2%} test accuracy"
+    plot_history(history, out_dir / contract.HISTORY_PLOT, title=title)
     log(
         f"wrote {out_dir}/checkpoint.pt, metrics.json, history.png "
         f"(test accuracy {last['test_accuracy']:.2%}, {seconds:.0f} s)"
