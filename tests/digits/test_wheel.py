@@ -18,6 +18,7 @@ import shutil
 import site
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -150,6 +151,18 @@ def onnx_label(model: Path, png: Path) -> int:
     return int(session.run(None, {"input": normalise(pixels, 0.1307, 0.3081, (1, 28, 28))})[0].argmax())
 
 
+def announced_url(process: subprocess.Popen, seconds: float = 60) -> str:
+    """The first http://127.0.0.1:PORT/ the process prints on stdout within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0 and select.select([process.stdout], [], [], left)[0]:
+        line = process.stdout.readline()
+        found = re.search(r"http://127\.0\.0\.1:\d+/", line)
+        if found or not line:  # a URL, or the end of its output
+            assert found, f"digits ui exited without printing its URL (exit {process.poll()})"
+            return found.group(0)
+    raise AssertionError(f"digits ui printed no URL in {seconds} s")
+
+
 def page_served(installed: Path, work: Path, run_dir: Path) -> str:
     """The drawing page's HTML as `digits ui` serves it, from the installed package."""
     ui = subprocess.Popen(
@@ -160,10 +173,7 @@ def page_served(installed: Path, work: Path, run_dir: Path) -> str:
         text=True,
     )
     try:
-        ready, _, _ = select.select([ui.stdout], [], [], 60)
-        assert ready, "digits ui printed nothing in 60 s"
-        url = re.search(r"http://127\.0\.0\.1:\d+/", ui.stdout.readline()).group(0)
-        return requests.get(url, timeout=30).text
+        return requests.get(announced_url(ui), timeout=30).text
     finally:
         ui.terminate()
         ui.wait(timeout=30)
