@@ -9,9 +9,9 @@ says which attack each let through):
   attempt), as is an absolute-form target naming another host than `Host`, or a `Host` that is no host name;
 - time: a request's head must arrive within `Limits.head_s` of the connection's start or of the previous
   answer (a slowloris that trickles a byte a second gains nothing), its body within `Limits.body_s`;
-- connections: at most `Limits.connections` at once, one thread each; past them a few more get a clear 503
-  (`Limits.refusals`, each on a short-lived thread), and the rest are closed unanswered. Threads never exceed
-  the sum.
+- connections: at most `Limits.connections` at once, one thread each; past them each new connection is
+  answered 503 at once, and one more thread reads and drops what it sends until it closes (at most
+  `Limits.linger_s`; at most `Limits.refusals` of them at a time, past which they are closed unanswered).
 
 Every refusal is a JSON `{"error": ...}` naming the problem; a client's mistake never prints a traceback. The
 server knows nothing of the page: `Route`s, guards and the headers to send come from its caller (ui.py).
@@ -20,7 +20,9 @@ server knows nothing of the page: `Route`s, guards and the headers to send come 
 from __future__ import annotations
 
 import json
+import queue
 import re
+import selectors
 import socket
 import socketserver
 import threading
@@ -46,8 +48,7 @@ class Limits:
     head_s: float = 10.0  # a request's line and headers, from the connection's start or the previous answer
     body_s: float = 10.0  # its body, from the end of its head; also the bound on sending one answer
     connections: int = 32  # served at once, a thread each (a browser opens 6 per host)
-    refusals: int = 8  # answered 503 past `connections`, a short-lived thread each; past both: closed
-    refusal_s: float = 1.0  # how long a refused connection may take to send its head before its 503
+    refusals: int = 256  # past `connections`: answered 503 and held until they close (one thread for all)
     head_bytes: int = 32 * 1024  # request line and headers (431 past it); localhost cookies of other apps count
     drain_bytes: int = 64 * 1024 * 1024  # a refused body is read and dropped up to this, so the client gets
     # the answer rather than a reset; past it the connection is answered and closed
@@ -124,26 +125,109 @@ class PageServer(socketserver.TCPServer):
     def __init__(self, address: tuple[str, int], site: Site) -> None:
         self.site = site
         self._slots = threading.BoundedSemaphore(site.limits.connections)
-        self._refusal_slots = threading.BoundedSemaphore(site.limits.refusals)
         super().__init__(address, None)
+        self._busy = Refuser(site)  # after the bind: a port already taken leaves no thread behind
 
     def process_request(self, sock: socket.socket, client_address) -> None:
-        if self._slots.acquire(blocking=False):
-            self._start(Connection(sock, self.site).serve, self._slots, sock)
-        elif self._refusal_slots.acquire(blocking=False):
-            self._start(Connection(sock, self.site).refuse_busy, self._refusal_slots, sock)
-        else:
-            self.shutdown_request(sock)  # past both bounds: the client sees the connection closed
+        if not self._slots.acquire(blocking=False):
+            self._busy.refuse(sock)
+            return
 
-    def _start(self, work: Callable[[], None], slot: threading.BoundedSemaphore, sock: socket.socket) -> None:
-        def run() -> None:
+        def serve() -> None:
             try:
-                work()
+                Connection(sock, self.site).serve()
             finally:
                 self.shutdown_request(sock)
-                slot.release()
+                self._slots.release()
 
-        threading.Thread(target=run, name="page-connection", daemon=True).start()
+        threading.Thread(target=serve, name="page-connection", daemon=True).start()
+
+
+class Refuser:
+    """Answers each connection past the bound with a 503 at once, then (on one thread for all) reads and drops
+    what it sends until it closes, at most `linger_s`: closed with unread input, a connection is reset, and
+    the client could lose the answer."""
+
+    def __init__(self, site: Site) -> None:
+        self.limits = site.limits
+        self.answer = _serialised(
+            error_response(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"the page server is busy: {site.limits.connections} connections are open, its limit; try again",
+                [("Retry-After", "1")],
+            ),
+            site.headers,
+        )
+        self._arrivals: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+        self._held = 0  # sockets queued or held; the acceptor and the refuser's thread both count
+        self._lock = threading.Lock()
+        threading.Thread(target=self._drop_input, name="page-refuser", daemon=True).start()
+
+    def refuse(self, sock: socket.socket) -> None:
+        """Called by the acceptor: never blocks (the answer fits a new connection's empty send buffer)."""
+        try:
+            sock.setblocking(False)
+            sock.send(self.answer)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        with self._lock:
+            if self._held >= self.limits.refusals:
+                sock.close()  # past both bounds: the answer is sent; a reset may yet overtake it
+                return
+            self._held += 1
+        self._arrivals.put(sock)
+
+    def _drop_input(self) -> None:
+        selector = selectors.DefaultSelector()
+        deadlines: dict[socket.socket, float] = {}
+        while True:
+            while not self._arrivals.empty():
+                sock = self._arrivals.get()
+                selector.register(sock, selectors.EVENT_READ)
+                deadlines[sock] = time.monotonic() + self.limits.linger_s
+            for key, _ in selector.select(timeout=0.1):  # 0.1 s: how soon a new arrival is watched
+                if not _drop_some(key.fileobj):
+                    deadlines[key.fileobj] = 0.0
+            now = time.monotonic()
+            for sock in [sock for sock, deadline in deadlines.items() if deadline <= now]:
+                selector.unregister(sock)
+                sock.close()
+                del deadlines[sock]
+                with self._lock:
+                    self._held -= 1
+
+
+def _drop_some(sock: socket.socket) -> bool:
+    """Reads and drops what `sock` has; False once the client has closed (or reset) it."""
+    try:
+        return bool(sock.recv(RECEIVE_BYTES))
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def _serialised(response: Response, site_headers: Iterable[tuple[str, str]]) -> bytes:
+    """`response` as bytes on the wire, with the site's headers and `Connection: close`."""
+    writer = h11.Connection(h11.SERVER)  # h11 lets a server answer before any request (as 400s do)
+    head = h11.Response(
+        status_code=response.status,
+        headers=[*_headers(response, site_headers), ("Connection", "close")],
+        reason=HTTPStatus(response.status).phrase.encode(),
+    )
+    return writer.send(head) + writer.send(h11.Data(data=response.body)) + writer.send(h11.EndOfMessage())
+
+
+def _headers(response: Response, site_headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [
+        ("Server", "digits-ui"),
+        ("Content-Type", response.content_type),
+        ("Content-Length", str(len(response.body))),
+        *site_headers,
+        *response.headers,
+    ]
 
 
 class Connection:
@@ -162,22 +246,6 @@ class Connection:
                 self.h11.start_next_cycle()
         except (ClientGone, h11.RemoteProtocolError, OSError):
             pass  # a reset, a closed or a silent client, or one that broke off its body: nobody to answer
-
-    def refuse_busy(self) -> None:
-        """Past the connection bound: reads the head (briefly), answers 503, closes."""
-        busy = error_response(
-            HTTPStatus.SERVICE_UNAVAILABLE,
-            f"the page server is busy: {self.limits.connections} connections are open, its limit; try again",
-            [("Retry-After", "1")],
-        )
-        try:
-            self._read_head(time.monotonic() + self.limits.refusal_s)
-        except (ClientGone, h11.RemoteProtocolError, OSError):
-            pass  # answered 503 all the same: the reason it is refused is the bound, not its request
-        try:
-            self._close_with(busy)
-        except OSError:
-            pass
 
     def _serve_one(self, head_s: float) -> bool:
         """Reads and answers one request; True when the connection can carry the next one."""
@@ -313,13 +381,7 @@ class Connection:
 
     def _send(self, response: Response, close: bool = False) -> bool:
         """Sends `response`; True when the connection can carry another request."""
-        headers = [
-            ("Server", "digits-ui"),
-            ("Content-Type", response.content_type),
-            ("Content-Length", str(len(response.body))),
-            *self.site.headers,
-            *response.headers,
-        ]
+        headers = _headers(response, self.site.headers)
         if close:
             headers.append(("Connection", "close"))
         reason = HTTPStatus(response.status).phrase.encode()
