@@ -140,7 +140,7 @@ class PageServer(socketserver.TCPServer):
                 self.shutdown_request(sock)
                 self._slots.release()
 
-        threading.Thread(target=serve, name="page-connection", daemon=True).start()
+        threading.Thread(target=serve, name=f"page-connection:{self.server_address[1]}", daemon=True).start()
 
 
 class Refuser:
@@ -253,7 +253,10 @@ class Connection:
             head = self._read_head(time.monotonic() + head_s)
         except h11.RemoteProtocolError as err:
             status = err.error_status_hint if err.error_status_hint >= 400 else HTTPStatus.BAD_REQUEST
-            self._close_with(error_response(status, f"malformed request: {_short(str(err))}"))
+            words = f"malformed request: {_parser_words(err)}"
+            if status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE:  # h11's words: "Receive buffer too long"
+                words = f"the request's head is over {self.limits.head_bytes:,} bytes, the most this server takes"
+            self._close_with(error_response(status, words))
             return False
         except TimeoutError:
             if self.h11.their_state is h11.IDLE and not self.h11.trailing_data[0]:
@@ -288,6 +291,17 @@ class Connection:
 
     def _check(self, head: h11.Request) -> tuple[Request, Route]:
         """The request as routes see it, refused (Refusal) when its framing, target or host is not plain."""
+        if head.http_version not in (b"1.1", b"1.0"):  # h11 reads any "HTTP/d.d"
+            raise Refusal(
+                HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
+                f"HTTP/{head.http_version.decode()} is not served here: HTTP/1.1 or HTTP/1.0",
+            )
+        size = len(head.target) + sum(len(name) + len(value) + 4 for name, value in head.headers)
+        if size > self.limits.head_bytes:  # h11 bounds only a head still incomplete when its buffer fills
+            raise Refusal(
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                f"the request's head is {size:,} bytes; {self.limits.head_bytes:,} are the most this server takes",
+            )
         headers: dict[str, str] = {}
         for name, value in head.headers:  # repeated fields combine as RFC 9110 5.3 says: "a, b"
             key = name.decode("latin-1")
@@ -440,6 +454,11 @@ def _origin_form(target: str, host: str) -> tuple[str, str]:
             f"the request's target names {_short(split.netloc)!r} but its Host is {_short(host)!r}",
         )
     raise Refusal(HTTPStatus.BAD_REQUEST, f"not a request target this server takes: {_short(target)!r}")
+
+
+def _parser_words(err: h11.RemoteProtocolError) -> str:
+    """h11's reason, without the bytearray(...) around the line it quotes."""
+    return _short(re.sub(r"bytearray\((b'.*'|b\".*\")\)", r"\1", str(err)))
 
 
 def _short(text: str, limit: int = 200) -> str:
