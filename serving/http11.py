@@ -72,7 +72,7 @@ class Request:
     path: str
     query: str
     host: str  # the Host header ("" for an HTTP/1.0 request without one)
-    headers: Mapping[str, str]  # lower-case names; h11 refused repeated Host and Content-Length
+    headers: Mapping[str, str]  # lower-case names; a repeated field's values joined by ", " (Host cannot repeat)
     body: bytes = b""
 
 
@@ -113,7 +113,7 @@ class Site:
 
 
 class ClientGone(Exception):
-    """The client closed the connection, or sent nothing within its time: nothing more to answer."""
+    """The client closed the connection: nothing more to answer."""
 
 
 class PageServer(socketserver.TCPServer):
@@ -127,6 +127,10 @@ class PageServer(socketserver.TCPServer):
         self._slots = threading.BoundedSemaphore(site.limits.connections)
         super().__init__(address, None)
         self._busy = Refuser(site)  # after the bind: a port already taken leaves no thread behind
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._busy.stop()
 
     def process_request(self, sock: socket.socket, client_address) -> None:
         if not self._slots.acquire(blocking=False):
@@ -161,7 +165,11 @@ class Refuser:
         self._arrivals: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
         self._held = 0  # sockets queued or held; the acceptor and the refuser's thread both count
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
         threading.Thread(target=self._drop_input, name="page-refuser", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
 
     def refuse(self, sock: socket.socket) -> None:
         """Called by the acceptor: never blocks (the answer fits a new connection's empty send buffer)."""
@@ -182,7 +190,7 @@ class Refuser:
     def _drop_input(self) -> None:
         selector = selectors.DefaultSelector()
         deadlines: dict[socket.socket, float] = {}
-        while True:
+        while not self._stopped.is_set():
             while not self._arrivals.empty():
                 sock = self._arrivals.get()
                 selector.register(sock, selectors.EVENT_READ)
@@ -197,6 +205,9 @@ class Refuser:
                 del deadlines[sock]
                 with self._lock:
                     self._held -= 1
+        for sock in deadlines:
+            sock.close()
+        selector.close()
 
 
 def _drop_some(sock: socket.socket) -> bool:
@@ -238,19 +249,21 @@ class Connection:
         self.site = site
         self.limits = site.limits
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=site.limits.head_bytes)
+        self._head_only = False  # answering a HEAD request: headers without the body
 
     def serve(self) -> None:
         """Answers requests until the client closes, a deadline passes, or an answer must close."""
         try:
-            while self._serve_one(self.limits.head_s):
+            while self._serve_one():
                 self.h11.start_next_cycle()
         except (ClientGone, h11.RemoteProtocolError, OSError):
             pass  # a reset, a closed or a silent client, or one that broke off its body: nobody to answer
 
-    def _serve_one(self, head_s: float) -> bool:
+    def _serve_one(self) -> bool:
         """Reads and answers one request; True when the connection can carry the next one."""
+        self._head_only = False
         try:
-            head = self._read_head(time.monotonic() + head_s)
+            head = self._read_head(time.monotonic() + self.limits.head_s)
         except h11.RemoteProtocolError as err:
             status = err.error_status_hint if err.error_status_hint >= 400 else HTTPStatus.BAD_REQUEST
             words = f"malformed request: {_parser_words(err)}"
@@ -261,8 +274,11 @@ class Connection:
         except TimeoutError:
             if self.h11.their_state is h11.IDLE and not self.h11.trailing_data[0]:
                 return False  # an idle keep-alive connection: closed without a word, as HTTP allows
-            self._close_with(error_response(HTTPStatus.REQUEST_TIMEOUT, self._late("request's head", head_s)))
+            self._close_with(
+                error_response(HTTPStatus.REQUEST_TIMEOUT, self._late("request's head", self.limits.head_s))
+            )
             return False
+        self._head_only = head.method == b"HEAD"
         length = _body_length(head)
         try:
             request, route = self._check(head)
@@ -321,10 +337,12 @@ class Connection:
         return request, self._route(request)
 
     def _route(self, request: Request) -> Route:
-        route = self.site.routes.get((request.method, request.path))
+        method = "GET" if request.method == "HEAD" else request.method  # HEAD: GET's answer without its body
+        route = self.site.routes.get((method, request.path))
         if route is not None:
             return route
         allowed = sorted(method for method, path in self.site.routes if path == request.path)
+        allowed += ["HEAD"] if "GET" in allowed else []
         if allowed:
             raise Refusal(
                 HTTPStatus.METHOD_NOT_ALLOWED,
@@ -400,7 +418,9 @@ class Connection:
             headers.append(("Connection", "close"))
         reason = HTTPStatus(response.status).phrase.encode()
         data = self.h11.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
-        self._sendall(data + self.h11.send(h11.Data(data=response.body)) + self.h11.send(h11.EndOfMessage()))
+        if not self._head_only:
+            data += self.h11.send(h11.Data(data=response.body))
+        self._sendall(data + self.h11.send(h11.EndOfMessage()))
         return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
 
     def _sendall(self, data: bytes) -> None:
