@@ -337,6 +337,14 @@ def test_a_client_that_expects_100_continue_gets_it_and_its_answer(port, mnist, 
     assert json.loads(answer.body)["label"] == expected_labels["cnn"][0]
 
 
+def test_an_absolute_form_target_naming_this_server_is_served(port):
+    # RFC 9112 3.2.2: a server must accept the absolute form; only one naming another authority is refused
+    answer, _ = exchange(
+        port, f"GET HTTP://127.0.0.1:{port}/style.css HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    )
+    assert (answer.status, answer.headers["Content-Type"]) == (200, "text/css; charset=utf-8")
+
+
 def test_http_1_0_is_answered_and_closed(port):
     answer, closed = exchange(port, f"GET / HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
     assert answer.status == 200 and closed
