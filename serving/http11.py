@@ -125,8 +125,9 @@ class PageServer(socketserver.TCPServer):
     def __init__(self, address: tuple[str, int], site: Site) -> None:
         self.site = site
         self._slots = threading.BoundedSemaphore(site.limits.connections)
+        self._busy = Refuser(site)
         super().__init__(address, None)
-        self._busy = Refuser(site)  # after the bind: a port already taken leaves no thread behind
+        self._busy.start()  # after the bind: a port already taken leaves no thread behind
 
     def server_close(self) -> None:
         super().server_close()
@@ -166,6 +167,8 @@ class Refuser:
         self._held = 0  # sockets queued or held; the acceptor and the refuser's thread both count
         self._lock = threading.Lock()
         self._stopped = threading.Event()
+
+    def start(self) -> None:
         threading.Thread(target=self._drop_input, name="page-refuser", daemon=True).start()
 
     def stop(self) -> None:
