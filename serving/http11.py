@@ -282,9 +282,14 @@ class Connection:
             )
             return False
         self._head_only = head.method == b"HEAD"
+        try:
+            request = self._request(head)
+        except Refusal as refusal:  # a head no client should send: answered, and the connection closed
+            self._close_with(error_response(refusal.status, str(refusal)))
+            return False
         length = _body_length(head)
         try:
-            request, route = self._check(head)
+            route = self._route(request)
         except Refusal as refusal:
             return self._refuse(refusal, length)
         return self._answer(request, route, length)
@@ -308,8 +313,18 @@ class Connection:
             self.sock.settimeout(remaining)
             self.h11.receive_data(self.sock.recv(RECEIVE_BYTES))  # b"": the client closed its side
 
-    def _check(self, head: h11.Request) -> tuple[Request, Route]:
+    def _request(self, head: h11.Request) -> Request:
         """The request as routes see it, refused (Refusal) when its framing, target or host is not plain."""
+        self._check_framing(head)
+        headers = _joined(head.headers)
+        host = headers.get("host", "")
+        if host and not HOST.fullmatch(host):
+            raise Refusal(HTTPStatus.BAD_REQUEST, f"not a host name in Host: {_short(host)!r}")
+        path, query = _origin_form(head.target.decode("ascii"), host)
+        return Request(head.method.decode("ascii"), path, query, host, headers)
+
+    def _check_framing(self, head: h11.Request) -> None:
+        """Refuses what h11 lets through: other HTTP versions, a head over the bound, TE with CL."""
         if head.http_version not in (b"1.1", b"1.0"):  # h11 reads any "HTTP/d.d"
             raise Refusal(
                 HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
@@ -321,25 +336,17 @@ class Connection:
                 HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
                 f"the request's head is {size:,} bytes; {self.limits.head_bytes:,} are the most this server takes",
             )
-        headers: dict[str, str] = {}
-        for name, value in head.headers:  # repeated fields combine as RFC 9110 5.3 says: "a, b"
-            key = name.decode("latin-1")
-            headers[key] = f"{headers[key]}, {value.decode('latin-1')}" if key in headers else value.decode("latin-1")
-        if "transfer-encoding" in headers and "content-length" in headers:
+        names = {name for name, _ in head.headers}
+        if b"transfer-encoding" in names and b"content-length" in names:
             raise Refusal(
                 HTTPStatus.BAD_REQUEST,
                 "Transfer-Encoding and Content-Length together: the body's length is ambiguous (RFC 9112 6.3)",
             )
-        host = headers.get("host", "")
-        if host and not HOST.fullmatch(host):
-            raise Refusal(HTTPStatus.BAD_REQUEST, f"not a host name in Host: {_short(host)!r}")
-        path, query = _origin_form(head.target.decode("ascii"), host)
-        request = Request(head.method.decode("ascii"), path, query, host, headers)
-        for guard in self.site.guards:
-            guard(request)
-        return request, self._route(request)
 
     def _route(self, request: Request) -> Route:
+        """The route that answers `request`, once the guards let it through (Refusal otherwise)."""
+        for guard in self.site.guards:
+            guard(request)
         method = "GET" if request.method == "HEAD" else request.method  # HEAD: GET's answer without its body
         route = self.site.routes.get((method, request.path))
         if route is not None:
@@ -453,6 +460,15 @@ class Connection:
     @staticmethod
     def _late(what: str, seconds: float) -> str:
         return f"the {what} did not arrive within {seconds:g} s"
+
+
+def _joined(fields: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Header fields by lower-case name; a repeated field's values joined by ", " (RFC 9110 5.3)."""
+    headers: dict[str, str] = {}
+    for name, value in fields:
+        key, text = name.decode("latin-1"), value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return headers
 
 
 def _body_length(head: h11.Request) -> int | None:
