@@ -17,7 +17,8 @@ Security inside the pod (docs/kserve.md, docs/security.md): TorchServe's inferen
 127.0.0.1 only, for the wrapper; keys are off, since the wrapper sends none; the model API stays closed and
 `allowed_urls` admits only archives of the mounted store; `enable_envvars_config` stays off, so
 TS_SERVICE_ENVELOPE (whose `kservev2` envelope reads only the first request of a batch) and any other TS_*
-variable change nothing; the metrics port listens on every address, for Prometheus.
+variable change nothing; the metrics port listens on loopback too, scraped by KServe's queue-proxy, which
+Prometheus scrapes in turn (METRICS_ANNOTATIONS).
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ MOUNT = "/mnt/models"  # where KServe puts the storageUri's content
 # itself takes 8080 (HTTP) and 8081 (gRPC), and KServe's runtime scrapes 8082 (prometheus.kserve.io/port)
 KSERVE_PORTS = Ports(inference=8085, management=8086, metrics=8082, grpc_inference=7070, grpc_management=7071)
 SCALE_METRICS = ("concurrency", "rps", "cpu", "memory")
+# TorchServe's metrics port answers any method and any Host, without a key (PrometheusMetricsRequestHandler),
+# so it listens on the pod's loopback only. KServe's queue-proxy extension (qpext, serverless mode) scrapes it
+# there (GET http://localhost:PORT/PATH, from the runtime's prometheus.kserve.io annotations), merges it with
+# its own metrics on its aggregate port (9088), and KServe points the pod's prometheus.io annotations at that.
+METRICS_ANNOTATIONS = {
+    "serving.kserve.io/enable-metric-aggregation": "true",
+    "serving.kserve.io/enable-prometheus-scraping": "true",
+}
 
 
 @dataclass(frozen=True)
@@ -110,11 +119,12 @@ def render_kserve_config(archives: list[Path], ports: Ports, mount: str = MOUNT)
     store = f"{mount}/model-store"
     snapshot = {"name": "startup.cfg", "modelCount": len(models), "models": models}
     lines = {
+        # every API on the pod's loopback, metrics too: KServe's queue-proxy scrapes them there (METRICS_ANNOTATIONS)
         **shared_properties(
             store,
             ports,
             "127.0.0.1",
-            metrics_host="0.0.0.0",
+            archives,
             log_config=f"file://{mount}/config/{LOG_CONFIG.name}",
             metrics_config=f"{mount}/config/metrics.yaml",
         ),
@@ -136,7 +146,7 @@ def inference_service(deployment: Deployment) -> dict[str, Any]:
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
-        "metadata": {"name": deployment.name},
+        "metadata": {"name": deployment.name, "annotations": dict(METRICS_ANNOTATIONS)},
         "spec": {
             "predictor": {
                 "minReplicas": deployment.min_replicas,

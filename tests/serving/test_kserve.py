@@ -64,7 +64,12 @@ def test_bundle_layout(store, tmp_path) -> None:
     config = (bundle / "config" / "config.properties").read_text()
     for line in ("disable_token_authorization=true", "enable_model_api=false", "enable_envvars_config=false"):
         assert line in config.splitlines()
-    assert "inference_address=http://127.0.0.1:8085" in config and "metrics_address=http://0.0.0.0:8082" in config
+    assert "inference_address=http://127.0.0.1:8085" in config and "metrics_address=http://127.0.0.1:8082" in config
+    # the metrics port answers any method and Host: loopback, for KServe's queue-proxy to scrape and aggregate
+    assert manifest["metadata"]["annotations"] == {
+        "serving.kserve.io/enable-metric-aggregation": "true",
+        "serving.kserve.io/enable-prometheus-scraping": "true",
+    }
 
 
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
@@ -236,16 +241,15 @@ def test_started_as_kserve_does_it_answers_oip(kserve_pod, model, mnist, expecte
 
 
 def test_in_the_pod_what_listens_where(kserve_pod) -> None:
-    """Inference, management and gRPC on loopback only (for KServe's wrapper); metrics on every address."""
+    """Inference, management and gRPC on loopback only (for KServe's wrapper), metrics too (for its queue-proxy)."""
     ports, *_ = kserve_pod
     listening = {
         c.laddr.port: c.laddr.ip.removeprefix("::ffff:")
         for c in psutil.net_connections("tcp")
         if c.status == psutil.CONN_LISTEN and c.laddr
     }
-    for port in (ports.inference, ports.management, ports.grpc_inference, ports.grpc_management):
+    for port in (ports.inference, ports.management, ports.grpc_inference, ports.grpc_management, ports.metrics):
         assert listening.get(port) == "127.0.0.1", (port, listening.get(port))
-    assert listening.get(ports.metrics) in ("0.0.0.0", "::")
 
 
 def test_in_the_pod_torchserve_runs_as_non_root(kserve_pod) -> None:
