@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from .arguments import add_artifacts, add_data_dir
 from .bench_commands import BENCH_COMMANDS
 from .contract import MANIFEST_FILE, ONNX_INT8
+from .rollout_commands import ROLLOUT_COMMANDS
 from .serving_commands import SERVING_COMMANDS
 
 if TYPE_CHECKING:
@@ -204,6 +205,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_export,
     add_verify,
     *SERVING_COMMANDS,
+    *ROLLOUT_COMMANDS,
     *BENCH_COMMANDS,
 ]
 

@@ -88,6 +88,11 @@ def add_archive(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="model name in TorchServe and the URL (default: MODEL)")
     add_serving_settings(p)
     p.add_argument("--response-timeout", type=int, default=120, help="seconds (default 120)")
+    p.add_argument(
+        "--version",
+        default="1.0",
+        help="the model's version in TorchServe (default 1.0, written to NAME.mar; another to NAME-vVERSION.mar)",
+    )
     p.set_defaults(func=run_archive)
 
 
@@ -95,7 +100,7 @@ def run_archive(args: argparse.Namespace) -> int:
     from .serving.archive import ServingSettings, archive_model
 
     settings = ServingSettings(args.batch_size, args.max_batch_delay, args.workers, args.response_timeout, args.threads)
-    archive_model(args.model, args.format, args.artifacts, args.model_store, args.name, settings)
+    archive_model(args.model, args.format, args.artifacts, args.model_store, args.name, settings, version=args.version)
     return 0
 
 
