@@ -122,4 +122,4 @@ def _progress(line: str) -> None:
     print(line, flush=True)
 
 
-ROLLOUT_COMMANDS = [add_rollout, add_rollback, add_versions]
+COMMANDS = [add_rollout, add_rollback, add_versions]
