@@ -137,15 +137,21 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="start TorchServe on the model store and wait until every model answers",
-        description="Write config.properties, start TorchServe (token authorisation on, model "
-        "registration off, loopback only), wait until every model answers a "
-        "prediction, print the URLs. Runs in the background unless --foreground.",
+        description="Write config.properties, start TorchServe (token authorisation on, loopback only, model "
+        "registration admitting only the store's own archives, for `digits rollout`), one version per model: the "
+        "one the run folder's ledger says is live; wait until every model answers a prediction, print the URLs. "
+        "Runs in the background unless --foreground.",
     )
     p.add_argument("--model-store", type=Path, default=DEFAULT_STORE, help="default: model_store/")
     _add_run_dir(p)
     _add_ports(p)
     p.add_argument("--timeout", type=float, default=60, help="seconds to wait for the models (default 60)")
     p.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops TorchServe")
+    p.add_argument(
+        "--no-registration",
+        action="store_true",
+        help="keep TorchServe's model registration closed (enable_model_api=false): no `digits rollout` then",
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -155,7 +161,8 @@ def run_serve(args: argparse.Namespace) -> int:
     run_dir, ports = _run_dir(args), _ports(args)
     ports.validate()
     _warn_if_exposed(args.bind)
-    state, launcher = server.launch(args.model_store, run_dir, ports, args.bind, args.foreground)
+    registration = not args.no_registration
+    state, launcher = server.launch(args.model_store, run_dir, ports, args.bind, args.foreground, registration)
     try:
         server.wait_until_ready(state, run_dir, timeout=args.timeout)
     except server.ServeError:

@@ -108,8 +108,10 @@ def render_config(
     host: str = "127.0.0.1",
     metrics_config: Path | None = None,
     archives: list[Path] | None = None,
+    registration: bool = True,
 ) -> str:
-    """The config for serving `archives` (default: every archive of the store, one version per model)."""
+    """The config for serving `archives` (default: every archive of the store, one version per model);
+    `registration` False closes TorchServe's model API (no `digits rollout` then)."""
     store = Path(store).resolve()
     archives = list_archives(store) if archives is None else archives
     try:
@@ -130,7 +132,7 @@ def render_config(
         # closed by default: tokens on every API, the management API on its own key; registration (for
         # `digits rollout`) admits a bare file name of the store and no URL but those allowed_urls admits
         "disable_token_authorization": "false",
-        "enable_model_api": "true",
+        "enable_model_api": str(registration).lower(),
         "allowed_urls": allowed_urls(store),
         "install_py_dep_per_model": "false",
         "max_request_size": str(MAX_REQUEST_BYTES),
@@ -155,14 +157,19 @@ def render_config(
 
 
 def write_config(
-    store: Path, run_dir: Path, ports: Ports, host: str = "127.0.0.1", archives: list[Path] | None = None
+    store: Path,
+    run_dir: Path,
+    ports: Ports,
+    host: str = "127.0.0.1",
+    archives: list[Path] | None = None,
+    registration: bool = True,
 ) -> Path:
     ports.validate()
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = run_dir / "config.properties"
     metrics = write_metrics_config(run_dir / "metrics.yaml")
     metrics.chmod(0o600)  # the run folder is its owner's alone (make_private)
-    write_private(path, render_config(store, ports, host, metrics_config=metrics, archives=archives))
+    write_private(path, render_config(store, ports, host, metrics, archives, registration))
     return path
 
 

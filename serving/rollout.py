@@ -95,6 +95,11 @@ def connect(run_dir: Path) -> Target:
     state = read_state(run_dir)
     if not is_running(state):
         raise RolloutRefused(f"no TorchServe is running from {run_dir}; start one with `digits serve`")
+    if "enable_model_api=false" in Path(state.config).read_text().splitlines():
+        raise RolloutRefused(
+            f"the TorchServe of {run_dir} was started with --no-registration; `digits stop` and `digits serve` "
+            "without it to roll out (its ledger keeps the live version)"
+        )
     api = Management(state.management_url, read_token(run_dir, "management"), state.inference_url, read_token(run_dir))
     return Target(Path(run_dir), Path(state.store), state, api)
 

@@ -152,8 +152,13 @@ def torchserve_command(store: Path, config: Path, foreground: bool) -> list[str]
     return [*cmd, "--foreground"] if foreground else cmd
 
 
-def launch(store: Path, run_dir: Path, ports: Ports, host: str, foreground: bool) -> tuple[ServerState, object]:
-    """Writes the config and starts TorchServe; returns its state and the launcher process."""
+def launch(
+    store: Path, run_dir: Path, ports: Ports, host: str, foreground: bool, registration: bool = True
+) -> tuple[ServerState, object]:
+    """Writes the config and starts TorchServe; returns its state and the launcher process.
+
+    `registration`: TorchServe's model API (`enable_model_api`), which `digits rollout` needs.
+    """
     java = find_java()
     check_not_running(run_dir)
     check_ports_free(host, ports)
@@ -161,7 +166,7 @@ def launch(store: Path, run_dir: Path, ports: Ports, host: str, foreground: bool
     make_private(run_dir)  # before anything is written: keys and logs are its owner's alone
     chosen = archives_to_serve(store, run_dir)
     models = [stored.model for stored in chosen]
-    config = write_config(store, run_dir, ports, host, [stored.path for stored in chosen])
+    config = write_config(store, run_dir, ports, host, [stored.path for stored in chosen], registration)
     (run_dir / "key_file.json").unlink(missing_ok=True)
     _rotate_logs(run_dir)
     console = os.open(run_dir / "logs" / "torchserve.out", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
