@@ -435,6 +435,7 @@ def rollout(
         try:
             return go_live(target, stored, live.version, tolerance, log)
         except RolloutFailed:
+            stored.path.unlink(missing_ok=True)  # written by this rollout; the ledger keeps its record
             raise
         except BaseException as err:  # interrupted (Ctrl-C): the ledger shows the step it stopped at
             target.note(model, stored.version, FAILED, reason=f"interrupted: {type(err).__name__}")
