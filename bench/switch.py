@@ -317,9 +317,47 @@ def run_switch(plan: SwitchPlan, run_dir: Path, log=print) -> dict:
         switches=[asdict(s) for s in switches],
         phases=[{"phase": name, "from": start, "until": until} for name, start, until in phases],
         latency=to_json(phase_latency(answers, phases)),
-        timeline=[[round(a.sent - marks["load"], 4), round(a.ms, 2), a.protocol, a.version] for a in answers],
+        timeline=timeline(answers, marks["load"]),
     )
     return report
+
+
+TIMELINE_POINTS = 20_000  # the plot's points at most: every k-th answer of a longer run
+
+
+def timeline(answers: Sequence[Answer], start: float) -> list[list]:
+    """[seconds since the load began, latency ms, protocol, version] of every k-th answer, for the plot."""
+    step = max(1, -(-len(answers) // TIMELINE_POINTS))
+    return [[round(a.sent - start, 3), round(a.ms, 1), a.protocol, a.version] for a in answers[::step]]
+
+
+def plot_switch(report: dict, path: Path) -> None:
+    """Latency of each request over time, PNG and OIP, with the rollout and rollback commands shaded and
+    each switch of the default version marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = report["phases"][0]["from"]
+    figure, axes = plt.subplots(figsize=(10, 4))
+    for protocol, colour in (("png", "tab:blue"), ("oip", "tab:orange")):
+        points = [(t, ms) for t, ms, proto, _ in report["timeline"] if proto == protocol]
+        if points:
+            axes.scatter(*zip(*points, strict=True), s=2, color=colour, label=f"{protocol} request", alpha=0.5)
+    for phase in report["phases"]:
+        if "command" in phase["phase"]:
+            axes.axvspan(phase["from"] - start, phase["until"] - start, color="grey", alpha=0.15)
+    for switch in report["switches"]:
+        axes.axvline(switch["ended"] - start, color="black", linewidth=0.8)
+        axes.annotate(f"{switch['old']} -> {switch['new']}", (switch["ended"] - start, 0), fontsize=8)
+    axes.set_yscale("log")
+    axes.set_xlabel("seconds since the load began (shaded: the rollout and rollback commands)")
+    axes.set_ylabel("latency, ms")
+    axes.legend(loc="upper right", markerscale=4)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def start_load(plan: SwitchPlan, url: str, token: str) -> MixedLoad:
@@ -378,9 +416,10 @@ def _ms(value: float | None) -> str:
 
 
 def write_switch(report: dict, out: Path) -> list[Path]:
-    """bench-switch.json and .md in `out`."""
+    """bench-switch.json, .md and .png in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "bench-switch.json", out / "bench-switch.md"]
-    paths[0].write_text(json.dumps(report, indent=2) + "\n")
+    paths = [out / "bench-switch.json", out / "bench-switch.md", out / "bench-switch.png"]
+    paths[0].write_text(json.dumps(report) + "\n")
     paths[1].write_text(switch_markdown(report))
+    plot_switch(report, paths[2])
     return paths

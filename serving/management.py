@@ -2,10 +2,14 @@
 
 What the frontend does (org.pytorch.serve.http.api.rest.ManagementRequestHandler, wlm.ModelManager,
 wlm.WorkLoadManager, wlm.ModelVersionedRefs at v0.12.0):
-- `POST /models?url=FILE.mar&model_name=NAME&synchronous=true` registers a version beside the others (the
-  first version of a name becomes its default; later ones do not) and answers once its workers loaded; when
-  one fails or dies while loading, it answers 500 and unregisters the version itself. A bare file name is
-  looked up in the model store and nothing is written there.
+- `POST /models?url=FILE.mar&model_name=NAME` registers a version beside the others (the first version of a
+  name becomes its default; later ones do not). A bare file name is looked up in the model store and nothing
+  is written there. With `synchronous=true` it would answer once the workers loaded, but it waits for them on
+  the Netty event-loop thread that holds the management connection, which the inference connections share
+  (one group of child event loops serves every HTTP connector): the inference connections on that thread
+  would stall for the whole load. So digits registers with `synchronous=false` (202 at once) and watches
+  the workers itself (`wait_loaded`): READY in the description when loaded; a worker that fails or dies while
+  loading is retried by TorchServe for ever, and `rollout.LoadWatch` sees that in the logs.
 - `PUT /models/NAME/VERSION/set-default` switches where `/predictions/NAME` (and OIP's
   `/v2/models/NAME/infer`) go: requests already queued for the old version stay in its queue.
 - `DELETE /models/NAME/VERSION` refuses the default version while others exist, and otherwise stops the
@@ -18,13 +22,13 @@ wlm.WorkLoadManager, wlm.ModelVersionedRefs at v0.12.0):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import requests
 
+from ..contract import WORKER_HEADER  # the handler's per-worker token on every answer (handlers/digit_handler.py)
 from .server import PROBE_DIGIT
-
-WORKER_HEADER = "Digits-Worker"  # the handler's per-worker token on every answer (handlers/digit_handler.py)
 
 
 class ManagementError(RuntimeError):
@@ -85,12 +89,25 @@ class Management:
         _check(response, f"describing {model}")
         return response.json()[0]["modelVersion"]
 
-    def register(self, model: str, file_name: str, timeout: float) -> None:
-        """Registers the store's `file_name` as a version of `model`; returns once its workers loaded."""
+    def register(self, model: str, file_name: str) -> None:
+        """Registers the store's `file_name` as a version of `model`; its workers start loading (`wait_loaded`)."""
         response = self._call(
-            "POST", "/models", timeout=timeout, url=file_name, model_name=model, synchronous="true", initial_workers=1
+            "POST", "/models", url=file_name, model_name=model, synchronous="false", initial_workers=1
         )
         _check(response, f"registering {file_name}")
+
+    def wait_loaded(self, model: str, version: str, timeout: float, failure: Callable[[], str | None]) -> None:
+        """Returns once every worker of `version` is READY; raises when `failure()` names one or on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.versions(model).get(version)
+            if state is not None and state.ready:
+                return
+            reason = failure()
+            if reason:
+                raise ManagementError(reason)
+            time.sleep(0.2)
+        raise ManagementError(f"{model} {version}'s workers did not load within {timeout:.0f} s")
 
     def set_default(self, model: str, version: str) -> None:
         _check(self._call("PUT", f"/models/{model}/{version}/set-default"), f"making {model} {version} the default")
@@ -141,16 +158,11 @@ class Management:
 
     def _every_worker_answers(self, model: str, version: str, workers: int, deadline: float) -> bool:
         seen: set[str] = set()
-        with requests.Session():
-            while len(seen) < workers and time.monotonic() < deadline:
-                response = self.predict(model, version, timeout=max(1.0, deadline - time.monotonic()))
-                if response.status_code == 200 and response.headers.get(WORKER_HEADER):
-                    seen.add(response.headers[WORKER_HEADER])
-                elif response.status_code == 200:
-                    raise ManagementError(
-                        f"{model} {version} answers without the {WORKER_HEADER} header: its handler predates "
-                        "`digits rollout`; archive it again"
-                    )
+        while len(seen) < workers and time.monotonic() < deadline:
+            response = self.predict(model, version, timeout=max(1.0, deadline - time.monotonic()))
+            if response.status_code == 200:
+                # an archive whose handler predates the header: with one worker, any answer proves it
+                seen.add(response.headers.get(WORKER_HEADER) or f"answer {len(seen)}")
         return len(seen) >= workers
 
 

@@ -339,6 +339,46 @@ class GateFailed(RuntimeError):
     pass
 
 
+class LoadWatch:
+    """What TorchServe logs about a version's workers from now on: a worker that failed or died while loading.
+
+    TorchServe retries such a worker for ever; digits takes the first failure as the verdict (a candidate
+    whose worker died loading is not put live). The frontend's thread of the worker is `W-PORT-MODEL_VERSION`
+    in every line: ts_log.log has its "Retry worker" line after each failure, model_log.log the handler's own
+    "Failed to load model" reason, when it had one.
+    """
+
+    def __init__(self, run_dir: Path, model: str, version: str) -> None:
+        self.logs = Path(run_dir) / "logs"
+        self.thread = re.compile(rf"\bW-\d+-{re.escape(model)}_{re.escape(version)}[ -]")
+        self.model = model
+        self.offsets = {name: self._size(name) for name in ("ts_log.log", "model_log.log")}
+
+    def _size(self, name: str) -> int:
+        path = self.logs / name
+        return path.stat().st_size if path.is_file() else 0
+
+    def _new_lines(self, name: str) -> list[str]:
+        path, offset = self.logs / name, self.offsets[name]
+        if not path.is_file():
+            return []
+        with open(path, "rb") as file:
+            file.seek(offset if path.stat().st_size >= offset else 0)  # rolled over: the new file from its start
+            return [line for line in file.read().decode(errors="replace").splitlines() if self.thread.search(line)]
+
+    def failure(self) -> str | None:
+        """Why the version's worker failed while loading, once TorchServe logged that it did; else None."""
+        if not any("Retry worker" in line for line in self._new_lines("ts_log.log")):
+            return None
+        reasons = [
+            line.split("Failed to load model", 1)[1]
+            for line in self._new_lines("model_log.log")
+            if "Failed to load model" in line
+        ]
+        reason = f"failed to load model{reasons[-1]}" if reasons else "died while loading (see the run folder's logs)"
+        return f"its worker {reason}"
+
+
 def go_live(
     target: Target,
     candidate: StoredArchive,
@@ -355,7 +395,9 @@ def go_live(
     try:
         if version not in target.api.versions(model):
             log(f"registering {candidate.path.name} as {model} {version} beside {live} (loading its workers)")
-            target.api.register(model, candidate.path.name, LOAD_TIMEOUT_S)
+            watch = LoadWatch(target.run_dir, model, version)
+            target.api.register(model, candidate.path.name)
+            target.api.wait_loaded(model, version, LOAD_TIMEOUT_S, watch.failure)
         target.api.wait_answering(model, version, LOAD_TIMEOUT_S)
         target.note(model, version, REGISTERED)
         log(f"{model} {version} answers on /predictions/{model}/{version}; running the gate")
