@@ -93,6 +93,7 @@ class MixedLoad:
     png: int = PNG_CONNECTIONS
     oip: int = OIP_CONNECTIONS
     oip_digits: int = OIP_DIGITS
+    limit: int | None = None  # requests in all, after which the connections stop by themselves
     answers: list[Answer] = field(default_factory=list)  # appended as they come (list.append is atomic)
 
     def __post_init__(self) -> None:
@@ -126,8 +127,14 @@ class MixedLoad:
         headers = {"Authorization": f"Bearer {self.token}"}
         with requests.Session() as session:
             while not self._stop.is_set():
-                index = next(self._counter) % len(self._payloads)
-                self.answers.append(self._send(session, connection, protocol, index, headers))
+                number = next(self._counter)
+                if self.limit is not None and number >= self.limit:
+                    return
+                self.answers.append(self._send(session, connection, protocol, number % len(self._payloads), headers))
+
+    def finished(self) -> bool:
+        """Whether every connection has stopped (at `limit`, or after `stop()`)."""
+        return not any(thread.is_alive() for thread in self._threads)
 
     def _send(self, session: requests.Session, connection: int, protocol: str, index: int, headers: dict) -> Answer:
         if protocol == "png":
@@ -322,13 +329,16 @@ def run_switch(plan: SwitchPlan, run_dir: Path, log=print) -> dict:
     return report
 
 
-TIMELINE_POINTS = 20_000  # the plot's points at most: every k-th answer of a longer run
+TIMELINE_POINTS = 5_000  # the plot's points: every k-th answer of a longer run, and every outlier
+OUTLIER_MS = 1000
 
 
 def timeline(answers: Sequence[Answer], start: float) -> list[list]:
-    """[seconds since the load began, latency ms, protocol, version] of every k-th answer, for the plot."""
+    """[seconds since the load began, latency ms, protocol, version] of every k-th answer and of every answer
+    that failed or took over a second (a stall must show however thin the sample), for the plot."""
     step = max(1, -(-len(answers) // TIMELINE_POINTS))
-    return [[round(a.sent - start, 3), round(a.ms, 1), a.protocol, a.version] for a in answers[::step]]
+    kept = [a for i, a in enumerate(answers) if i % step == 0 or a.ms > OUTLIER_MS or not 200 <= a.status < 300]
+    return [[round(a.sent - start, 3), round(a.ms, 1), a.protocol, a.version] for a in kept]
 
 
 def plot_switch(report: dict, path: Path) -> None:

@@ -20,9 +20,11 @@ TorchServe serves (`recover`), so an interrupted one leaves nothing behind for l
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import re
 import shutil
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,12 +32,14 @@ from pathlib import Path
 
 import requests
 
-from ..contract import CONFIG_FILE, FORMATS, PARITY_KEY, PREPROCESSING_KEYS
+from ..contract import FORMATS, PARITY_KEY, PREPROCESSING_KEYS
+from ..export.metadata import sha256_file
 from .archive import (
     ArchiveError,
     ServingSettings,
     archive_file_name,
     archive_model,
+    check_name,
     check_version,
     read_archive_meta,
     read_archive_settings,
@@ -61,7 +65,7 @@ from .ledger import (
 )
 from .management import Management, ManagementError
 from .server import ServeError, ServerState, is_running, read_state, read_token
-from .store import StoredArchive, catalogue, describe_archive, file_sha256
+from .store import StoredArchive, catalogue, describe_archive
 
 LOAD_TIMEOUT_S = 120  # registering and loading a candidate's workers, and its first answer
 DRAIN_TIMEOUT_S = 180  # longer than a batch can take: the archives' response timeout is 120 s
@@ -143,7 +147,7 @@ def served_archive(target: Target, model: str) -> StoredArchive:
 def record_baseline(target: Target, live: StoredArchive) -> None:
     """The first time digits touches a model, the version TorchServe serves becomes the ledger's baseline."""
     if not any(e.step in (LIVE, BASELINE) for e in target.events(live.model)):
-        target.note(live.model, live.version, BASELINE, archive=live.path.name, archive_sha256=file_sha256(live.path))
+        target.note(live.model, live.version, BASELINE, archive=live.path.name, archive_sha256=sha256_file(live.path))
 
 
 # -- recovery -------------------------------------------------------------------------------------------
@@ -241,9 +245,6 @@ def candidate_problems(live: StoredArchive, mar: Path) -> list[str]:
 def checksum_problems(mar: Path, manifest: dict, meta: dict) -> list[str]:
     """The model file inside the archive must have the SHA-256 its metadata gives (the handler checks it too,
     but only once registered)."""
-    import hashlib
-    import zipfile
-
     name = (manifest.get("model") or {}).get("serializedFile") or meta.get("model_file")
     try:
         with zipfile.ZipFile(mar) as archive:
@@ -292,7 +293,7 @@ def prepare(target: Target, live: StoredArchive, candidate: Candidate, log: Call
         mar.unlink(missing_ok=True)
         raise RolloutRefused(f"candidate {model} {version} refused: " + "; ".join(problems))
     stored = StoredArchive(mar, model, version)
-    target.note(model, version, CHECKED, archive=mar.name, archive_sha256=file_sha256(mar))
+    target.note(model, version, CHECKED, archive=mar.name, archive_sha256=sha256_file(mar))
     log(f"checked {mar.name}: same model name, labels, input shape, layout and normalisation; parity passed")
     return stored
 
@@ -412,7 +413,7 @@ def go_live(
         withdraw(target, model, version, reason, log)
         raise RolloutFailed(f"{model} {version} did not go live: {reason}. {model} {live} is still live") from None
     target.note(
-        model, version, LIVE, previous=live, archive=candidate.path.name, archive_sha256=file_sha256(candidate.path)
+        model, version, LIVE, previous=live, archive=candidate.path.name, archive_sha256=sha256_file(candidate.path)
     )
     log(f"{model} {version} is live: /predictions/{model} and /v2/models/{model}/infer go to it")
     retire(target, model, live, log)
@@ -467,6 +468,7 @@ def rollout(
     log: Callable[[str], None] = print,
 ) -> GateResult:
     """Puts a new version of `model` live (see the module docstring); raises RolloutRefused or RolloutFailed."""
+    check_name(model)
     with model_lock(run_dir, model):
         target = connect(run_dir)
         live = served_archive(target, model)
@@ -488,6 +490,7 @@ def rollback(
     run_dir: Path, model: str, tolerance: float = DEFAULT_TOLERANCE, log: Callable[[str], None] = print
 ) -> GateResult:
     """Puts the version that was live before the current one live again, the same way as a rollout."""
+    check_name(model)
     with model_lock(run_dir, model):
         target = connect(run_dir)
         live = served_archive(target, model)
@@ -506,7 +509,7 @@ def rollback(
 
 def check_recorded_digest(events: list[Event], stored: StoredArchive) -> None:
     digests = [e.get("archive_sha256") for e in events if e.version == stored.version and e.get("archive_sha256")]
-    if digests and file_sha256(stored.path) != digests[-1]:
+    if digests and sha256_file(stored.path) != digests[-1]:
         raise RolloutRefused(
             f"{stored.path} changed since the ledger recorded it; it cannot be trusted as {stored.version}"
         )
@@ -568,7 +571,7 @@ def row(
     return VersionRow(
         version,
         stored.path.name if stored else "(not in the store)",
-        file_sha256(stored.path)[:12] if stored else "-",
+        sha256_file(stored.path)[:12] if stored else "-",
         recorded_accuracy(events, version),
         ("passed" if gates[-1].get("passed") else "failed") if gates else "-",
         lives[-1].time if lives else None,
@@ -578,6 +581,3 @@ def row(
 
 def version_key(version: str) -> tuple:
     return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"[.\-_]", version.lstrip("v")))
-
-
-__all__ = ["CONFIG_FILE", "Candidate", "RolloutFailed", "RolloutRefused", "rollback", "rollout", "versions"]

@@ -22,9 +22,10 @@ from pathlib import Path
 import psutil
 import requests
 
+from ..export.metadata import sha256_file
 from .config import Ports, make_private, write_config, write_private
 from .ledger import ABANDONED, interrupted, live_versions, read_events, record
-from .store import StoredArchive, choose_archives, file_sha256
+from .store import StoredArchive, choose_archives
 
 READY_TIMEOUT_S = 60
 TS_PROCESS = "org.pytorch.serve.ModelServer"  # in the command line of TorchServe's Java process
@@ -195,7 +196,7 @@ def archives_to_serve(store: Path, run_dir: Path) -> list[StoredArchive]:
     for stored in chosen:
         recorded = [e.get("archive_sha256") for e in events if e.model == stored.model and e.version == stored.version]
         recorded = [digest for digest in recorded if digest]
-        if recorded and file_sha256(stored.path) != recorded[-1]:
+        if recorded and sha256_file(stored.path) != recorded[-1]:
             raise ServeError(
                 f"{stored.path} is not the archive the ledger recorded for {stored.model} {stored.version} "
                 f"(SHA-256 {recorded[-1][:12]}...): put the original back, or roll a new version out"

@@ -9,7 +9,6 @@ model, the one the run folder's ledger says is live (serving/ledger.py), and the
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,11 +85,3 @@ def choose_archives(store: Path, live: dict[str, str] | None = None) -> list[Sto
                 f"model (move the others out of the store) and put new ones live with `digits rollout {model}`"
             )
     return chosen
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -380,3 +380,36 @@ def test_a_killed_rollout_is_recovered_by_the_next(store, candidates, digit_png,
         assert served.registered() == ["3.0"] and served.predict_version(digit_png) == (200, "3.0")
         steps = served.steps()
         assert ("2.0", "withdrawn") in steps and ("1.0", "retired") in steps and steps[-1] == ("1.0", "retired")
+
+
+SOAK_REQUESTS, SOAK_PNG, SOAK_OIP = 100_000, 30, 2  # 32 connections
+SOAK_DEADLINE_S = 60 * 60
+
+
+@pytest.mark.slow
+def test_soak_100000_requests_across_two_rollouts_and_a_rollback(store, artifacts, candidates, mnist, tmp_path) -> None:
+    """1.0 -> 2.0 -> 3.0 -> 2.0 while 30 connections send PNG digits and 2 send OIP requests of 64 digits, each
+    command started when the load has sent its share: 0 failed, 0 wrong, the version rule kept."""
+    digits = mnist.test_images[:256]
+    expected = onnx_labels(artifacts / "cnn" / "model.onnx", digits)
+    with serving(copy_store(store, tmp_path / "store"), tmp_path / "run") as served:
+        url, token = served.state.inference_url, read_token(served.run_dir)
+        load = MixedLoad(url, "cnn", token, digits, expected, SOAK_PNG, SOAK_OIP, limit=SOAK_REQUESTS).start()
+        commands = [
+            (0.10, ["rollout", "cnn", "--archive", str(candidates / "cnn-v2.0.mar")]),
+            (0.40, ["rollout", "cnn", "--archive", str(candidates / "cnn-v3.0.mar")]),
+            (0.70, ["rollback", "cnn"]),
+        ]
+        try:
+            for share, command in commands:
+                wait_for(lambda s=share: len(load.answers) >= s * SOAK_REQUESTS, SOAK_DEADLINE_S, f"{share:.0%} sent")
+                assert main([*command, *served.argv]) == 0, command
+            wait_for(load.finished, SOAK_DEADLINE_S, "the soak's last request")
+        finally:
+            answers = load.stop()
+        switches = switches_from_ledger(read_events(served.run_dir, served.store, "cnn"))
+    counts = summary(answers)
+    print(f"\nsoak: {counts}")
+    assert counts["requests"] == SOAK_REQUESTS and counts["failed"] == 0 and counts["wrong"] == 0, counts
+    assert [(s.old, s.new) for s in switches] == [("1.0", "2.0"), ("2.0", "3.0"), ("3.0", "2.0")]
+    assert version_problems(answers, "1.0", switches) == []
