@@ -182,17 +182,29 @@ def recover(target: Target, model: str, log: Callable[[str], None]) -> None:
         target.api.drain(model, version, DRAIN_TIMEOUT_S)
         target.api.unregister(model, version)
         target.note(model, version, step, **({"reason": reason} if reason else {}))
+        if step == WITHDRAWN:
+            remove_written(target, events, version)
     for version in interrupted(target.events(model)):
         target.note(model, version, ABANDONED, reason="its rollout was interrupted")
+
+
+def remove_written(target: Target, events: list[Event], version: str) -> None:
+    """Removes a withdrawn candidate's archive from the store when a rollout wrote it there (its `checked`
+    line says so), as a rollout that ends does."""
+    written = [e.get("archive") for e in events if e.version == version and e.step == CHECKED and e.get("written")]
+    if written:
+        (target.store / written[-1]).unlink(missing_ok=True)
 
 
 # -- checking a candidate ------------------------------------------------------------------------------
 
 
-def known_versions(target: Target, model: str) -> set[str]:
-    """Every version of `model` the ledger, the store or TorchServe has seen: none may be reused."""
+def known_versions(target: Target, model: str, besides: Path | None = None) -> set[str]:
+    """Every version of `model` the ledger, the store (but the archive `besides`) or TorchServe has seen: none
+    may be reused."""
     ledger = {event.version for event in target.events(model)}
-    return ledger | set(catalogue(target.store).get(model, {})) | set(target.api.versions(model))
+    stored = {v for v, a in catalogue(target.store).get(model, {}).items() if a.path.resolve() != besides}
+    return ledger | stored | set(target.api.versions(model))
 
 
 def next_version(versions: set[str]) -> str:
@@ -269,12 +281,17 @@ class Candidate:
     version: str | None = None
 
 
-def prepare(target: Target, live: StoredArchive, candidate: Candidate, log: Callable[[str], None]) -> StoredArchive:
-    """The candidate's archive in the store as `MODEL-vVERSION.mar`, checked; refuses (RolloutRefused) or
-    removes what it wrote when a check fails."""
-    model, taken = live.model, known_versions(target, live.model)
-    version = candidate.version or (describe_archive(candidate.archive).version if candidate.archive else None)
-    version = version or next_version(taken)
+def prepare(
+    target: Target, live: StoredArchive, candidate: Candidate, log: Callable[[str], None]
+) -> tuple[StoredArchive, bool]:
+    """The candidate's archive in the store, checked, and whether this rollout wrote it there (as
+    `MODEL-vVERSION.mar`; an `--archive` already in the store is taken where it is). Refuses
+    (RolloutRefused), removing what it wrote, when a check fails."""
+    model = live.model
+    given = Path(candidate.archive).resolve() if candidate.archive else None
+    in_store = given is not None and given.parent == target.store.resolve()
+    taken = known_versions(target, model, besides=given if in_store else None)
+    version = candidate.version or (describe_archive(given).version if given else None) or next_version(taken)
     try:
         check_version(version)
     except ArchiveError as err:
@@ -283,23 +300,26 @@ def prepare(target: Target, live: StoredArchive, candidate: Candidate, log: Call
         raise RolloutRefused(
             f"{model} version {version} exists already (ledger, store or TorchServe); pass another --version"
         )
-    target_path = target.store / archive_file_name(model, version)
-    if target_path.exists():
-        raise RolloutRefused(f"{target_path} exists already; pass another --version")
-    write = copy_archive if candidate.archive else archive_export
-    mar = write(target, live, candidate, version, target_path, log)
+    if in_store:
+        mar = check_given(given, live, version)
+    else:
+        target_path = target.store / archive_file_name(model, version)
+        if target_path.exists():
+            raise RolloutRefused(f"{target_path} exists already; pass another --version")
+        write = copy_archive if given else archive_export
+        mar = write(target, live, candidate, version, target_path, log)
     problems = candidate_problems(live, mar)
     if problems:
-        mar.unlink(missing_ok=True)
+        if not in_store:
+            mar.unlink(missing_ok=True)
         raise RolloutRefused(f"candidate {model} {version} refused: " + "; ".join(problems))
-    stored = StoredArchive(mar, model, version)
-    target.note(model, version, CHECKED, archive=mar.name, archive_sha256=sha256_file(mar))
+    target.note(model, version, CHECKED, archive=mar.name, archive_sha256=sha256_file(mar), written=not in_store)
     log(f"checked {mar.name}: same model name, labels, input shape, layout and normalisation; parity passed")
-    return stored
+    return StoredArchive(mar, model, version), not in_store
 
 
-def copy_archive(target: Target, live: StoredArchive, candidate: Candidate, version: str, path: Path, log) -> Path:
-    mar = Path(candidate.archive)
+def check_given(mar: Path, live: StoredArchive, version: str) -> Path:
+    """An `--archive` must exist and hold `live`'s model at `version` (its manifest's)."""
     if not mar.is_file():
         raise RolloutRefused(f"no archive at {mar}")
     given = describe_archive(mar)
@@ -307,6 +327,11 @@ def copy_archive(target: Target, live: StoredArchive, candidate: Candidate, vers
         raise RolloutRefused(f"{mar} holds version {given.version}, not the --version {version} asked for")
     if given.model != live.model:
         raise RolloutRefused(f"{mar} holds model {given.model!r}, not {live.model!r}")
+    return mar
+
+
+def copy_archive(target: Target, live: StoredArchive, candidate: Candidate, version: str, path: Path, log) -> Path:
+    mar = check_given(Path(candidate.archive), live, version)
     log(f"copying {mar} into the store as {path.name}")
     temporary = path.with_name(f".{path.name}.part")
     try:
@@ -475,11 +500,12 @@ def rollout(
         recover(target, model, log)
         record_baseline(target, live)
         log(f"{model} {live.version} is live ({live.path.name})")
-        stored = prepare(target, live, candidate, log)
+        stored, written = prepare(target, live, candidate, log)
         try:
             return go_live(target, stored, live.version, tolerance, log)
         except RolloutFailed:
-            stored.path.unlink(missing_ok=True)  # written by this rollout; the ledger keeps its record
+            if written:  # by this rollout: the ledger keeps its record
+                stored.path.unlink(missing_ok=True)
             raise
         except BaseException as err:  # interrupted (Ctrl-C): the ledger shows the step it stopped at
             target.note(model, stored.version, FAILED, reason=f"interrupted: {type(err).__name__}")

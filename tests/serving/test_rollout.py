@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,7 +113,9 @@ def test_a_restarted_server_serves_the_version_the_ledger_says_is_live(
 ) -> None:
     run_dir, model_store = tmp_path / "run", copy_store(store, tmp_path / "store")
     with serving(model_store, run_dir) as served:
-        assert main(["rollout", "cnn", "--archive", str(candidates / "cnn-v2.0.mar"), *served.argv]) == 0
+        # an archive already in the store (`digits archive --version 2.0` wrote it there) is taken in place
+        shutil.copy(candidates / "cnn-v2.0.mar", model_store / "cnn-v2.0.mar")
+        assert main(["rollout", "cnn", "--archive", str(model_store / "cnn-v2.0.mar"), *served.argv]) == 0
         assert served.registered() == ["2.0"]
     # the store now holds cnn.mar (1.0) and cnn-v2.0.mar: TorchServe's own order would pick either
     assert sorted(p.name for p in model_store.glob("*.mar")) == ["cnn-v2.0.mar", "cnn.mar"]
@@ -378,6 +381,7 @@ def test_a_killed_rollout_is_recovered_by_the_next(store, candidates, digit_png,
         assert main(["rollout", "cnn", "--archive", str(candidates / "cnn-v3.0.mar"), *served.argv]) == 0
         assert "recovering: draining and unregistering cnn 2.0" in capsys.readouterr().out
         assert served.registered() == ["3.0"] and served.predict_version(digit_png) == (200, "3.0")
+        assert sorted(p.name for p in served.store.glob("*.mar")) == ["cnn-v3.0.mar", "cnn.mar"]  # 2.0's removed
         steps = served.steps()
         assert ("2.0", "withdrawn") in steps and ("1.0", "retired") in steps and steps[-1] == ("1.0", "retired")
 
