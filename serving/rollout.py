@@ -377,7 +377,6 @@ class LoadWatch:
     def __init__(self, run_dir: Path, model: str, version: str) -> None:
         self.logs = Path(run_dir) / "logs"
         self.thread = re.compile(rf"\bW-\d+-{re.escape(model)}_{re.escape(version)}[ -]")
-        self.model = model
         self.offsets = {name: self._size(name) for name in ("ts_log.log", "model_log.log")}
 
     def _size(self, name: str) -> int:

@@ -30,7 +30,7 @@ import pytest
 from digits.bench.switch import MixedLoad, png_bytes, summary, switches_from_ledger, version_problems
 from digits.export.convert import export_model
 from digits.serving.archive import ServingSettings, archive_model
-from digits.serving.ledger import read_events
+from digits.serving.ledger import read_events, record
 from digits.serving.server import read_token
 from digits.training.train import TrainConfig, train
 from rollout_helpers import Served, copy_store, forge, onnx_labels, serve, serving
@@ -384,6 +384,31 @@ def test_a_killed_rollout_is_recovered_by_the_next(store, candidates, digit_png,
         assert sorted(p.name for p in served.store.glob("*.mar")) == ["cnn-v3.0.mar", "cnn.mar"]  # 2.0's removed
         steps = served.steps()
         assert ("2.0", "withdrawn") in steps and ("1.0", "retired") in steps and steps[-1] == ("1.0", "retired")
+
+
+def test_a_rollout_killed_after_set_default_is_recorded_live_by_the_next(
+    store, candidates, digit_png, tmp_path, capsys
+) -> None:
+    """The state a command killed between set-default and its `live` line leaves: 2.0 registered, gated, the
+    default; the ledger's last line for it `gated`; 1.0 still registered. The next rollout records 2.0 live
+    (it passed its gate), retires 1.0, and goes on from 2.0."""
+    model_store = copy_store(store, tmp_path / "store")
+    with serving(model_store, tmp_path / "run") as served:
+        shutil.copy(candidates / "cnn-v2.0.mar", model_store / "cnn-v2.0.mar")
+        sha = hashlib.sha256((model_store / "cnn.mar").read_bytes()).hexdigest()
+        record(served.run_dir, served.store, "cnn", "1.0", "baseline", archive="cnn.mar", archive_sha256=sha)
+        record(served.run_dir, served.store, "cnn", "2.0", "checked", archive="cnn-v2.0.mar", written=True)
+        assert served.management("POST", "/models", url="cnn-v2.0.mar", model_name="cnn", synchronous="true").ok
+        record(served.run_dir, served.store, "cnn", "2.0", "registered")
+        record(served.run_dir, served.store, "cnn", "2.0", "gated", passed=True, accuracy=0.9, reference="1.0")
+        assert served.management("PUT", "/models/cnn/2.0/set-default").ok  # and here the command was killed
+        capsys.readouterr()
+        assert main(["rollout", "cnn", "--archive", str(candidates / "cnn-v3.0.mar"), *served.argv]) == 0
+        assert "recovered: cnn 2.0 had passed its gate and was made the default" in capsys.readouterr().out
+        assert served.registered() == ["3.0"] and served.predict_version(digit_png) == (200, "3.0")
+        steps = served.steps()
+        assert steps.index(("2.0", "live")) < steps.index(("1.0", "retired")) < steps.index(("3.0", "checked"))
+        assert steps[-1] == ("2.0", "retired")
 
 
 SOAK_REQUESTS, SOAK_PNG, SOAK_OIP = 100_000, 30, 2  # 32 connections
