@@ -7,7 +7,8 @@ Training decides the values (mean, std, labels, input shape, layout:
 `training/constants.py`); this module decides their names, the files they travel in, and the one formula
 that applies them.
 
-Adding an export format is one line in `FORMATS` plus its exporter and its loaders.
+Adding an export format is one line in `FORMATS` plus its exporter (`export/exporters.py`, which `digits export`
+and `digits verify` walk) and its loader (the handler's, `handlers/digit_model.py`).
 """
 
 from __future__ import annotations

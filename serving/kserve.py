@@ -16,7 +16,7 @@ forwards OIP requests to TorchServe. The bundle:
                                    revision), or rolled back (`canaryTrafficPercent: 0`: all traffic to the
                                    revision KServe last rolled out, which it tracks itself)
 
-Security inside the pod (README, Security): TorchServe's inference, management and gRPC APIs listen on
+Security inside the pod (docs/kserve.md, docs/security.md): TorchServe's inference, management and gRPC APIs listen on
 127.0.0.1 only, for the wrapper; keys are off, since the wrapper sends none; the model API stays closed and
 `allowed_urls` admits only archives of the mounted store; `enable_envvars_config` stays off, so
 TS_SERVICE_ENVELOPE (whose `kservev2` envelope reads only the first request of a batch) and any other TS_*
