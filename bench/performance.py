@@ -355,3 +355,12 @@ def render_http(run: Run, data: dict[str, Any], plots: Path) -> Section:
     column = "served over HTTP (at the highest concurrency; model / no-op)"
     cells = {column: f"{plan.fmt}: {unit} at {top.concurrency} ({top.ratio:.2f})"}
     return Section(f"Over HTTP: {plan.model} ({plan.fmt}, `{run.name}`)", lines, {plan.model: cells})
+
+
+@renderer("switch")
+def render_switch(run: Run, data: dict[str, Any], plots: Path) -> Section:
+    from .switch import plot_switch, switch_markdown
+
+    plot_switch(data, plots / f"{run.name}.png")
+    lines = [*run_lines(run, data, switch_markdown(data)), "", f"![{run.name}]({plots.name}/{run.name}.png)"]
+    return Section(f"Replacing a served model under load: {data['plan']['model']} (`{run.name}`)", lines)

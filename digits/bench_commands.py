@@ -30,6 +30,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     kinds = p.add_subparsers(dest="bench", required=True, metavar="KIND")
     add_offline(kinds)
     add_http(kinds)
+    add_switch(kinds)
     add_report(kinds)
 
 
@@ -197,6 +198,37 @@ def default_input(out: Path) -> Path:
     data = load_mnist(log=lambda _: None)
     [path] = write_samples(data.test_images, data.test_labels, out, 1, drawn=False)
     return path
+
+
+def add_switch(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser(
+        "switch",
+        help="latency and lost requests across `digits rollout` and `digits rollback` under load",
+        description="Serve MODEL as version 1.0 on a TorchServe of the run's own, load it with PNG and OIP "
+        "connections, roll version 2.0 (the same export) out and back, and report every request's fate and "
+        "p50/p99 latency per phase; writes bench-switch.json and .md to OUT.",
+    )
+    p.add_argument("--model", default="cnn", help="an exported model (default cnn)")
+    p.add_argument("--format", default=ONNX.name, choices=list(FORMATS), help=f"file to serve (default {ONNX.name})")
+    add_artifacts(p)
+    p.add_argument("--steady", type=float, default=20, help="seconds of load alone before, between, after (20)")
+    p.add_argument("--out", type=Path, help="output folder (default: runs/bench/MODEL-FORMAT-switch)")
+    p.set_defaults(func=run_switch)
+
+
+def run_switch(args: argparse.Namespace) -> int:
+    from .bench.switch import SwitchPlan, write_switch
+    from .bench.switch import run_switch as measure
+
+    if args.steady <= 0:
+        raise ValueError(f"--steady must be positive, got {args.steady}")
+    out = (args.out or DEFAULT_OUT / f"{args.model}-{args.format}-switch").resolve()
+    report = measure(SwitchPlan(args.model, args.format, args.artifacts, args.steady), out / "torchserve")
+    paths = write_switch(report, out)
+    print(paths[1].read_text(), end="")
+    print(f"wrote {', '.join(map(str, paths))}")
+    failed = report["summary"]["failed"] or report["summary"]["wrong"] or report["version_problems"]
+    return 1 if failed else 0
 
 
 def add_report(kinds: argparse._SubParsersAction) -> None:

@@ -20,6 +20,7 @@ Open Inference Protocol requests (`/v2/models/NAME/infer`) share the batch: see 
 from __future__ import annotations
 
 import logging
+import secrets
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,14 @@ from digit_batch import (
     prediction_bodies,
     to_probabilities,
 )
-from digit_contract import HANDLER_SECTION, RESPONSE_LIMIT_KEY, THREADS_KEY, TORCHSERVE_MAX_RESPONSE
+from digit_contract import (
+    HANDLER_SECTION,
+    RESPONSE_LIMIT_KEY,
+    THREADS_KEY,
+    TORCHSERVE_MAX_RESPONSE,
+    VERSION_HEADER,
+    WORKER_HEADER,
+)
 from digit_errors import RequestError, too_large
 from digit_json import fast_json_available, take_over_decoding
 from digit_metrics import StageTimes
@@ -87,6 +95,8 @@ class DigitHandler(BaseHandler):
         self.model_pt_path = str(model_path)
         self.model = load_predictor(model_path, self.device)
         check_predictor(self.model, self.meta)
+        # which worker answered, for `digits rollout`'s drain; random, so that it tells a client nothing else
+        self.worker_token = secrets.token_hex(8)
         self.initialized = True
         logger.info(
             "digits handler: serving %s (%s, test accuracy %s) on %s; PNG decoding: %s; JSON parsing: %s",
@@ -116,6 +126,7 @@ class DigitHandler(BaseHandler):
             batch = self.inference(batch)
         with times.stage("PostprocessTime"):
             answers = self.postprocess(batch, oip)
+        stamp(context, batch.size, model_identity(context)[1], self.worker_token)
         times.count(batch.size, len(batch.rows), answer_counts(batch, oip))
         # the split, so that the next bottleneck shows (digit_metrics.py). No HandlerTime beside it, as
         # BaseHandler.handle would add, and no log line a batch: TorchServe's own PredictionTime already times
@@ -194,6 +205,13 @@ class DigitHandler(BaseHandler):
             self.context.set_response_content_type(index, BINARY_TYPE)
             self.context.set_response_header(index, "Inference-Header-Content-Length", str(header_length))
         return body
+
+
+def stamp(context: Any, size: int, version: str, worker: str) -> None:
+    """Puts the archive's version and the worker's token on every answer of the batch (digit_contract.py)."""
+    for index in range(size):
+        context.set_response_header(index, VERSION_HEADER, version)
+        context.set_response_header(index, WORKER_HEADER, worker)
 
 
 def answer_counts(batch: Batch, oip: OipBatch) -> Counter[tuple[str, int, str]]:

@@ -12,6 +12,9 @@ forwards OIP requests to TorchServe. The bundle:
     DIR/config/log4j2.xml          TorchServe's logging made affordable (serving/log4j2.xml)
     DIR/model-store/*.mar          the store's archives, unchanged
     DIR/inferenceservice.yaml      a v1beta1 InferenceService for KServe
+    DIR/promote.yaml, rollback.yaml   with a canary: the same, the canary promoted (all traffic to the new
+                                   revision), or rolled back (`canaryTrafficPercent: 0`: all traffic to the
+                                   revision KServe last rolled out, which it tracks itself)
 
 Security inside the pod (docs/kserve.md, docs/security.md): TorchServe's inference, management and gRPC APIs listen on
 127.0.0.1 only, for the wrapper; keys are off, since the wrapper sends none; the model API stays closed and
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,7 @@ class Deployment:
     scale_metric: str = "concurrency"
     scale_target: int = 8  # in-flight requests per replica (concurrency), or as scale_metric says
     gpu: bool = False
+    canary: int | None = None  # percent of traffic for this bundle's revision, the rest to the last rolled out
 
     def validate(self) -> None:
         if not self.storage_uri or "://" not in self.storage_uri:
@@ -79,6 +83,8 @@ class Deployment:
             raise ValueError(f"--scale-metric must be one of {', '.join(SCALE_METRICS)}, got {self.scale_metric!r}")
         if self.scale_target < 1:
             raise ValueError(f"--scale-target must be at least 1, got {self.scale_target}")
+        if self.canary is not None and not 1 <= self.canary <= 99:
+            raise ValueError(f"--canary must be a percentage from 1 to 99, got {self.canary}")
 
 
 def write_bundle(
@@ -107,6 +113,10 @@ def write_bundle(
     (out / "config" / "config.properties").write_text(render_kserve_config(archives, ports, mount))
     manifest_path = out / "inferenceservice.yaml"
     manifest_path.write_text(yaml.safe_dump(inference_service(deployment), sort_keys=False))
+    if deployment.canary is not None:
+        for name, percent in (("promote.yaml", None), ("rollback.yaml", 0)):
+            manifest = inference_service(replace(deployment, canary=percent))
+            (out / name).write_text(yaml.safe_dump(manifest, sort_keys=False))
     return manifest_path
 
 
@@ -143,12 +153,14 @@ def inference_service(deployment: Deployment) -> dict[str, Any]:
     resources = {"cpu": deployment.cpu, "memory": deployment.memory}
     if deployment.gpu:
         resources["nvidia.com/gpu"] = "1"
+    canary = {} if deployment.canary is None else {"canaryTrafficPercent": deployment.canary}
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
         "metadata": {"name": deployment.name, "annotations": dict(METRICS_ANNOTATIONS)},
         "spec": {
             "predictor": {
+                **canary,
                 "minReplicas": deployment.min_replicas,
                 "maxReplicas": deployment.max_replicas,
                 "scaleMetric": deployment.scale_metric,

@@ -103,6 +103,31 @@ def test_cli_writes_and_checks_the_bundle(store, tmp_path, capsys) -> None:
     assert "validates against" in capsys.readouterr().out
 
 
+@needs_shared
+def test_a_canary_rollout_its_promotion_and_its_rollback_validate(store, tmp_path, schema, capsys) -> None:
+    """`--canary 10`: the new bundle's revision takes 10% of the traffic; promote.yaml drops the field (all
+    traffic to it), rollback.yaml sets 0 (all traffic back to the revision KServe last rolled out)."""
+    out = tmp_path / "b"
+    argv = ["kserve", "--model-store", str(store), "--out", str(out), "--storage-uri", "s3://bucket/digits-v2"]
+    assert main([*argv, "--canary", "10", "--check-against", str(CRD)]) == 0
+    assert capsys.readouterr().out.count("validates against") == 3
+    manifests = {
+        name: yaml.safe_load((out / name).read_text())
+        for name in ("inferenceservice.yaml", "promote.yaml", "rollback.yaml")
+    }
+    percents = {name: m["spec"]["predictor"].get("canaryTrafficPercent") for name, m in manifests.items()}
+    assert percents == {"inferenceservice.yaml": 10, "promote.yaml": None, "rollback.yaml": 0}
+    for manifest in manifests.values():
+        assert validate_manifest(manifest, schema) == []
+        assert manifest["spec"]["predictor"]["model"]["storageUri"] == "s3://bucket/digits-v2"
+    broken = copy.deepcopy(manifests["inferenceservice.yaml"])
+    broken["spec"]["predictor"]["canaryTrafficPercent"] = "ten"
+    assert any("canaryTrafficPercent" in problem for problem in validate_manifest(broken, schema))
+    for percent in ("0", "100"):
+        with pytest.raises(ValueError, match="--canary must be a percentage from 1 to 99"):
+            write_bundle(store, tmp_path / percent, Deployment(storage_uri="s3://b/d", canary=int(percent)))
+
+
 def test_cli_refuses_a_storage_uri_that_is_not_one(store, tmp_path) -> None:
     with pytest.raises(ValueError, match="storage-uri"):
         write_bundle(store, tmp_path / "b", Deployment(storage_uri="my-bucket"))
