@@ -58,7 +58,12 @@ setup() {
     untar .gpu/jre.tar.xz "$WORK" || { echo "FATAL: cannot unpack the JRE"; return 1; }
     untar .gpu/mnist.tar.xz "$WORK/data" || { echo "FATAL: cannot unpack MNIST"; return 1; }
 
-    export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    # digits itself, installed as it installs anywhere (its layer folders become digits.<layer>): the checkout's
+    # own digits/ folder must not come first on the path, or `digits.export` and the others would be missing
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" "$REPO" \
+        || { echo "FATAL: pip install of the checkout into $SITE failed (needs setuptools>=68)"; return 1; }
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONSAFEPATH=1  # Python >= 3.11: `python3 -m pytest` run here must not put ./digits before $SITE's
     export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
     export DIGITS_DATA="$WORK/data"            # training.data.default_data_dir(); tests take the default
     export JAVA_HOME="$WORK/jre"               # serving.server.find_java() and ts/model_server.py read it
@@ -101,7 +106,7 @@ print("onnxruntime", onnxruntime.__version__, onnxruntime.get_device(), onnxrunt
 import model_archiver, ts
 from ts.version import __version__ as ts_version
 print("ts", ts_version, ts.__file__, "| model_archiver", model_archiver.__file__)
-import digits.cli, export.convert, serving.archive, serving.server, training.train  # noqa: F401
+import digits.cli, digits.export.convert, digits.serving.archive, digits.serving.server, digits.training.train  # noqa: F401
 sys.path.insert(0, "handlers")
 import digit_handler  # noqa: F401  (as a TorchServe worker imports it)
 print("project imports: ok")
@@ -169,8 +174,8 @@ from pathlib import Path
 import torch
 sys.path.insert(0, "handlers")
 from digit_model import load_predictor
-from training.data import load_mnist
-from training.train import normalise
+from digits.training.data import load_mnist
+from digits.training.train import normalise
 x = normalise(load_mnist(log=lambda *_: None).test_images[:512])
 for name in ("model.pt", "model.onnx"):
     path = Path(sys.argv[1]) / name
@@ -191,7 +196,7 @@ EOF
         step "same seed twice on CUDA (cnn, 1 epoch, 1000 digits): identical weights?"
         python3 - <<EOF
 import torch
-from training.train import TrainConfig, train
+from digits.training.train import TrainConfig, train
 sd = []
 for run in ("a", "b"):
     train(TrainConfig(model="cnn", epochs=1, limit=1000, device="cuda", out="$WORK/seed/" + run, quiet=True), log=lambda _: None)

@@ -6,7 +6,7 @@ follow_up() {
     section "A same seed twice on CUDA: identical weights?"
     timeout -k 5 "$(cap 150)" python3 - <<PY
 import torch
-from training.train import TrainConfig, train
+from digits.training.train import TrainConfig, train
 for model, limit in (("mlp", 2000), ("cnn", 2000), ("resnet18", 512)):
     sd = []
     for run in ("a", "b"):
@@ -21,9 +21,9 @@ import sys, warnings, numpy as np, torch
 sys.path[:0] = ["handlers", "tests/handlers"]
 warnings.simplefilter("ignore", FutureWarning)
 from pathlib import Path
-from training.train import TrainConfig, train
-from training.checkpoint import load_checkpoint, rebuild_model
-from training.data import load_mnist
+from digits.training.train import TrainConfig, train
+from digits.training.checkpoint import load_checkpoint, rebuild_model
+from digits.training.data import load_mnist
 from handler_helpers import write_model_dir, make_context, run_batch, png_bytes
 from digit_handler import DigitHandler
 print("matmul precision after importing digit_handler:", torch.get_float32_matmul_precision())

@@ -186,4 +186,4 @@ def default_input(out: Path) -> Path:
     return path
 
 
-BENCH_COMMANDS = [add_bench]
+COMMANDS = [add_bench]
