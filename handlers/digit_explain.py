@@ -10,15 +10,13 @@ table `METHODS`; which formats can run which, `methods_for`; each format's defau
   gradients, which only a TorchScript file gives here: onnxruntime and AOTInductor packages run forward
   passes only. A background pixel gets exactly 0 (it does not differ from the baseline), and the map sums to
   the log-probability's change from the blank digit to this one (Captum's completeness).
-- `shapley-sampling` (Captum's ShapleyValueSampling): the digit cut into 4x4 patches, each patch's Shapley
-  value (its mean effect on the log-probability when added, over random orders of the patches, starting
-  from the background), estimated from 4 orders. Forward passes only: every format runs it. Captum gives all
-  pixels of a patch the patch's value; here each pixel's value is weighted by its own ink (0..1), so that the
-  map marks strokes, not squares, and a background pixel, whose deletion changes nothing, gets 0. The orders
-  come from a fixed seed, so a digit gets the same map in any batch and on any call.
+- `feature-ablation` (Captum's FeatureAblation): each ink pixel of the digit set to the background in turn;
+  its value is the drop in log-probability that causes. Forward passes only: every format runs it. Only the
+  pixels that differ from the background are features (a background pixel set to the background changes
+  nothing, and gets 0), so a digit costs one model row per ink pixel, not one per pixel.
 - `occlusion` (Captum's Occlusion): a 4x4 window of background slid over the digit in steps of 2; each
-  pixel gets the mean drop in log-probability of the windows that cover it. Forward passes only. Its map
-  marks the regions the answer depends on, background pixels beside a stroke included.
+  pixel gets the mean drop in log-probability of the windows that cover it. Forward passes only, a fixed
+  169 windows a digit. Its map marks the regions the answer depends on, background beside a stroke included.
 
 Batched: the perturbed (or interpolated) inputs of all the digits go through the model together, Captum
 calls of up to `EVAL_ROWS` rows (its `perturbations_per_eval`, `internal_batch_size`), which the predictor
@@ -41,7 +39,7 @@ import torch
 from digit_model import Predictor, gradients_of
 
 INTEGRATED_GRADIENTS = "integrated-gradients"
-SHAPLEY_SAMPLING = "shapley-sampling"
+FEATURE_ABLATION = "feature-ablation"
 OCCLUSION = "occlusion"
 # Rows of one forward call Captum makes: the perturbations (or path steps) of many digits at once. The
 # predictor splits them into its own chunks on the CPU; a GPU takes them whole.
@@ -60,21 +58,6 @@ class Method:
     settings: Mapping[str, int] = field(default_factory=dict)
     row_cost: int = 1  # model rows' worth of work per input row: a backward pass costs about two forward ones
 
-    def evaluations(self, size: tuple[int, int]) -> int:
-        """Input rows the model runs per digit of `size` (height, width): the work of explaining one digit."""
-        height, width = size
-        s = self.settings
-        if self.name == INTEGRATED_GRADIENTS:
-            return s["steps"]
-        if self.name == SHAPLEY_SAMPLING:
-            return patch_count(size, s["patch"]) * s["permutations"] + 1
-        windows = (1 + (height - s["window"]) // s["stride"]) * (1 + (width - s["window"]) // s["stride"])
-        return windows + 1
-
-    def work(self, size: tuple[int, int]) -> int:
-        """Model rows' worth of work per digit, a backward pass included."""
-        return self.evaluations(size) * self.row_cost
-
 
 # baseline: the intensity (0..255) that a removed pixel takes, or that the path starts from: the framed
 # digit's background. The defaults and the choice of methods: docs/serving.md, "Explanations".
@@ -83,21 +66,17 @@ METHODS = MappingProxyType(
         INTEGRATED_GRADIENTS: Method(
             INTEGRATED_GRADIENTS, gradients=True, settings=MappingProxyType({"baseline": 0, "steps": 32}), row_cost=3
         ),
-        SHAPLEY_SAMPLING: Method(
-            SHAPLEY_SAMPLING,
-            gradients=False,
-            settings=MappingProxyType({"baseline": 0, "patch": 4, "permutations": 4, "seed": 0}),
-        ),
+        FEATURE_ABLATION: Method(FEATURE_ABLATION, gradients=False, settings=MappingProxyType({"baseline": 0})),
         OCCLUSION: Method(
             OCCLUSION, gradients=False, settings=MappingProxyType({"baseline": 0, "window": 4, "stride": 2})
         ),
     }
 )
-# Each format's default: the gradient method where the file gives gradients (integrated gradients: the
-# finest map, at a tenth of shapley-sampling's model rows); else shapley-sampling, which the deletion test
-# found faithful where occlusion was not (docs/serving.md, "Explanations")
+# Each format's default: the gradient method where the file gives gradients (integrated gradients, the
+# cheapest per digit); else feature ablation, the most faithful of the forward-only methods in the deletion
+# test (docs/serving.md, "Explanations")
 DEFAULT_METHODS = MappingProxyType(
-    {"torchscript": INTEGRATED_GRADIENTS, "onnx": SHAPLEY_SAMPLING, "pt2": SHAPLEY_SAMPLING}
+    {"torchscript": INTEGRATED_GRADIENTS, "onnx": FEATURE_ABLATION, "pt2": FEATURE_ABLATION}
 )
 
 # Called before each model call with the work about to run (model rows, backward passes weighted): raises to
@@ -130,9 +109,9 @@ def attribute(
         digits: (N, 1, H, W) float32, normalised as the model takes them.
         targets: N class indices (into the model's labels), one per digit.
         method: a name in `METHODS`.
-        settings: the method's settings; default the table's. A setting left out takes the table's value.
-        mean: the archive's normalisation (the metadata's `mean` and `std`): the baseline intensity is turned
-            into a model input with it, and the digits' ink read back for shapley-sampling.
+        settings: the method's settings; a setting left out takes the table's value.
+        mean: the archive's normalisation (the metadata's `mean` and `std`), which turns the baseline
+            intensity into a model input.
         guard: called with the work of each model call before it runs (`Guard`).
 
     Returns:
@@ -142,9 +121,7 @@ def attribute(
         ValueError: an unknown method, a gradient method on a forward-only predictor, or targets that do
             not fit the digits.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; the methods are {', '.join(METHODS)}")
-    spec = METHODS[method]
+    spec = method_named(method)
     chosen = {**spec.settings, **(settings or {})}
     targets = torch.as_tensor(np.asarray(targets, dtype=np.int64))
     if targets.shape != (len(digits),):
@@ -152,12 +129,41 @@ def attribute(
     forward = model_function(predict, spec, guard)
     background = input_value(chosen["baseline"], mean, std)
     maps = [
-        run_method(spec.name, forward, group, group_targets, chosen, background, std).detach()
+        run_method(spec.name, forward, group, group_targets, chosen, background).detach()
         for group, group_targets in zip(digits.split(GROUP_DIGITS), targets.split(GROUP_DIGITS), strict=True)
     ]
     if not maps:
         return np.zeros((0, *digits.shape[2:]), dtype=np.float32)
     return torch.cat(maps).reshape(len(digits), *digits.shape[2:]).float().cpu().numpy()
+
+
+def work(
+    digits: torch.Tensor, method: str, settings: Mapping[str, int] | None = None, *, mean: float, std: float
+) -> int:
+    """The work `attribute` will hand its guard for these digits, in all: model rows, backward passes
+    weighted, known before any model call (feature ablation's depends on the ink of each group of digits)."""
+    spec = method_named(method)
+    chosen = {**spec.settings, **(settings or {})}
+    background = input_value(chosen["baseline"], mean, std)
+    height, width = digits.shape[2:]
+    total = 0
+    for group in digits.split(GROUP_DIGITS):
+        if spec.name == INTEGRATED_GRADIENTS:
+            evaluations = chosen["steps"]
+        elif spec.name == FEATURE_ABLATION:
+            # one row per ink pixel of the group's inkiest digit, one for the background, one unperturbed
+            evaluations = int((group != background).flatten(1).sum(1).max()) + 2
+        else:
+            window, stride = chosen["window"], chosen["stride"]
+            evaluations = (1 + (height - window) // stride) * (1 + (width - window) // stride) + 1
+        total += evaluations * len(group) * spec.row_cost
+    return total
+
+
+def method_named(method: str) -> Method:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; the methods are {', '.join(METHODS)}")
+    return METHODS[method]
 
 
 def model_function(predict: Predictor, method: Method, guard: Guard | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -184,7 +190,6 @@ def run_method(
     targets: torch.Tensor,
     settings: Mapping[str, int],
     background: float,
-    std: float,
 ) -> torch.Tensor:
     """One group of digits through Captum's implementation of the method."""
     import captum.attr as attr  # here, not at the top: a worker that only predicts never pays for it
@@ -208,18 +213,19 @@ def run_method(
             target=targets,
             perturbations_per_eval=rows,
         )
-    size = tuple(digits.shape[2:])
-    with torch.random.fork_rng(devices=[]):  # Captum draws the orders from torch's global generator
-        torch.manual_seed(settings["seed"])
-        values = attr.ShapleyValueSampling(forward).attribute(
-            digits,
-            baselines=background,
-            target=targets,
-            feature_mask=patch_mask(size, settings["patch"]),
-            n_samples=settings["permutations"],
-            perturbations_per_eval=rows,
-        )
-    return values * ink(digits, background, std)
+    inked = digits != background
+    values = attr.FeatureAblation(forward).attribute(
+        digits, baselines=background, target=targets, feature_mask=ink_features(inked), perturbations_per_eval=rows
+    )
+    # the background's one feature changes nothing; its value is 0 up to the kernels' rounding, made exact
+    return values * inked
+
+
+def ink_features(inked: torch.Tensor) -> torch.Tensor:
+    """Feature ids for feature ablation, digit by digit: 1, 2, ... for the ink pixels in raster order, 0 for
+    the whole background (the same ids in every digit are ablated in the same model call)."""
+    flat = inked.flatten(1).long()
+    return (flat.cumsum(1) * flat).reshape(inked.shape)
 
 
 def input_value(intensity: float, mean: float, std: float) -> float:
@@ -227,22 +233,3 @@ def input_value(intensity: float, mean: float, std: float) -> float:
     (`digit_contract.normalise`), so that a pixel at the baseline equals it to the bit."""
     value = np.float32(intensity) / np.float32(255.0)
     return float((value - np.float32(mean)) / np.float32(std))
-
-
-def patch_mask(size: tuple[int, int], patch: int) -> torch.Tensor:
-    """(1, 1, H, W) feature indices: square patches of `patch` pixels a side, row by row (ragged at the edges)."""
-    height, width = size
-    rows = torch.arange(height) // patch
-    columns = torch.arange(width) // patch
-    per_row = (width + patch - 1) // patch
-    return (rows[:, None] * per_row + columns[None, :]).reshape(1, 1, height, width)
-
-
-def patch_count(size: tuple[int, int], patch: int) -> int:
-    height, width = size
-    return ((height + patch - 1) // patch) * ((width + patch - 1) // patch)
-
-
-def ink(digits: torch.Tensor, background: float, std: float) -> torch.Tensor:
-    """Each pixel's ink, 0 at the baseline to 1 at full intensity above it (model input units back to 0..1)."""
-    return ((digits - background) * std).clamp(0.0, 1.0)

@@ -11,15 +11,15 @@ import torch
 from digit_explain import (
     DEFAULT_METHODS,
     EVAL_ROWS,
+    FEATURE_ABLATION,
     GRADIENT_ROWS,
     GROUP_DIGITS,
     INTEGRATED_GRADIENTS,
     METHODS,
     OCCLUSION,
-    SHAPLEY_SAMPLING,
     attribute,
     methods_for,
-    patch_mask,
+    work,
 )
 from digit_model import CPU_CHUNK_ROWS, gradients_of, in_chunks
 from handler_helpers import MEAN, STD
@@ -43,9 +43,9 @@ def explain(predict, x, targets, method, **kwargs):
 
 def test_methods_each_format_can_run(handlers_by_format):
     """Gradients only where the file gives them; each format's default among its methods."""
-    assert methods_for(handlers_by_format["torchscript"].model) == (INTEGRATED_GRADIENTS, SHAPLEY_SAMPLING, OCCLUSION)
+    assert methods_for(handlers_by_format["torchscript"].model) == (INTEGRATED_GRADIENTS, FEATURE_ABLATION, OCCLUSION)
     for fmt in ("onnx", "pt2"):
-        assert methods_for(handlers_by_format[fmt].model) == (SHAPLEY_SAMPLING, OCCLUSION)
+        assert methods_for(handlers_by_format[fmt].model) == (FEATURE_ABLATION, OCCLUSION)
     for fmt in FORMATS:
         assert DEFAULT_METHODS[fmt] in methods_for(handlers_by_format[fmt].model)
 
@@ -75,22 +75,22 @@ def test_integrated_gradients_is_complete_and_leaves_the_background_at_zero(hand
     assert (maps[images == 0] == 0).all()
 
 
-def test_shapley_sampling_marks_ink_only_and_sums_each_patch(handlers_by_format, digits):
-    """Each pixel of a patch carries the patch's value weighted by its ink: zero on the background."""
+def test_feature_ablation_is_each_ink_pixels_own_effect(handlers_by_format, digits):
+    """A pixel's value is the drop in log-probability when that pixel alone turns background; the background
+    gets exactly 0 (it costs no model rows)."""
     images, x = digits
     predict = handlers_by_format["onnx"].model
-    maps = explain(predict, x, [0] * 6, SHAPLEY_SAMPLING)
-    assert (maps[images == 0] == 0).all()
-    # dividing by the ink gives back one value for all inked pixels of a patch
-    mask = patch_mask((28, 28), 4)[0, 0].numpy()
-    ink = images[0].astype(np.float32) / 255
-    for patch in np.unique(mask[images[0] > 0]):
-        inked = (mask == patch) & (images[0] > 0)
-        values = maps[0][inked] / ink[inked]
-        assert np.allclose(values, values[0], rtol=1e-4, atol=1e-6)
+    maps = explain(predict, x[:1], [4], FEATURE_ABLATION)
+    assert (maps[0][images[0] == 0] == 0).all()
+    background = torch.tensor(-MEAN / STD).float()
+    for row, column in np.argwhere(images[0] > 0)[::17]:
+        without = x[:1].clone()
+        without[0, 0, row, column] = background
+        drop = torch.log_softmax(predict(torch.cat([x[:1], without])), 1)[:, 4]
+        assert math.isclose(maps[0, row, column], float(drop[0] - drop[1]), rel_tol=1e-3, abs_tol=1e-5)
 
 
-@pytest.mark.parametrize("method", [SHAPLEY_SAMPLING, OCCLUSION, INTEGRATED_GRADIENTS])
+@pytest.mark.parametrize("method", [FEATURE_ABLATION, OCCLUSION, INTEGRATED_GRADIENTS])
 def test_a_digit_gets_its_map_whatever_its_batch(method, handlers_by_format, digits):
     """Alone or among others, first or last: the same map (shapley-sampling's orders come from a fixed seed)."""
     images, x = digits
@@ -102,7 +102,7 @@ def test_a_digit_gets_its_map_whatever_its_batch(method, handlers_by_format, dig
     assert np.array_equal(alone, again)
 
 
-@pytest.mark.parametrize("method", [SHAPLEY_SAMPLING, OCCLUSION])
+@pytest.mark.parametrize("method", [FEATURE_ABLATION, OCCLUSION])
 def test_formats_agree_on_forward_only_methods(method, handlers_by_format, digits):
     """The same model in three files: the same maps, to the parity the export proves on the scores."""
     _, x = digits
@@ -134,20 +134,24 @@ def counting(predict):
     return in_chunks(counted, CPU_CHUNK_ROWS), calls
 
 
+@pytest.mark.parametrize("method", [OCCLUSION, FEATURE_ABLATION])
 @pytest.mark.parametrize("count", [1, 7, 64, 70])
-def test_perturbations_of_all_digits_share_model_calls(count, handlers_by_format, mnist_test):
-    """Occlusion's 169 windows of N digits: 1 + ceil(169 / P) Captum calls of P perturbations of every digit
-    (P = EVAL_ROWS // N), each run in chunks of CPU_CHUNK_ROWS rows: not 170 calls per digit."""
-    x = normalised(mnist_test[0][:count])
+def test_perturbations_of_all_digits_share_model_calls(method, count, handlers_by_format, mnist_test):
+    """F perturbations of each of N digits (occlusion's 169 windows; feature ablation's ink pixels of the
+    inkiest digit, plus the background): 1 + ceil(F / P) Captum calls, each of P perturbations of every digit
+    (P = EVAL_ROWS // N), run in chunks of CPU_CHUNK_ROWS rows; not F + 1 calls per digit."""
+    images = mnist_test[0][:count]
+    x = normalised(images)
     predict, runtime_calls = counting(handlers_by_format["onnx"].model)
     captum_calls: list[int] = []
-    explain(predict, x, [1] * count, OCCLUSION, guard=captum_calls.append)
+    explain(predict, x, [1] * count, method, guard=captum_calls.append)
     expected_captum = 0
     for group in range(0, count, GROUP_DIGITS):
-        digits = min(GROUP_DIGITS, count - group)
-        expected_captum += 1 + math.ceil(169 / max(1, EVAL_ROWS // digits))
+        digits = images[group : group + GROUP_DIGITS]
+        features = 169 if method == OCCLUSION else int((digits > 0).reshape(len(digits), -1).sum(1).max()) + 1
+        expected_captum += 1 + math.ceil(features / max(1, EVAL_ROWS // len(digits)))
     assert len(captum_calls) == expected_captum
-    assert sum(captum_calls) == count * 170 == sum(runtime_calls)
+    assert sum(captum_calls) == sum(runtime_calls) == work(x, method, mean=MEAN, std=STD)
     assert max(runtime_calls) <= CPU_CHUNK_ROWS
     assert len(runtime_calls) == sum(math.ceil(rows / CPU_CHUNK_ROWS) for rows in captum_calls)
 
@@ -161,12 +165,14 @@ def test_integrated_gradients_steps_share_model_calls(handlers_by_format, mnist_
     assert captum_calls == [GRADIENT_ROWS * row_cost] * (64 * 32 // GRADIENT_ROWS)
 
 
-def test_work_per_digit_is_what_the_table_says(handlers_by_format, digits):
-    _, x = digits
-    for method in METHODS.values():
-        work: list[int] = []
-        explain(handlers_by_format["torchscript"].model, x[:2], [0, 0], method.name, guard=work.append)
-        assert sum(work) == 2 * method.work((28, 28)), method.name
+@pytest.mark.parametrize("count", [2, 70])
+def test_work_is_known_before_the_model_runs(count, handlers_by_format, mnist_test):
+    """`work` foretells what the guard sees, for every method, over groups of unequal ink."""
+    x = normalised(mnist_test[0][:count])
+    for method in METHODS:
+        seen: list[int] = []
+        explain(handlers_by_format["torchscript"].model, x, [0] * count, method, guard=seen.append)
+        assert sum(seen) == work(x, method, mean=MEAN, std=STD), method
 
 
 def test_a_guard_stops_the_explanation_before_the_model_runs(handlers_by_format, digits):
@@ -177,7 +183,7 @@ def test_a_guard_stops_the_explanation_before_the_model_runs(handlers_by_format,
         raise TimeoutError(f"no budget for {work}")
 
     with pytest.raises(TimeoutError):
-        explain(predict, x, [0] * 6, SHAPLEY_SAMPLING, guard=refuse)
+        explain(predict, x, [0] * 6, FEATURE_ABLATION, guard=refuse)
     assert runtime_calls == []
 
 
