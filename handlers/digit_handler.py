@@ -33,8 +33,8 @@ from digit_batch import (
     prediction_bodies,
     to_probabilities,
 )
-from digit_contract import HANDLER_SECTION, THREADS_KEY
-from digit_errors import RequestError, quiet_client_tracebacks
+from digit_contract import HANDLER_SECTION, RESPONSE_LIMIT_KEY, THREADS_KEY, TORCHSERVE_MAX_RESPONSE
+from digit_errors import RequestError, quiet_client_tracebacks, too_large
 from digit_explanations import (
     Deadline,
     Explanation,
@@ -91,6 +91,7 @@ class DigitHandler(BaseHandler):
         quiet_client_tracebacks()  # TorchServe logs one per JSON body it cannot parse
         self.meta = read_metadata(model_dir)
         set_threads(context.model_yaml_config)  # before loading: onnxruntime sizes its pool from torch's count
+        self.response_limit = response_limit(context.model_yaml_config)
         model_path = find_model_file(model_dir, self.manifest, self.meta)
         verify_sha256(model_path, self.meta.sha256)
         self.model_pt_path = str(model_path)
@@ -118,7 +119,7 @@ class DigitHandler(BaseHandler):
         deadline = Deadline(self.explain_seconds)  # from the start of the batch: decoding counts
         times = StageTimes()
         with times.stage("DecodeTime"):
-            readings, kserve = read_requests(data, context, self.meta)  # every protocol alike
+            readings, kserve = read_requests(data, context, self.meta, self.response_limit)  # every protocol alike
         with times.stage("PreprocessTime"):
             batch = assemble(readings, self.meta)
         with times.stage("InferenceTime"):
@@ -188,10 +189,27 @@ class DigitHandler(BaseHandler):
                 error = result
             if index in kserve.indices:
                 bodies.append(self.kserve_answer(batch, kserve, index, error, result))
-                continue
-            self.context.set_response_content_type(index, "application/json")
-            bodies.append(answers[index] if error is None else json_body(refuse(self.context, index, error)))
+            else:
+                self.context.set_response_content_type(index, "application/json")
+                bodies.append(answers[index] if error is None else json_body(refuse(self.context, index, error)))
+            if len(bodies[index]) > self.response_limit:
+                bodies[index] = self.oversized(batch, kserve, index, len(bodies[index]))
         return bodies
+
+    def oversized(self, batch: Batch, kserve: OipBatch, index: int, size: int) -> bytes:
+        """Request `index`'s 413 in place of a body TorchServe's frontend would drop with the worker and its
+        batch: the last guard, behind the bounds each protocol checks before building (`check_answer_size`)."""
+        logger.error(
+            "request %d: a %d-byte answer, over max_response_size %d, replaced", index, size, self.response_limit
+        )
+        error = too_large(
+            "AnswerTooLarge", f"the answer took {size:,} bytes, over the {self.response_limit:,} TorchServe carries"
+        )
+        batch.errors[index] = error
+        self.context.get_response_headers(index).pop("Inference-Header-Content-Length", None)  # a JSON body now
+        if index in kserve.indices:
+            return self.kserve_answer(batch, kserve, index, error, None)
+        return json_body(refuse(self.context, index, error))
 
     def plain_answers(
         self, batch: Batch, kserve: OipBatch, explained: dict[int, Explanation | RequestError], framed: list
@@ -283,6 +301,17 @@ def set_threads(model_yaml_config: dict | None) -> None:
         raise ModelLoadError(f"model-config.yaml handler.threads is {threads!r}, expected a positive integer")
     torch.set_num_threads(threads)
     logger.info("digits handler: %d intra-op thread(s) per worker", threads)
+
+
+def response_limit(model_yaml_config: dict | None) -> int:
+    """The largest answer body this worker may build: model-config.yaml's `handler: {max_response_size: B}`,
+    the value `digits serve` writes into TorchServe's config.properties, else TorchServe's own default."""
+    value = ((model_yaml_config or {}).get(HANDLER_SECTION) or {}).get(RESPONSE_LIMIT_KEY, TORCHSERVE_MAX_RESPONSE)
+    if type(value) is not int or value < 1:
+        raise ModelLoadError(
+            f"model-config.yaml handler.{RESPONSE_LIMIT_KEY} is {value!r}, expected a positive integer"
+        )
+    return value
 
 
 def refuse(context: Any, index: int, error: RequestError) -> dict[str, Any]:

@@ -8,7 +8,8 @@ with "instances" (and no "data") is a v1 request.
 
 A request: `{"instances": [INSTANCE, ...]}`, 1 to MAX_DIGITS instances (MAX_EXPLAINED to explain), each an
 object `{"data": BASE64_IMAGE or PIXELS}` (what /predictions takes as JSON, e.g. pytorch/serve's
-`kubernetes/kserve/kf_request_json/v1/mnist.json`), a base64 image, or a list of pixels. To explain, an
+`kubernetes/kserve/kf_request_json/v1/mnist.json`), a base64 image, or a list of pixels; the images' decoding
+work is bounded per request, as OIP's (`digit_budget.RequestBudget`). To explain, an
 instance may name the label to explain (`"target": 3`; default its predicted label) and the method
 (`"method"`, one for the whole request). Answers: `{"predictions": [LABEL, ...]}`, and for `:explain`
 `{"explanations": [...]}`, one object per instance (`digit_explanations.explanation_body`). A request that
@@ -18,16 +19,26 @@ request, naming the instance.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from digit_batch import label_value
+from digit_budget import RequestBudget
 from digit_errors import RequestError, bad_request, too_large
 from digit_explanations import MAX_EXPLAINED, Ask
-from digit_inputs import read_payload
+from digit_inputs import (
+    decode_base64,
+    decode_data_url,
+    image_work,
+    read_image,
+    read_json,
+    text_bytes,
+    without_bom,
+)
 
 MAX_INSTANCES = 1024  # as OIP's MAX_DIGITS: TorchServe's max_request_size bounds the bytes first
 
@@ -58,13 +69,45 @@ def read_v1(body: Any, explain: bool, size: tuple[int, int]) -> V1Request:
         message = f"the request holds {len(instances)} instances; the limit is {limit} to {what} a request"
         raise too_large("TooManyInstances", message)
     ask = instance_ask(instances) if explain else None  # before decoding: a refusal costs nothing
-    digits = np.empty((len(instances), *size), dtype=np.float32)
+    payloads = []
     for index, instance in enumerate(instances):
-        try:
-            digits[index] = read_payload(instance, size)
-        except RequestError as err:
-            raise RequestError(err.code, err.kind, f"instance {index}: {err.message}") from None
+        with named_instance(index):
+            payloads.append(instance_payload(instance))
+    # the images' decoding work bounded for the request as a whole, as OIP's BYTES (digit_budget.RequestBudget)
+    budget = RequestBudget()
+    for index, payload in enumerate(payloads):
+        if isinstance(payload, bytes):
+            with named_instance(index):
+                budget.charge(image_work(payload))
+    digits = np.empty((len(instances), *size), dtype=np.float32)
+    for index, payload in enumerate(payloads):
+        with named_instance(index):
+            if isinstance(payload, bytes):
+                digits[index] = read_image(payload, size, encoded=True, budget=budget)
+            else:
+                digits[index] = read_json(payload, size)
     return V1Request(digits, ask)
+
+
+def instance_payload(instance: Any) -> bytes | Any:
+    """An instance's image file (from base64 text or a data URL), or its pixels as JSON for `read_json`."""
+    data = instance.get("data") if isinstance(instance, Mapping) else instance
+    if isinstance(instance, Mapping) and "data" not in instance:
+        keys = ", ".join(repr(str(key))[:40] for key in list(instance)[:10])
+        raise bad_request("BadJson", f'the instance has no "data" key (keys: {keys or "none"})')
+    if not isinstance(data, str):
+        return data  # pixels, or a wrong kind of value that read_json names
+    text = without_bom(text_bytes(data)).strip()
+    return decode_data_url(text) if text[:5].lower() == b"data:" else decode_base64(text)
+
+
+@contextlib.contextmanager
+def named_instance(index: int) -> Iterator[None]:
+    """Prefixes a RequestError raised for one instance with the instance's index."""
+    try:
+        yield
+    except RequestError as err:
+        raise RequestError(err.code, err.kind, f"instance {index}: {err.message}") from None
 
 
 def instance_ask(instances: list[Any]) -> Ask:

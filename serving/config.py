@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .archive import ArchiveError, read_archive_settings
+from .archive import ArchiveError, read_archive_settings, response_limit
 from .metrics import write_metrics_config
 
 MAX_REQUEST_BYTES = 10 * 1024 * 1024  # a 4096x4096 PNG fits; anything bigger is refused by the frontend
@@ -61,6 +61,19 @@ def models_entry(archives: list[Path]) -> dict:
     return entry
 
 
+def max_response_size(archives: list[Path]) -> int:
+    """config.properties' max_response_size: the largest of the archives' own limits (`response_limit`).
+
+    TorchServe's frontend drops a worker's reply holding any answer body over it (ModelResponseDecoder), and
+    the worker with it; each archive's handler refuses, as that request's 413, an answer over its own limit,
+    which is never over this one.
+    """
+    try:
+        return max(response_limit(read_archive_settings(mar)) for mar in archives)
+    except ArchiveError as err:
+        raise ValueError(str(err)) from None
+
+
 def allowed_urls(store: Path) -> str:
     """A Java regex admitting only `file://<store>/<name>.mar`: no other folder, no `..`, no other scheme.
 
@@ -107,7 +120,7 @@ def render_config(store: Path, ports: Ports, host: str = "127.0.0.1", metrics_co
         "allowed_urls": allowed_urls(store),
         "install_py_dep_per_model": "false",
         "max_request_size": str(MAX_REQUEST_BYTES),
-        "max_response_size": str(MAX_REQUEST_BYTES),
+        "max_response_size": str(max_response_size(archives)),
         "default_workers_per_model": "1",
         # the handler's per-batch time split (handlers/digit_metrics.py) are custom metrics, which TorchServe
         # drops unless metrics.yaml names them or this is on; registering costs once, at the first batch

@@ -31,7 +31,15 @@ from typing import Any
 import yaml
 
 from .archive import ArchiveError
-from .config import LOG_CONFIG, MAX_REQUEST_BYTES, Ports, allowed_urls, list_archives, models_entry
+from .config import (
+    LOG_CONFIG,
+    MAX_REQUEST_BYTES,
+    Ports,
+    allowed_urls,
+    list_archives,
+    max_response_size,
+    models_entry,
+)
 from .metrics import write_metrics_config
 
 MOUNT = "/mnt/models"  # where KServe puts the storageUri's content
@@ -126,7 +134,7 @@ def render_kserve_config(archives: list[Path], ports: Ports, mount: str = MOUNT)
         "enable_envvars_config": "false",
         "install_py_dep_per_model": "false",
         "max_request_size": str(MAX_REQUEST_BYTES),
-        "max_response_size": str(MAX_REQUEST_BYTES),
+        "max_response_size": str(max_response_size(archives)),
         "default_workers_per_model": "1",
         "metrics_mode": "prometheus",
         "metrics_config": f"{mount}/config/metrics.yaml",
