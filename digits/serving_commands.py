@@ -352,14 +352,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_kserve(sub: argparse._SubParsersAction) -> None:
-    from .serving.kserve import KSERVE_PORTS, MOUNT, SCALE_METRICS, Deployment
+    from .serving.kserve import KSERVE_PORTS, MOUNT, PROTOCOLS, SCALE_METRICS, Deployment
 
     defaults = Deployment()
     p = sub.add_parser(
         "kserve",
         help="pack a model store for KServe's TorchServe runtime, with an InferenceService manifest",
         description="Write OUT/config/config.properties, OUT/model-store/*.mar and OUT/inferenceservice.yaml "
-        "(KServe v1beta1, modelFormat pytorch, protocolVersion v2). Upload OUT to STORAGE_URI; "
+        "(KServe v1beta1, modelFormat pytorch, protocolVersion v2 or v1). Upload OUT to STORAGE_URI; "
         "`kubectl apply -f OUT/inferenceservice.yaml`. See README, Scaling out on KServe.",
     )
     p.add_argument("--model-store", type=Path, default=DEFAULT_STORE, help="default: model_store/")
@@ -375,6 +375,13 @@ def add_kserve(sub: argparse._SubParsersAction) -> None:
         "--scale-target", type=int, default=defaults.scale_target, help="per replica, in --scale-metric's unit"
     )
     p.add_argument("--gpu", action="store_true", help="ask for one NVIDIA GPU per replica")
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=defaults.protocol,
+        help="the InferenceService's protocolVersion: v2, the Open Inference Protocol (default), or v1, KServe v1 "
+        "(:predict, :explain); the archives answer both either way",
+    )
     p.add_argument("--check-against", type=Path, metavar="CRD_YAML", help="validate the manifest against this CRD")
     p.add_argument("--mount", default=MOUNT, help=f"where the bundle is mounted (KServe: {MOUNT})")
     p.add_argument("--inference-port", type=int, default=KSERVE_PORTS.inference, help="TorchServe's, behind KServe's")
@@ -400,6 +407,7 @@ def run_kserve(args: argparse.Namespace) -> int:
         args.scale_metric,
         args.scale_target,
         args.gpu,
+        args.protocol,
     )
     manifest = write_bundle(args.model_store, args.out, deployment, _ports(args), args.mount)
     if args.check_against:
