@@ -14,7 +14,9 @@ by, installed packages on that path. TorchServe takes the handler module's only 
 Requests and answers: see `digit_inputs.py` for what a request may hold. Each readable request gets
 `{"label": 7, "confidence": 0.998, "probabilities": [ten floats]}`; each unreadable one gets its own
 4xx status and `{"code", "type", "message"}` body, and the rest of the batch is answered normally.
-Open Inference Protocol requests (`/v2/models/NAME/infer`) share the batch: see `digit_oip.py`.
+Open Inference Protocol requests (`/v2/models/NAME/infer`) share the batch: see `digit_oip.py`; so do KServe
+v1 requests (`digit_kserve.py`). /explanations requests, OIP requests for the output `attributions` and
+KServe's explain routes also get their explanations (`digit_explanations.py`, `digit_explain.py`).
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ logger = logging.getLogger(__name__)
 
 
 class DigitHandler(BaseHandler):
-    """Classifies handwritten digits with the archive's TorchScript, ONNX or .pt2 model, one forward pass a batch."""
+    """Classifies handwritten digits with the archive's TorchScript, ONNX or .pt2 model, one forward pass a batch,
+    and explains the answers it is asked to."""
 
     def initialize(self, context: Any) -> None:
         """Loads the model the archive's metadata vouches for, on the device TorchServe assigned.

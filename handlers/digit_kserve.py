@@ -2,8 +2,8 @@
 
 TorchServe 0.12.0 routes `POST /v1/models/NAME:predict` and `:explain` to the handler with the raw body (its
 frontend's `handleKFV1Predictions`, which writes `explain: True` for `:explain`), and KServe's model server in
-front of TorchServe in a pod (the `kserve-torchserve` image's wrapper) forwards a v1 body to
-`/predictions/NAME` or `/explanations/NAME`. Either way the body decides (`digit_oip.route`): a JSON object
+front of TorchServe in a pod (the `kserve-torchserve` image's wrapper) may forward a v1 body to
+`/predictions/NAME` or `/explanations/NAME` instead. Either way the body decides (`digit_oip.route`): a JSON object
 with "instances" (and no "data") is a v1 request.
 
 A request: `{"instances": [INSTANCE, ...]}`, 1 to MAX_DIGITS instances (MAX_EXPLAINED to explain), each an

@@ -4,11 +4,12 @@ How TorchServe 0.12.0 hands them over: `POST /v2/models/NAME/infer` goes to the 
 raw body as the parameter "body" (frontend `InferenceRequestHandler.handleKFV2Predictions`), like
 /predictions. Which protocol a request speaks is decided by its body (`route`): an object with "inputs" is
 OIP wherever it was sent (TorchServe's OIP gRPC `ModelInfer` sets no headers at all), a KServe v1 body
-(`{"instances": [...]}`) is refused naming the routes digits speaks (v1 is not implemented), anything else
-is a /predictions request, except that a body of neither kind sent to a KServe route gets OIP's error.
-KServe's explain routes (`/v2/models/NAME/explain`, `/v1/models/NAME:explain`) come with `explain: True`,
-written by the frontend after the client's headers, and are refused: no explainer. No header a client can
-set changes how another request is read, nor how its own OIP body is (see `route`).
+(`{"instances": [...]}`) is read by digit_kserve.py, anything else is a /predictions request, except that a
+body of neither kind sent to a KServe route gets OIP's error. /explanations and KServe's explain routes
+(`/v2/models/NAME/explain`, `/v1/models/NAME:explain`) come with `explain: True`, written by the frontend
+after the client's headers: the request asks for explanations (digit_explanations.py; on the OIP explain
+route, the output "attributions" is added). No header a client can set changes how another request is read,
+nor how its own OIP body is (see `route`).
 TorchServe's `kservev2` envelope (TS_SERVICE_ENVELOPE) is not used: it reads only request 0 of a batch; the
 bundle keeps it off.
 
@@ -20,8 +21,9 @@ A request: one input tensor, any name:
     base64 bytes in the binary extension), framed as /predictions frames images.
 JSON `data` (flat or nested) or the binary tensor data extension (`Inference-Header-Content-Length`,
 `binary_data_size`, `binary_data`/`binary_data_output`), for inputs and outputs alike. Outputs:
-"probabilities" FP32 [N,classes], "label" INT64 [N], and, only when `outputs` names it, "framed" UINT8
-[N,H,W], the digits as the model saw them. Every failure is a `RequestError`, answered `{"error": ...}`.
+"probabilities" FP32 [N,classes], "label" INT64 [N], and, only when `outputs` names them, "framed" UINT8
+[N,H,W], the digits as the model saw them, and "attributions" FP32 [N,H,W], their explanations (the request
+parameters "method" and "target" choose). Every failure is a `RequestError`, answered `{"error": ...}`.
 """
 
 from __future__ import annotations
