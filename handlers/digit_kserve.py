@@ -19,16 +19,15 @@ request, naming the instance.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from digit_batch import label_value
 from digit_budget import RequestBudget
-from digit_errors import RequestError, bad_request, too_large
+from digit_errors import bad_request, prefixed, too_large
 from digit_explanations import MAX_EXPLAINED, Ask
 from digit_inputs import (
     decode_base64,
@@ -71,17 +70,17 @@ def read_v1(body: Any, explain: bool, size: tuple[int, int]) -> V1Request:
     ask = instance_ask(instances) if explain else None  # before decoding: a refusal costs nothing
     payloads = []
     for index, instance in enumerate(instances):
-        with named_instance(index):
+        with prefixed(f"instance {index}"):
             payloads.append(instance_payload(instance))
     # the images' decoding work bounded for the request as a whole, as OIP's BYTES (digit_budget.RequestBudget)
     budget = RequestBudget()
     for index, payload in enumerate(payloads):
         if isinstance(payload, bytes):
-            with named_instance(index):
+            with prefixed(f"instance {index}"):
                 budget.charge(image_work(payload))
     digits = np.empty((len(instances), *size), dtype=np.float32)
     for index, payload in enumerate(payloads):
-        with named_instance(index):
+        with prefixed(f"instance {index}"):
             if isinstance(payload, bytes):
                 digits[index] = read_image(payload, size, encoded=True, budget=budget)
             else:
@@ -99,15 +98,6 @@ def instance_payload(instance: Any) -> bytes | Any:
         return data  # pixels, or a wrong kind of value that read_json names
     text = without_bom(text_bytes(data)).strip()
     return decode_data_url(text) if text[:5].lower() == b"data:" else decode_base64(text)
-
-
-@contextlib.contextmanager
-def named_instance(index: int) -> Iterator[None]:
-    """Prefixes a RequestError raised for one instance with the instance's index."""
-    try:
-        yield
-    except RequestError as err:
-        raise RequestError(err.code, err.kind, f"instance {index}: {err.message}") from None
 
 
 def instance_ask(instances: list[Any]) -> Ask:

@@ -33,7 +33,7 @@ import contextlib
 import functools
 import json
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +41,7 @@ import numpy as np
 from digit_batch import Readings, content_types, label_value, read_batch, read_guarded
 from digit_budget import RequestBudget
 from digit_contract import OIP_DEFAULT_OUTPUTS, OIP_OUTPUTS, TORCHSERVE_MAX_RESPONSE
-from digit_errors import RequestError, bad_request, too_large
+from digit_errors import RequestError, bad_request, prefixed, too_large
 from digit_explanations import MAX_EXPLAINED, Ask, ask_from_fields
 from digit_imaging import require_ink, to_uint8
 from digit_inputs import (
@@ -487,13 +487,9 @@ def read_images(elements: list[str] | list[bytes], shape: list[int], size: tuple
     return digits
 
 
-@contextlib.contextmanager
-def named_element(index: int) -> Iterator[None]:
+def named_element(index: int) -> contextlib.AbstractContextManager[None]:
     """Prefixes a RequestError raised for one element with the element's index."""
-    try:
-        yield
-    except RequestError as err:
-        raise RequestError(err.code, err.kind, f"BYTES element {index}: {err.message}") from None
+    return prefixed(f"BYTES element {index}")
 
 
 def element_image(index: int, element: str | bytes) -> tuple[bytes, bool]:

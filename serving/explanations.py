@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from .client import _unreachable, content_type, resolve_endpoint
+from .client import content_type, each_file
 
 FIGURE_SUFFIX = ".explained.png"
 
@@ -83,14 +83,10 @@ def explain_files(
     method: str | None = None,
     target: str | None = None,
 ) -> list[Explained]:
-    missing = [str(f) for f in files if not Path(f).is_file()]
-    if missing:
-        raise ValueError(f"no such file: {', '.join(missing)}")
-    url, token = resolve_endpoint(run_dir, url, token)
-    try:
-        return [explain_file(Path(f), url, model, token, method, target) for f in files]
-    except requests.ConnectionError:
-        raise _unreachable(url) from None
+    def send(path: Path, url: str, token: str) -> Explained:
+        return explain_file(path, url, model, token, method, target)
+
+    return each_file(files, run_dir, url, token, send)
 
 
 def figure_path(out: Path, file: str, index: int, taken: set[Path]) -> Path:
