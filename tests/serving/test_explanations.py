@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
@@ -41,7 +43,7 @@ KEYS = {"label", "confidence", "probabilities", "target", "method", "settings", 
 
 @pytest.fixture(scope="module")
 def served(artifacts, int8_artifacts, pt2_export, tmp_path_factory):
-    """(inference URL, headers) of a TorchServe holding the four formats as ts, onnx, int8 and pt2."""
+    """(inference URL, headers, metrics URL) of a TorchServe holding the four formats as ts, onnx, int8, pt2."""
     tmp = tmp_path_factory.mktemp("explain-serve")
     store, settings = tmp / "store", ServingSettings(batch_size=8, max_batch_delay=50)
     sources = {
@@ -55,7 +57,8 @@ def served(artifacts, int8_artifacts, pt2_export, tmp_path_factory):
     argv = ["--run-dir", str(tmp / "run")]
     assert main(["serve", "--model-store", str(store), *argv, *port_flags(free_ports(len(PORT_FLAGS)))]) == 0
     try:
-        yield read_state(tmp / "run").inference_url, {"Authorization": f"Bearer {read_token(tmp / 'run')}"}
+        state = read_state(tmp / "run")
+        yield state.inference_url, {"Authorization": f"Bearer {read_token(tmp / 'run')}"}, state.metrics_url
     finally:
         assert main(["stop", *argv]) == 0
 
@@ -72,7 +75,7 @@ def png(digit: np.ndarray) -> bytes:
 
 
 def post(served, path: str, **kwargs) -> requests.Response:
-    url, headers = served
+    url, headers, _ = served
     return requests.post(f"{url}{path}", headers={**headers, **kwargs.pop("headers", {})}, timeout=120, **kwargs)
 
 
@@ -210,10 +213,11 @@ def test_digits_explain_writes_a_figure_per_file(served, digits, tmp_path, capsy
     for index in range(2):
         files.append(tmp_path / f"digit-{index}.png")
         files[-1].write_bytes(png(digits[index]))
-    url, headers = served
+    url, headers, _ = served
     token = headers["Authorization"].removeprefix("Bearer ")
     out = tmp_path / "figures"
-    argv = ["explain", *map(str, files), "--model", "onnx", "--url", url, "--token", token, "--out", str(out)]
+    # --token=KEY: a key may start with "-", which argparse would take for an option
+    argv = ["explain", *map(str, files), "--model", "onnx", f"--url={url}", f"--token={token}", f"--out={out}"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     for index, file in enumerate(files):
@@ -223,5 +227,44 @@ def test_digits_explain_writes_a_figure_per_file(served, digits, tmp_path, capsy
         label = predicted(served, "onnx", digits[index])["label"]
         line = next(line for line in printed.splitlines() if line.startswith(str(file)))
         assert line.split()[1:5:3] == [str(label), "feature-ablation"] and str(figure) in line
-    assert main([*argv[:2], "--model", "onnx", "--url", url, "--token", token, "--method", "lime"]) == 1
+    assert main([*argv[:2], "--model", "onnx", f"--url={url}", f"--token={token}", "--method", "lime"]) == 1
     assert "error 400" in capsys.readouterr().out
+
+
+def answers_counted(metrics_url: str) -> Counter:
+    """Answers_total on the metrics port by (model, protocol, status, error type); ExplainTime observations."""
+    parser = pytest.importorskip("prometheus_client.parser", reason="prometheus_client (the dev extra) is needed")
+    counts: Counter = Counter()
+    for family in parser.text_string_to_metric_families(requests.get(f"{metrics_url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "Answers_total":
+                key = (labels["ModelName"], labels["Protocol"], labels["Status"], labels["ErrorType"])
+                counts[key] += sample.value
+            elif sample.name == "ExplainTime_count":
+                counts[("ExplainTime", labels["ModelName"])] += sample.value
+    return counts
+
+
+def test_explanations_are_counted_on_the_metrics_port(served, digits) -> None:
+    """/explanations counts as `predictions`, v1 as `kserve-v1`, a refused method under its error type; every
+    batch that explains observes ExplainTime."""
+    before = answers_counted(served[2])
+    post(served, "/explanations/onnx", json={"data": digits[0].tolist()})
+    post(served, "/explanations/onnx", json={"data": digits[0].tolist(), "method": "lime"})
+    post(served, "/v1/models/onnx:explain", json={"instances": [{"data": digits[1].tolist()}]})
+    post(served, "/v1/models/onnx:predict", json={"instances": [{"data": digits[1].tolist()}]})
+    expected = {
+        ("onnx", "predictions", "200", "OK"): 1,
+        ("onnx", "predictions", "400", "UnknownMethod"): 1,
+        ("onnx", "kserve-v1", "200", "OK"): 2,
+    }
+    deadline = time.monotonic() + 15  # the frontend reads the worker's metric lines asynchronously
+    while True:
+        after = answers_counted(served[2])
+        delta = {key: after[key] - before[key] for key in expected}
+        if delta == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert delta == expected
+    assert 1 <= after[("ExplainTime", "onnx")] - before[("ExplainTime", "onnx")] <= 3
