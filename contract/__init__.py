@@ -7,7 +7,8 @@ Training decides the values (mean, std, labels, input shape, layout:
 `training/constants.py`); this module decides their names, the files they travel in, and the one formula
 that applies them.
 
-Adding an export format is one line in `FORMATS` plus its exporter and its loaders.
+Adding an export format is one line in `FORMATS` plus its exporter (`export/exporters.py`, which `digits export`
+and `digits verify` walk) and its loader (the handler's, `handlers/digit_model.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import numpy as np
 
 # Files in DIR/MODEL/ (`digits train` and `digits export`)
 CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.json"  # training's figures: test accuracy, times, the history per epoch
+HISTORY_PLOT = "history.png"
 PARITY_REPORT = "parity"  # the fp32 files' report: parity.json, parity.md
 PARITY_JSON = f"{PARITY_REPORT}.json"
 PARITY_MD = f"{PARITY_REPORT}.md"
@@ -69,6 +72,11 @@ class Format:
     proof: str = "logits"
     report: str = PARITY_REPORT
     export_flags: str = ""
+
+    @property
+    def optional(self) -> bool:
+        """Written only when asked for (its `export_flags`); the others on every export."""
+        return bool(self.export_flags)
 
     @property
     def suffix(self) -> str:

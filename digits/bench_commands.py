@@ -30,6 +30,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     kinds = p.add_subparsers(dest="bench", required=True, metavar="KIND")
     add_offline(kinds)
     add_http(kinds)
+    add_report(kinds)
 
 
 def add_offline(kinds: argparse._SubParsersAction) -> None:
@@ -114,8 +115,9 @@ def add_http(kinds: argparse._SubParsersAction) -> None:
         default=4,
         help="alternate no-op and model this many times per concurrency, --requests split over them (default 4)",
     )
-    # TorchServe's frontend is Java: its C2 compiler kept compiling for about 30,000 requests here (the no-op
-    # went from 3,000 to 7,500 req/s at concurrency 64), and the two targets share that code
+    # TorchServe's frontend is Java: its JIT (C2) keeps compiling through many thousands of requests, raising
+    # the no-op's rate as it goes, and the two targets share that code (compare --warmup 0 with the default;
+    # docs/tuning.md)
     p.add_argument("--warmup", type=int, default=16000, help="warm-up requests per target (default 16000)")
     add_serving_settings(p, of=" of both archives")
     p.add_argument(
@@ -184,6 +186,40 @@ def default_input(out: Path) -> Path:
     data = load_mnist(log=lambda _: None)
     [path] = write_samples(data.test_images, data.test_labels, out, 1, drawn=False)
     return path
+
+
+def add_report(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser(
+        "report",
+        help="write docs/performance.md (and its plots) whole from one run's bench JSON and the artifacts",
+        description="Render every bench-KIND.json under RUNS, after the training and export figures read from "
+        "ARTIFACTS/MODEL/ (metrics.json, parity.json, parity-int8.json), into OUT and the folder of plots beside "
+        "it (OUT without .md), both replaced whole, headed by the machine, the date, the versions and --command. "
+        "With --readme, also replace the headline table between the README's markers.",
+    )
+    p.add_argument(
+        "--runs", type=Path, default=DEFAULT_OUT, help="the bench steps' output folders (default: runs/bench)"
+    )
+    add_artifacts(p)
+    p.add_argument("--out", type=Path, default=Path("docs") / "performance.md", help="default: docs/performance.md")
+    p.add_argument("--command", default="make bench", help="the command that ran the steps, for the header")
+    p.add_argument(
+        "--headline",
+        action="append",
+        default=[],
+        metavar="RUN",
+        help="a run (its folder name) whose headline figures join the table; repeat for several",
+    )
+    p.add_argument("--readme", type=Path, help="a README whose headline table to replace (e.g. README.md)")
+    p.set_defaults(func=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from .bench.performance import write_report
+
+    out = write_report(args.runs, args.artifacts, args.out, args.command, args.headline, args.readme)
+    print(f"wrote {out} and {out.with_suffix('')}/" + (f"; the headline in {args.readme}" if args.readme else ""))
+    return 0
 
 
 COMMANDS = [add_bench]

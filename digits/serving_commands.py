@@ -34,7 +34,7 @@ def _add_ports(p: argparse.ArgumentParser) -> None:
         "--bind",
         default="127.0.0.1",
         metavar="HOST",
-        help="address to listen on (default 127.0.0.1; anything else warns: see README, Security)",
+        help="address to listen on (default 127.0.0.1; anything else warns: see docs/security.md)",
     )
 
 
@@ -60,7 +60,7 @@ def _warn_if_exposed(host: str) -> None:
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"warning: binding TorchServe to {host}: it is reachable from other machines; keep token "
-            "authorisation on and put TLS and a firewall in front (README, Security)",
+            "authorisation on and put TLS and a firewall in front (docs/security.md)",
             file=sys.stderr,
         )
 
@@ -360,7 +360,7 @@ def add_kserve(sub: argparse._SubParsersAction) -> None:
         help="pack a model store for KServe's TorchServe runtime, with an InferenceService manifest",
         description="Write OUT/config/config.properties, OUT/model-store/*.mar and OUT/inferenceservice.yaml "
         "(KServe v1beta1, modelFormat pytorch, protocolVersion v2 or v1). Upload OUT to STORAGE_URI; "
-        "`kubectl apply -f OUT/inferenceservice.yaml`. See README, Scaling out on KServe.",
+        "`kubectl apply -f OUT/inferenceservice.yaml`. See docs/kserve.md.",
     )
     p.add_argument("--model-store", type=Path, default=DEFAULT_STORE, help="default: model_store/")
     p.add_argument("--out", type=Path, required=True, help="a new or empty folder for the bundle")

@@ -2,8 +2,8 @@
 
 A decoder's cost is not bounded by the image's pixel count alone. Each structure below costs a step of a
 loop per repetition (Pillow's Python loops, or libjpeg's per-scan pass over every block), and a 10 MB body
-can repeat it hundreds of thousands of times, for seconds of one worker's time (the README's Security
-section has the measured costs). Each bound below keeps a hostile file near the cost of
+can repeat it hundreds of thousands of times, for seconds of one worker's time (docs/security.md, hostile
+input, has the costs and the command that measures them). Each bound below keeps a hostile file near the cost of
 the largest legitimate image (4096x4096) and far above what real encoders write; the walk that checks it
 stops at the bound, so checking costs at most a few milliseconds.
 

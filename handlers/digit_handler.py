@@ -171,7 +171,8 @@ class DigitHandler(BaseHandler):
         """One body per request, in request order, with a per-request status for the refused ones.
 
         Bodies go back as bytes: given a dict, TorchServe's worker would encode it with `json.dumps(indent=2)`,
-        which bypasses the C encoder; that alone took a fifth of the worker's time per request (cProfile).
+        which bypasses the C encoder, a cost per request that cProfile of a worker under `digits bench http`
+        shows.
         OIP requests get OIP answers (digit_oip.py), KServe v1 ones v1 answers (digit_kserve.py), the others
         /predictions ones, with the explanation beside the prediction when one was asked (`explained`; the
         digits as framed, `framed`, go into it).

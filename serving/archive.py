@@ -52,8 +52,9 @@ class ServingSettings:
     """Per-model TorchServe settings, stored in the archive's model-config.yaml."""
 
     # 16: per-batch costs (metrics, the forward pass's fixed part) are shared by more requests, and at 16
-    # requests in flight one batch of 16 beat two of 8 on a 2-core machine (README, Performance); a lone
-    # request still waits at most max_batch_delay
+    # requests in flight one batch of 16 beats two of 8 on a small machine (`digits bench http --concurrency
+    # 16 --batch-size 8`, then 16, compares them; docs/tuning.md); a lone request still waits at most
+    # max_batch_delay
     batch_size: int = 16
     max_batch_delay: int = 5  # ms
     workers: int = 1
