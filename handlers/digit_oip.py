@@ -4,11 +4,12 @@ How TorchServe 0.12.0 hands them over: `POST /v2/models/NAME/infer` goes to the 
 raw body as the parameter "body" (frontend `InferenceRequestHandler.handleKFV2Predictions`), like
 /predictions. Which protocol a request speaks is decided by its body (`route`): an object with "inputs" is
 OIP wherever it was sent (TorchServe's OIP gRPC `ModelInfer` sets no headers at all), a KServe v1 body
-(`{"instances": [...]}`) is refused naming the routes digits speaks (v1 is not implemented), anything else
-is a /predictions request, except that a body of neither kind sent to a KServe route gets OIP's error.
-KServe's explain routes (`/v2/models/NAME/explain`, `/v1/models/NAME:explain`) come with `explain: True`,
-written by the frontend after the client's headers, and are refused: no explainer. No header a client can
-set changes how another request is read, nor how its own OIP body is (see `route`).
+(`{"instances": [...]}`) is read by digit_kserve.py, anything else is a /predictions request, except that a
+body of neither kind sent to a KServe route gets OIP's error. /explanations and KServe's explain routes
+(`/v2/models/NAME/explain`, `/v1/models/NAME:explain`) come with `explain: True`, written by the frontend
+after the client's headers: the request asks for explanations (digit_explanations.py; on the OIP explain
+route, the output "attributions" is added). No header a client can set changes how another request is read,
+nor how its own OIP body is (see `route`).
 TorchServe's `kservev2` envelope (TS_SERVICE_ENVELOPE) is not used: it reads only request 0 of a batch; the
 bundle keeps it off.
 
@@ -20,8 +21,9 @@ A request: one input tensor, any name:
     base64 bytes in the binary extension), framed as /predictions frames images.
 JSON `data` (flat or nested) or the binary tensor data extension (`Inference-Header-Content-Length`,
 `binary_data_size`, `binary_data`/`binary_data_output`), for inputs and outputs alike. Outputs:
-"probabilities" FP32 [N,classes], "label" INT64 [N], and, only when `outputs` names it, "framed" UINT8
-[N,H,W], the digits as the model saw them. Every failure is a `RequestError`, answered `{"error": ...}`.
+"probabilities" FP32 [N,classes], "label" INT64 [N], and, only when `outputs` names them, "framed" UINT8
+[N,H,W], the digits as the model saw them, and "attributions" FP32 [N,H,W], their explanations (the request
+parameters "method" and "target" choose). Every failure is a `RequestError`, answered `{"error": ...}`.
 """
 
 from __future__ import annotations
@@ -32,15 +34,16 @@ import functools
 import itertools
 import json
 import struct
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from digit_batch import Readings, content_types, label_value, read_batch, read_guarded
 from digit_budget import RequestBudget
 from digit_contract import OIP_DEFAULT_OUTPUTS, OIP_OUTPUTS, TORCHSERVE_MAX_RESPONSE
-from digit_errors import RequestError, bad_request, too_large
+from digit_errors import RequestError, bad_request, prefixed, too_large
+from digit_explanations import MAX_EXPLAINED, Ask, ask_from_fields
 from digit_imaging import require_ink, to_uint8
 from digit_inputs import (
     MAX_BODY_BYTES,
@@ -52,11 +55,13 @@ from digit_inputs import (
     text_bytes,
 )
 from digit_json import decoded_as_worker, parameter_types
+from digit_kserve import V1Request, read_v1
 from digit_model import DigitMeta
 
 MAX_DIGITS = 1024  # digits in one request; TorchServe's max_request_size bounds the bytes first
 OUTPUTS = tuple(OIP_OUTPUTS)  # name -> datatype in the contract
 DEFAULT_OUTPUTS = OIP_DEFAULT_OUTPUTS
+ATTRIBUTIONS = "attributions"  # the output that asks for explanations (digit_explanations.py)
 DATATYPES = ("UINT8", "FP32", "BYTES")
 HEADER_LENGTH = "inference-header-content-length"
 PREDICTIONS, OIP_V2, KSERVE_V1 = "predictions", "oip", "kserve-v1"  # the protocols `route` tells apart
@@ -71,15 +76,19 @@ class OipRequest:
     id: str | None
     digits: np.ndarray  # (N, H, W) float32 0..255, white on black, framed
     outputs: dict[str, bool]  # output name -> sent in the binary extension
+    ask: Ask | None = None  # what the `attributions` output asks to explain; None when not requested
 
 
 @dataclass(frozen=True)
 class OipBatch:
-    """The OIP requests of a TorchServe batch: which they are, and where each read one's rows lie."""
+    """The KServe requests of a TorchServe batch (OIP and v1): which they are, and where each read one's rows
+    lie; and every request's explanation ask, whatever its protocol."""
 
-    indices: frozenset[int]  # request indices that came in as OIP, read or refused
-    read: dict[int, OipRequest]
+    indices: frozenset[int]  # request indices that came in as OIP or KServe v1, read or refused
+    read: dict[int, OipRequest | V1Request]
     rows: dict[int, slice]  # request index -> its rows in the batch's digits
+    protocols: dict[int, str] = field(default_factory=dict)  # request index -> OIP_V2 or KSERVE_V1
+    asks: dict[int, Ask] = field(default_factory=dict)  # request index -> what it asks to explain, if anything
 
 
 def read_requests(
@@ -99,8 +108,9 @@ def read_requests(
     plain_indices = [index for index, r in enumerate(routes) if r.protocol == PREDICTIONS and not r.problem]
     plain_rows = [plain_row(data[index], routes[index]) for index in plain_indices]
     plain = read_batch(plain_rows, meta, [types[index] for index in plain_indices])
+    asks = {index: ask_from_fields(data[index], routes[index].body) for index in plain_indices if routes[index].explain}
     if len(plain_indices) == len(data):
-        return plain, OipBatch(frozenset(), {}, {})
+        return plain, OipBatch(frozenset(), {}, {}, asks=asks)
     digits = list(plain.digits)
     rows = [plain_indices[position] for position in plain.rows]
     errors = {plain_indices[position]: error for position, error in plain.errors.items()}
@@ -109,15 +119,22 @@ def read_requests(
     read, spans = {}, {}
     frame = AnswerFrame(model_identity(context), meta.labels, response_limit)
     for index in indices:
-        request = read_guarded(functools.partial(read_oip, routes[index], meta.size, frame), index, len(data))
+        if routes[index].protocol == KSERVE_V1:
+            reader = functools.partial(read_kserve_v1, routes[index], meta.size)
+        else:
+            reader = functools.partial(read_oip, routes[index], meta.size, frame)
+        request = read_guarded(reader, index, len(data))
         if isinstance(request, RequestError):
             errors[index] = request
             continue
         read[index] = request
+        if request.ask is not None:
+            asks[index] = request.ask
         spans[index] = slice(len(rows), len(rows) + len(request.digits))
         digits.extend(request.digits)  # (H, W) views, as read_batch gives
         rows.extend([index] * len(request.digits))
-    return Readings(len(data), rows, digits, errors), OipBatch(frozenset(indices), read, spans)
+    protocols = {index: routes[index].protocol for index in indices}
+    return Readings(len(data), rows, digits, errors), OipBatch(frozenset(indices), read, spans, protocols, asks)
 
 
 def headers_of(context: Any, index: int) -> dict[str, str]:
@@ -273,27 +290,53 @@ def plain_row(row: Any, routed: Route) -> Any:
 
 
 def read_oip(routed: Route, size: tuple[int, int], frame: AnswerFrame) -> OipRequest:
-    """Reads one routed OIP inference request into its digits and the outputs it asks for.
+    """Reads one routed OIP inference request into its digits, the outputs it asks for and, when one of them
+    is `attributions` (always on the route /v2/models/NAME/explain), what it asks to explain.
 
     Raises:
-        RequestError: 400 for a malformed request (a KServe v1 one included), an explanation (no explainer)
-            or a blank digit, 413 past MAX_DIGITS or when its answer could exceed `frame.limit`
+        RequestError: 400 for a malformed request (a KServe v1 one included) or a blank digit, 413 past
+            MAX_DIGITS (MAX_EXPLAINED with attributions) or when its answer could exceed `frame.limit`
             (`check_answer_size`), 415 for an element that is no image.
     """
-    if routed.explain:
-        raise bad_request(
-            "NoExplainer",
-            "this model has no explainer: KServe's explain routes (/v2/models/NAME/explain, "
-            "/v1/models/NAME:explain) are not served; send inference requests to /v2/models/NAME/infer",
-        )
     if routed.problem is not None:
         raise routed.problem
     envelope = oip_envelope(routed.body)
     tensor = single_input(envelope)
     request, outputs = request_id(envelope), requested_outputs(envelope)  # the envelope before the pixels
-    read = OipRequest(request, read_tensor(tensor, routed.binary, size), outputs)
+    ask = None
+    if routed.explain and ATTRIBUTIONS not in outputs:
+        outputs[ATTRIBUTIONS] = binary_default(envelope)
+    if ATTRIBUTIONS in outputs:
+        ask = explanation_ask(envelope)
+        check_explained_count(tensor["shape"][0])
+    read = OipRequest(request, read_tensor(tensor, routed.binary, size), outputs, ask)
     check_answer_size(read, frame)
     return read
+
+
+def explanation_ask(envelope: Mapping[str, Any]) -> Ask:
+    """The request parameters `method` and `target` (digit_explanations.py checks them against the model)."""
+    parameters = envelope.get("parameters")
+    parameters = parameters if isinstance(parameters, Mapping) else {}
+    return Ask(parameters.get("method"), parameters.get("target"))
+
+
+def check_explained_count(digits: int) -> None:
+    """Refuses before decoding a tensor that declares more digits than a request may explain ([-1]: counted
+    after decoding, by digit_explanations.resolve)."""
+    if digits > MAX_EXPLAINED:
+        raise too_large(
+            "TooManyToExplain",
+            f"the request asks attributions of {digits} digits; the limit is {MAX_EXPLAINED} a request: send them "
+            f"in requests of at most {MAX_EXPLAINED}, or ask attributions of fewer",
+        )
+
+
+def read_kserve_v1(routed: Route, size: tuple[int, int]) -> V1Request:
+    """Reads one routed KServe v1 request (digit_kserve.py)."""
+    if routed.problem is not None:
+        raise routed.problem
+    return read_v1(routed.body, routed.explain, size)
 
 
 def oip_envelope(body: Any) -> dict[str, Any]:
@@ -497,13 +540,9 @@ def read_images(elements: list[str] | list[bytes], shape: list[int], size: tuple
     return digits
 
 
-@contextlib.contextmanager
-def named_element(index: int) -> Iterator[None]:
+def named_element(index: int) -> contextlib.AbstractContextManager[None]:
     """Prefixes a RequestError raised for one element with the element's index."""
-    try:
-        yield
-    except RequestError as err:
-        raise RequestError(err.code, err.kind, f"BYTES element {index}: {err.message}") from None
+    return prefixed(f"BYTES element {index}")
 
 
 def element_image(index: int, element: str | bytes) -> tuple[bytes, bool]:
@@ -525,11 +564,10 @@ def request_id(envelope: Mapping[str, Any]) -> str | None:
 
 def requested_outputs(envelope: Mapping[str, Any]) -> dict[str, bool]:
     """Output name -> binary, from `outputs` (default: probabilities and label) and `binary_data_output`."""
-    parameters = envelope.get("parameters") or {}
-    binary_default = bool(isinstance(parameters, Mapping) and parameters.get("binary_data_output") is True)
+    binary = binary_default(envelope)
     asked = envelope.get("outputs")
     if asked is None:
-        return dict.fromkeys(DEFAULT_OUTPUTS, binary_default)
+        return dict.fromkeys(DEFAULT_OUTPUTS, binary)
     if not isinstance(asked, list) or not all(isinstance(o, Mapping) and isinstance(o.get("name"), str) for o in asked):
         raise bad_request("BadRequest", "request 'outputs' must be a list of {\"name\": ...} objects")
     outputs = {}
@@ -539,9 +577,15 @@ def requested_outputs(envelope: Mapping[str, Any]) -> dict[str, bool]:
                 "UnknownOutput", f"unknown output {output['name'][:40]!r}; this model has {', '.join(OUTPUTS)}"
             )
         options = output.get("parameters") or {}
-        binary = options.get("binary_data", binary_default) if isinstance(options, Mapping) else binary_default
-        outputs[output["name"]] = binary is True
+        binary_out = options.get("binary_data", binary) if isinstance(options, Mapping) else binary
+        outputs[output["name"]] = binary_out is True
     return outputs
+
+
+def binary_default(envelope: Mapping[str, Any]) -> bool:
+    """The request parameter `binary_data_output`: whether outputs go binary unless they say otherwise."""
+    parameters = envelope.get("parameters") or {}
+    return bool(isinstance(parameters, Mapping) and parameters.get("binary_data_output") is True)
 
 
 @dataclass(frozen=True)
@@ -556,6 +600,7 @@ class AnswerFrame:
 # The widest JSON text `answer` writes for one value, its comma included: a probability by "{:.7g}"
 # ("4.940656e-324") and an 8-bit level; the fixed text of one output's entry, name to shape and parameters
 FLOAT_TEXT, LEVEL_TEXT, OUTPUT_ENTRY = 14, 4, 192
+ATTRIBUTION_PARAMETERS = 256  # the attributions' own parameters: the method, its settings, the target
 
 
 def answer_bound(request: OipRequest, frame: AnswerFrame) -> tuple[int, dict[str, int]]:
@@ -572,12 +617,15 @@ def answer_bound(request: OipRequest, frame: AnswerFrame) -> tuple[int, dict[str
         "probabilities": (len(frame.labels), 4, FLOAT_TEXT),
         "label": (1, 8, label_text),
         "framed": (pixels, 1, LEVEL_TEXT),
+        ATTRIBUTIONS: (pixels, 4, FLOAT_TEXT),
     }
     head = {"model_name": frame.model[0], "model_version": frame.model[1]}
     parts = {"id": len(json.dumps(request.id)) if request.id is not None else 0}
     for name, binary in request.outputs.items():
         per_digit, itemsize, text = widths[name]
         parts[name] = OUTPUT_ENTRY + count * per_digit * (itemsize if binary else text)
+    if ATTRIBUTIONS in request.outputs:
+        parts[ATTRIBUTIONS] += ATTRIBUTION_PARAMETERS
     return len(json.dumps(head)) + len(',"id":,"outputs":[]}') + sum(parts.values()), parts
 
 
@@ -604,7 +652,11 @@ def check_answer_size(request: OipRequest, frame: AnswerFrame) -> None:
 
 
 def answer(
-    request: OipRequest, probabilities: np.ndarray, labels: tuple[str, ...], model: tuple[str, str]
+    request: OipRequest,
+    probabilities: np.ndarray,
+    labels: tuple[str, ...],
+    model: tuple[str, str],
+    attributions: tuple[np.ndarray, Mapping[str, Any]] | None = None,
 ) -> tuple[bytes, int | None]:
     """The response body for one read request, and the JSON part's length when outputs go binary.
 
@@ -612,8 +664,14 @@ def answer(
         probabilities: (N, classes) for the request's digits.
         labels: the archive's labels, class index -> label.
         model: (model_name, model_version).
+        attributions: the request's explanations, when it asked for them: (N, H, W) float32 maps and the
+            output's parameters (the method, its settings, the target).
     """
     tensors = output_tensors(request, probabilities, labels)
+    parameters: dict[str, Mapping[str, Any]] = {}
+    if attributions is not None:
+        tensors[ATTRIBUTIONS] = (OIP_OUTPUTS[ATTRIBUTIONS], attributions[0].astype(np.float32), join_floats)
+        parameters[ATTRIBUTIONS] = attributions[1]
     head = {"model_name": model[0], "model_version": model[1]}
     if request.id is not None:
         head["id"] = request.id
@@ -621,10 +679,13 @@ def answer(
     for name, binary_out in request.outputs.items():
         datatype, values, text = tensors[name]
         entry = f'{{"name":"{name}","datatype":"{datatype}","shape":{json.dumps(list(values.shape))}'
+        extra = parameters.get(name, {})
         if binary_out:
             data = values.astype(values.dtype.newbyteorder("<")).tobytes()
             binary.append(data)
-            described.append(f'{entry},"parameters":{{"binary_data_size":{len(data)}}}}}')
+            described.append(f'{entry},"parameters":{json.dumps({**extra, "binary_data_size": len(data)})}}}')
+        elif extra:
+            described.append(f'{entry},"parameters":{json.dumps(extra)},"data":[{text(values)}]}}')
         else:
             described.append(f'{entry},"data":[{text(values)}]}}')
     header = (json.dumps(head, separators=(",", ":"))[:-1] + ',"outputs":[' + ",".join(described) + "]}").encode()
@@ -634,7 +695,8 @@ def answer(
 
 
 def output_tensors(request: OipRequest, probabilities: np.ndarray, labels: tuple[str, ...]) -> dict[str, tuple]:
-    """Output name -> (datatype, values, JSON text of the values), computed only when asked for."""
+    """Output name -> (datatype, values, JSON text of the values), computed only when asked for (attributions
+    come from `answer`'s caller)."""
     tensors: dict[str, tuple] = {}
     if "probabilities" in request.outputs:
         tensors["probabilities"] = (OIP_OUTPUTS["probabilities"], probabilities.astype(np.float32), join_floats)

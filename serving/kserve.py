@@ -52,6 +52,11 @@ METRICS_ANNOTATIONS = {
     "serving.kserve.io/enable-prometheus-scraping": "true",
 }
 
+# the InferenceService's protocolVersion: what KServe's model server in the pod speaks to clients. The archives
+# answer both, whichever it is (the handler reads the protocol from each body): v2 is the Open Inference
+# Protocol; v1 ({"instances": [...]}, :predict and :explain) is what TorchServe's own KServe MNIST example sends
+PROTOCOLS = ("v2", "v1")
+
 
 @dataclass(frozen=True)
 class Deployment:
@@ -67,6 +72,7 @@ class Deployment:
     scale_target: int = 8  # in-flight requests per replica (concurrency), or as scale_metric says
     gpu: bool = False
     canary: int | None = None  # percent of traffic for this bundle's revision, the rest to the last rolled out
+    protocol: str = "v2"  # PROTOCOLS
 
     def validate(self) -> None:
         if not self.storage_uri or "://" not in self.storage_uri:
@@ -85,6 +91,8 @@ class Deployment:
             raise ValueError(f"--scale-target must be at least 1, got {self.scale_target}")
         if self.canary is not None and not 1 <= self.canary <= 99:
             raise ValueError(f"--canary must be a percentage from 1 to 99, got {self.canary}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
 
 
 def write_bundle(
@@ -149,7 +157,8 @@ def render_kserve_config(archives: list[Path], ports: Ports, mount: str = MOUNT)
 
 
 def inference_service(deployment: Deployment) -> dict[str, Any]:
-    """A serving.kserve.io/v1beta1 InferenceService running the bundle on KServe's TorchServe runtime, OIP (v2)."""
+    """A serving.kserve.io/v1beta1 InferenceService running the bundle on KServe's TorchServe runtime, speaking
+    the deployment's protocol (OIP, v2, by default; or KServe v1)."""
     resources = {"cpu": deployment.cpu, "memory": deployment.memory}
     if deployment.gpu:
         resources["nvidia.com/gpu"] = "1"
@@ -167,7 +176,7 @@ def inference_service(deployment: Deployment) -> dict[str, Any]:
                 "scaleTarget": deployment.scale_target,
                 "model": {
                     "modelFormat": {"name": "pytorch"},
-                    "protocolVersion": "v2",
+                    "protocolVersion": deployment.protocol,
                     "storageUri": deployment.storage_uri,
                     "resources": {"requests": dict(resources), "limits": dict(resources)},
                 },
