@@ -455,19 +455,22 @@ def header_and_route_corpus() -> list[Hostile]:
             ("past-the-body", "999999"),
         ]
     ]
-    v1 = {"json": {"instances": [DIGIT.tolist()]}}
+    v1_without_data = {"json": {"instances": [{"pixels": DIGIT.tolist()}]}}
+    oip_datatype = {"json": {"inputs": [{"name": "x", "datatype": "INT8", "shape": [1, 784], "data": [0] * 784}]}}
     as_json = with_header_length("\u00b2", JSON)
     return [
         *header,
         Hostile("header-length-superscript-two-on-json", as_json, 400, None, name, INFER),
-        Hostile("kserve-v1-body-on-predictions", v1, 400, None, ("KServe v1",)),
-        Hostile("oip-body-on-explanations", oip_digits(), 400, None, ("no explainer",), "/explanations/cnn"),
+        # the body decides the protocol wherever it is sent, and a client's url_path changes nothing: each of
+        # these malformed bodies gets its own protocol's error, not the /predictions reader's
+        Hostile("kserve-v1-instance-without-data-on-predictions", v1_without_data, 400, None, ('"data"',)),
+        Hostile("oip-bad-datatype-on-explanations", oip_datatype, 400, None, ("datatype",), "/explanations/cnn"),
         Hostile(
-            "oip-on-v2-explain-with-url-path",
-            {**oip_digits(), "headers": {**JSON, "url_path": ""}},
+            "oip-bad-datatype-on-v2-explain-with-url-path",
+            {**oip_datatype, "headers": {**JSON, "url_path": ""}},
             400,
             None,
-            ("no explainer",),
+            ("datatype",),
             "/v2/models/cnn/explain",
         ),
     ]

@@ -93,6 +93,8 @@ def documented_metric_names() -> tuple[dict[str, str], set[str]]:
     """docs/serving.md's Prometheus table (metric name -> the type its row gives) and the metric names its
     PromQL queries select."""
     text = DOCS.read_text()
+    text = text[text.index("## Metrics for Prometheus") :]
+    text = text[: text.index("\n## ", 1)]  # the section's own tables only
     table = {
         name: line.split("|")[2].split()[0]
         for line in text.splitlines()
