@@ -1,5 +1,6 @@
 """Each benchmark run as three files: JSON (every figure), a markdown table (for people and the README),
-and a PNG plot. Written to the run's output folder under fixed names, `bench-offline.*` and `bench-http.*`."""
+and a PNG plot. Written to the run's output folder under fixed names: `bench-offline.*`, `bench-http.*`,
+`bench-explain.*` and `bench-explain-http.*`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, also on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .explain import STOCK, TARGET_K, TARGET_WIN_SHARE, ExplainReport  # noqa: E402
 from .http import STAGES, HttpReport  # noqa: E402
 from .offline import OfflineReport  # noqa: E402
 
@@ -223,6 +225,127 @@ def plot_http(report: HttpReport, path: Path) -> None:
         axes.grid(True, which="both", alpha=0.3)
         axes.legend(fontsize=8)
     figure.suptitle(f"{report.plan.model} over HTTP against the no-op ceiling ({report.machine['cpu']})", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# --- explain -----------------------------------------------------------------------------------------
+
+
+def write_explain(report: ExplainReport, out: Path) -> list[Path]:
+    """bench-explain.json, .md and .png in `out`; returns their paths."""
+    return _write(
+        out, "bench-explain", report.to_dict(), explain_markdown(report), lambda path: plot_explain(report, path)
+    )
+
+
+def explain_markdown(report: ExplainReport) -> str:
+    ks = list(report.ks)
+    header = [
+        "format",
+        "method",
+        "explained class",
+        *(f"wins at k={k}" for k in ks),
+        f"mean drop at k={TARGET_K}: attributed / random",
+        "AOPC: attributed / random",
+        "seconds",
+    ]
+    rows = [
+        [
+            row.source,
+            f"**{row.method}** (default)" if row.default and row.source != STOCK else row.method,
+            row.explained,
+            *(f"{row.win_share[k]:.1%}" for k in ks),
+            f"{row.mean_drop[TARGET_K]:.3f} / {row.mean_random_drop[TARGET_K]:.3f}",
+            f"{row.aopc:.3f} / {row.random_aopc:.3f}",
+            f"{row.seconds:.1f}",
+        ]
+        for row in report.deletions
+    ]
+    settings = "; ".join(
+        f"{name}: {', '.join(f'{key} {value}' for key, value in chosen.items())}"
+        for name, chosen in report.settings.items()
+    )
+    lines = [
+        f"# Explanations of {report.model}: faithfulness and agreement across formats",
+        "",
+        f"Deletion test on the first {report.digits:,} MNIST test digits: for each digit, format and method, the "
+        f"k% most attributed pixels are set to the background, and separately as many of the digit's ink pixels "
+        f"chosen at random (seed {report.seed}, the same pixels for every format and method); each row gives the "
+        "share of digits whose attributed deletion dropped the explained class's probability more than the random "
+        f"one ('wins'), and the mean drops. k counts the digit's ink pixels. The target: wins >= "
+        f"{TARGET_WIN_SHARE:.0%} at k={TARGET_K} for each format's default method. AOPC: the mean drop over "
+        f"k = {', '.join(map(str, report.curve_ks))}. Attributions come from the handler's engine on each "
+        "format's predictor, loaded as a worker loads it; the explained class is the predicted one, except "
+        "where the stock example explains class 0.",
+        "",
+        f"Methods' settings: {settings}. The stock example's method: Captum IntegratedGradients on the eager model's "
+        "log-probabilities, target 0 for every digit, 15 steps, baseline 0 in normalised space (TorchServe 0.12.0 "
+        "`vision_handler.get_insights`).",
+        "",
+        machine_line(report.machine, f"{report.machine['torch_threads']} intra-op thread(s)"),
+        "",
+        *table(header, rows),
+        "",
+        target_line(report),
+        "",
+        "Accuracy on these digits: " + ", ".join(f"{fmt} {share:.1%}" for fmt, share in report.accuracy.items()) + ".",
+    ]
+    if report.agreements:
+        lines += [
+            "",
+            "Agreement across formats: Spearman's rank correlation of two formats' maps of the same digit, over the "
+            "pixels either map scores, per digit:",
+            "",
+            *table(
+                ["method", "formats", "median", "10th percentile", "mean", "digits"],
+                [_agreement_row(agreement) for agreement in report.agreements],
+            ),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _agreement_row(a) -> list[str]:
+    return [a.method, f"{a.first} vs {a.second}", f"{a.median:.4f}", f"{a.p10:.4f}", f"{a.mean:.4f}", str(a.digits)]
+
+
+def target_line(report: ExplainReport) -> str:
+    """Whether each format's default method wins often enough at k = TARGET_K."""
+    defaults = [row for row in report.deletions if row.default and row.source != STOCK]
+    missed = [f"{row.source} ({row.method}: {row.win_share[TARGET_K]:.1%})" for row in defaults if not row.meets_target]
+    if not defaults:
+        return "No format's default method ran in this run."
+    if missed:
+        return f"Target missed at k={TARGET_K} by: {', '.join(missed)}."
+    return (
+        f"Target met: every default method's deletion wins on at least {TARGET_WIN_SHARE:.0%} of digits at "
+        f"k={TARGET_K}."
+    )
+
+
+def plot_explain(report: ExplainReport, path: Path) -> None:
+    """The mean drop over k (an AOPC-style curve) per method, one panel per format and one for the stock example."""
+    sources = list(dict.fromkeys(row.source for row in report.deletions))
+    colors = {method: f"C{index}" for index, method in enumerate(report.settings)}
+    figure, panels = plt.subplots(1, len(sources), figsize=(3.2 * len(sources), 3.4), sharey=True, squeeze=False)
+    for axes, source in zip(panels[0], sources, strict=True):
+        rows = [row for row in report.deletions if row.source == source]
+        for index, row in enumerate(rows):
+            label = row.method.split(",")[0] + (f" ({row.explained})" if source == STOCK else "")
+            drops = [row.mean_drop[k] for k in report.curve_ks]
+            color = colors.get(row.method, f"C{len(colors) + index}")  # a method has one colour in every panel
+            axes.plot(report.curve_ks, drops, marker="o", markersize=3, label=label, color=color)
+        # the random deletion is the same for every method of a source: one line per explained class
+        randoms = {row.explained: row for row in rows}
+        for (explained, row), style in zip(randoms.items(), ("k--", "k:"), strict=False):
+            label = "random ink" + (f" ({explained})" if len(randoms) > 1 else "")
+            axes.plot(report.curve_ks, [row.mean_random_drop[k] for k in report.curve_ks], style, label=label)
+        axes.set(title=source, xlabel="% of the ink deleted")
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=7)
+    panels[0][0].set_ylabel("mean drop of the explained class's probability")
+    figure.suptitle(f"{report.model}: deletion curves ({report.digits:,} MNIST test digits)", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -1,14 +1,22 @@
-"""`digits bench offline` and `digits bench http`: the benchmarks, each writing JSON, markdown and a plot."""
+"""`digits bench offline`, `http`, `explain` and `explain-http`: the benchmarks, each writing JSON, markdown and
+a plot."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .arguments import add_artifacts, add_serving_settings
+from .arguments import add_artifacts, add_data_dir, add_serving_settings
 from .contract import FORMATS, ONNX
 
 DEFAULT_OUT = Path("runs") / "bench"
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -30,6 +38,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     kinds = p.add_subparsers(dest="bench", required=True, metavar="KIND")
     add_offline(kinds)
     add_http(kinds)
+    add_explain(kinds)
 
 
 def add_offline(kinds: argparse._SubParsersAction) -> None:
@@ -184,6 +193,54 @@ def default_input(out: Path) -> Path:
     data = load_mnist(log=lambda _: None)
     [path] = write_samples(data.test_images, data.test_labels, out, 1, drawn=False)
     return path
+
+
+def add_explain(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser(
+        "explain",
+        help="are the explanations faithful (a deletion test), and do the formats' maps agree",
+        description="Explain MNIST test digits with every exported format and method through the handler's own "
+        "engine (in this process, on the predictor a worker loads), then delete the k%% most attributed ink "
+        "pixels and as many random ones (seeded) and compare the drops of the explained class's probability; "
+        "also the stock TorchServe example's method (IG on the eager model, target 0) and the Spearman "
+        "agreement of the formats' maps. Writes bench-explain.json, .md and .png to OUT.",
+    )
+    p.add_argument("model", metavar="MODEL", help="an exported model (see `digits export`)")
+    add_artifacts(p)
+    p.add_argument("--digits", type=int, default=1000, help="MNIST test digits explained (default 1000)")
+    add_data_dir(p)
+    p.add_argument(
+        "--formats",
+        type=_name_list,
+        help=f"comma-separated formats (default: every exported one of {', '.join(FORMATS)})",
+    )
+    p.add_argument("--methods", type=_name_list, help="comma-separated methods (default: every one a format runs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random deletions (default 0)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: torch's); 1 as a served worker has")
+    p.add_argument("--no-stock", action="store_true", help="leave out the stock TorchServe example's method")
+    p.add_argument("--out", type=Path, help="output folder (default: runs/bench/MODEL-explain)")
+    p.set_defaults(func=run_explain)
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from .bench.explain import run_explain as measure
+    from .bench.report import write_explain
+
+    report = measure(
+        args.artifacts,
+        args.model,
+        digits=args.digits,
+        formats=args.formats,
+        methods=args.methods,
+        seed=args.seed,
+        threads=args.threads,
+        stock=not args.no_stock,
+        data_dir=args.data_dir,
+    )
+    paths = write_explain(report, args.out or DEFAULT_OUT / f"{args.model}-explain")
+    print(paths[1].read_text(), end="")
+    print(f"wrote {', '.join(map(str, paths))}")
+    return 0
 
 
 BENCH_COMMANDS = [add_bench]
