@@ -243,4 +243,4 @@ def run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_COMMANDS = [add_bench]
+COMMANDS = [add_bench]

@@ -403,7 +403,7 @@ def run_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-SERVING_COMMANDS = [
+COMMANDS = [
     add_archive,
     add_config,
     add_serve,

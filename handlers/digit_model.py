@@ -205,26 +205,46 @@ def load_predictor(path: Path, device: torch.device) -> Predictor:
 
 
 def in_chunks(predict: Predictor, rows: int) -> Predictor:
-    """`predict` over at most `rows` rows at a time, the scores joined in order (a GPU takes a batch whole)."""
+    """`predict` over at most `rows` rows at a time, the scores joined in order (a GPU takes a batch whole);
+    its differentiable twin (`gradients_of`), if any, likewise."""
 
     def chunked(images: torch.Tensor) -> torch.Tensor:
         if len(images) <= rows:
             return predict(images)
         return torch.cat([predict(part) for part in images.split(rows)])
 
-    return chunked
+    differentiable = gradients_of(predict)
+    return chunked if differentiable is None else with_gradients(chunked, in_chunks(differentiable, rows))
+
+
+def with_gradients(predict: Predictor, differentiable: Predictor) -> Predictor:
+    """Marks `predict` as having a differentiable twin: the same scores, computed with autograd on, which
+    explanations by gradient (digit_explain.py) call; predictions keep the inference-mode path."""
+    predict.gradients = differentiable  # type: ignore[attr-defined]
+    return predict
+
+
+def gradients_of(predict: Predictor) -> Predictor | None:
+    """The predictor's differentiable twin, or None where the model file runs forward passes only (ONNX,
+    AOTInductor)."""
+    return getattr(predict, "gradients", None)
 
 
 def load_torchscript(path: Path, device: torch.device) -> Predictor:
     """A TorchScript module on `device`; inputs move there and scores come back to the CPU."""
     module = torch.jit.load(str(path), map_location=device).eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)  # explanations differentiate by the input only
     logger.info("digits handler: loaded TorchScript %s on %s", path.name, device)
 
     def predict(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return module(images.to(device)).float().cpu()
 
-    return predict
+    def differentiable(images: torch.Tensor) -> torch.Tensor:
+        return module(images.to(device)).float().cpu()
+
+    return with_gradients(predict, differentiable)
 
 
 def load_onnx(path: Path, device: torch.device) -> Predictor:

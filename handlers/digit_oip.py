@@ -2,13 +2,13 @@
 
 How TorchServe 0.12.0 hands them over: `POST /v2/models/NAME/infer` goes to the model's handler with the
 raw body as the parameter "body" (frontend `InferenceRequestHandler.handleKFV2Predictions`), like
-/predictions, but the frontend marks the two differently: /predictions and /explanations add the header
-`url_path`, the KServe routes (`/v2/.../infer`, also `/v1/models/NAME:predict`) add only `explain`. So a
-request is OIP when it has `explain` and no `url_path`, or when neither (TorchServe's OIP gRPC
-`ModelInfer` sets no headers) and its body is a JSON object with "inputs". A KServe v1 body
-(`{"instances": [...]}`, no "inputs") is refused naming the routes digits speaks; v1 is not implemented.
-KServe's explain routes (`/v2/models/NAME/explain`, `/v1/models/NAME:explain`) come with `explain: True`
-(the frontend adds it after the client's headers, so a client cannot set it) and are refused: no explainer.
+/predictions. Which protocol a request speaks is decided by its body (`route`): an object with "inputs" is
+OIP wherever it was sent (TorchServe's OIP gRPC `ModelInfer` sets no headers at all), a KServe v1 body
+(`{"instances": [...]}`) is refused naming the routes digits speaks (v1 is not implemented), anything else
+is a /predictions request, except that a body of neither kind sent to a KServe route gets OIP's error.
+KServe's explain routes (`/v2/models/NAME/explain`, `/v1/models/NAME:explain`) come with `explain: True`,
+written by the frontend after the client's headers, and are refused: no explainer. No header a client can
+set changes how another request is read, nor how its own OIP body is (see `route`).
 TorchServe's `kservev2` envelope (TS_SERVICE_ENVELOPE) is not used: it reads only request 0 of a batch; the
 bundle keeps it off.
 
@@ -26,6 +26,7 @@ JSON `data` (flat or nested) or the binary tensor data extension (`Inference-Hea
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import struct
@@ -38,7 +39,7 @@ from digit_batch import Readings, content_types, label_value, read_batch, read_g
 from digit_contract import OIP_DEFAULT_OUTPUTS, OIP_OUTPUTS
 from digit_errors import RequestError, bad_request, too_large
 from digit_imaging import require_ink, to_uint8
-from digit_inputs import MAX_BODY_BYTES, decode_base64, parse_json, read_image, sniff_format
+from digit_inputs import MAX_BODY_BYTES, decode_base64, parse_json, read_image, sniff_format, text_bytes
 from digit_model import DigitMeta
 
 MAX_DIGITS = 1024  # digits in one request; TorchServe's max_request_size bounds the bytes first
@@ -46,6 +47,7 @@ OUTPUTS = tuple(OIP_OUTPUTS)  # name -> datatype in the contract
 DEFAULT_OUTPUTS = OIP_DEFAULT_OUTPUTS
 DATATYPES = ("UINT8", "FP32", "BYTES")
 HEADER_LENGTH = "inference-header-content-length"
+PREDICTIONS, OIP_V2, KSERVE_V1 = "predictions", "oip", "kserve-v1"  # the protocols `route` tells apart
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
 
@@ -69,21 +71,28 @@ class OipBatch:
 
 
 def read_requests(data: list[Any], context: Any, meta: DigitMeta) -> tuple[Readings, OipBatch]:
-    """Reads /predictions requests as `read_batch` does and OIP requests here; each row names its request."""
-    indices = [index for index, row in enumerate(data) if is_oip(row, headers_of(context, index))]
+    """Reads /predictions requests as `read_batch` does and OIP requests here; each row names its request.
+
+    Each request is routed once (`route`), its body parsed at most once: a /predictions body that `route`
+    parsed goes on parsed, and one it could not parse is refused with the error the /predictions reader gives.
+    """
+    routes = [guarded_route(row, headers_of(context, index), index, len(data)) for index, row in enumerate(data)]
+    indices = [index for index, routed in enumerate(routes) if routed.protocol != PREDICTIONS]
+    refused = {index: r.problem for index, r in enumerate(routes) if r.protocol == PREDICTIONS and r.problem}
     types = content_types(context, len(data))
-    if not indices:
-        return read_batch(data, meta, types), OipBatch(frozenset(), {}, {})
-    plain_indices = [index for index in range(len(data)) if index not in set(indices)]
-    plain = read_batch([data[index] for index in plain_indices], meta, [types[index] for index in plain_indices])
+    plain_indices = [index for index, r in enumerate(routes) if r.protocol == PREDICTIONS and not r.problem]
+    plain_rows = [plain_row(data[index], routes[index]) for index in plain_indices]
+    plain = read_batch(plain_rows, meta, [types[index] for index in plain_indices])
+    if len(plain_indices) == len(data):
+        return plain, OipBatch(frozenset(), {}, {})
     digits = list(plain.digits)
     rows = [plain_indices[position] for position in plain.rows]
     errors = {plain_indices[position]: error for position, error in plain.errors.items()}
+    for index, problem in refused.items():  # logged as any refusal is
+        errors[index] = read_guarded(functools.partial(raise_error, problem), index, len(data))
     read, spans = {}, {}
     for index in indices:
-        request = read_guarded(
-            functools.partial(read_oip, data[index], headers_of(context, index), meta.size), index, len(data)
-        )
+        request = read_guarded(functools.partial(read_oip, routes[index], meta.size), index, len(data))
         if isinstance(request, RequestError):
             errors[index] = request
             continue
@@ -95,65 +104,165 @@ def read_requests(data: list[Any], context: Any, meta: DigitMeta) -> tuple[Readi
 
 
 def headers_of(context: Any, index: int) -> dict[str, str]:
-    """Request `index`'s headers, names in lower case (HTTP's are case-insensitive)."""
+    """Request `index`'s headers as the frontend passed them: names as spelled (its map is case-sensitive)."""
     processors = getattr(context, "request_processor", None)
     if not processors or index >= len(processors) or processors[index] is None:
         return {}
-    return {str(k).lower(): v for k, v in processors[index].get_request_properties().items() if isinstance(v, str)}
+    return {str(k): v for k, v in processors[index].get_request_properties().items() if isinstance(v, str)}
 
 
-def is_oip(row: Any, headers: Mapping[str, str]) -> bool:
-    """Whether the frontend routed this request as KServe's (see the module's docstring)."""
-    if "url_path" in headers:
-        return False
-    if "explain" in headers:
-        return True
-    body = row.get("body") if isinstance(row, Mapping) else None
-    return isinstance(body, Mapping) and "inputs" in body
+@dataclass(frozen=True)
+class Route:
+    """How one request is read (`route`): its protocol, whether it asks for an explanation, its body parsed."""
+
+    protocol: str  # PREDICTIONS, OIP_V2 or KSERVE_V1
+    explain: bool  # the frontend's own `explain: True`: /explanations and KServe's explain routes
+    body: Any = None  # the JSON body, when `route` parsed it (or the frontend did); None otherwise
+    binary: bytes = b""  # the binary tensor data extension's bytes, after its JSON part
+    problem: RequestError | None = None  # a body that cannot be read: the request's own 4xx, in its protocol
 
 
-def read_oip(row: Any, headers: Mapping[str, str], size: tuple[int, int]) -> OipRequest:
-    """Reads one OIP inference request into its digits and the outputs it asks for.
+def route(row: Any, headers: Mapping[str, str]) -> Route:
+    """Decides how a request is read, from its body and only from headers a client cannot forge.
+
+    The protocol is the body's: a JSON object with "inputs" (as a JSON body, or as the binary extension's
+    JSON part) is an OIP (v2) request; one with "instances" and no "data" a KServe v1 request; anything else
+    a /predictions request. A body of neither kind that came through a KServe route is answered as OIP (its
+    error names what OIP expects). What the frontend says, and how a client could say it too (TorchServe
+    0.12.0's InferenceRequestHandler copies the client's headers into a case-sensitive map, then writes its
+    own): a KServe route is one where the frontend wrote `explain` and no `url_path` (/predictions always
+    writes `url_path`; a client that adds one to its KServe request only changes how its own odd body is
+    read). An explanation is asked by the exact-case `explain` header alone, which the frontend writes last on
+    /predictions, /explanations and the KServe routes (a client's `Explain` is another key, and its `explain`
+    is overwritten); on /invocations, /models/NAME/invoke and /NAME/predict the frontend writes none, so there
+    a client's `explain` header changes its own request only.
+    """
+    explain = headers.get("explain", "").strip().lower() == "true"
+    kserve = "explain" in headers and "url_path" not in headers
+    extension = any(name.lower() == HEADER_LENGTH for name in headers)
+    try:
+        body, binary = parse_body(row, headers, kserve)
+    except RequestError as err:
+        return Route(OIP_V2 if kserve or extension else PREDICTIONS, explain, problem=err)
+    return Route(body_protocol(body) or (OIP_V2 if kserve else PREDICTIONS), explain, body, binary)
+
+
+def guarded_route(row: Any, headers: Mapping[str, str], index: int, count: int) -> Route:
+    """`route` inside the per-request boundary: what it did not foresee is this request's own 500."""
+    routed = read_guarded(functools.partial(route, row, headers), index, count)
+    return Route(PREDICTIONS, False, problem=routed) if isinstance(routed, RequestError) else routed
+
+
+def raise_error(error: RequestError) -> None:
+    raise error
+
+
+def body_protocol(body: Any) -> str | None:
+    """OIP_V2 or KSERVE_V1 for the JSON objects of those protocols; None for any other body."""
+    if not isinstance(body, Mapping):
+        return None
+    if "inputs" in body:
+        return OIP_V2
+    if "instances" in body and "data" not in body:
+        return KSERVE_V1
+    return None
+
+
+def parse_body(row: Any, headers: Mapping[str, str], kserve: bool) -> tuple[Any, bytes]:
+    """The request's JSON body, parsed, and the bytes of its binary tensor data (empty without the extension).
+
+    Only a body that may be an OIP or v1 object is parsed: one in the binary extension, one that came through
+    a KServe route, or bytes that start as a JSON object; anything else comes back None, for the /predictions
+    reader (which reads a form field "data" before the body).
 
     Raises:
-        RequestError: 400 for a malformed request (a KServe v1 one included) or a blank digit, 413 past
-            MAX_DIGITS, 415 for an element that is no image.
+        RequestError: 400 for a malformed Inference-Header-Content-Length or JSON; 413 past MAX_BODY_BYTES.
     """
-    if headers.get("explain", "").strip().lower() == "true":
+    body = row.get("body") if isinstance(row, Mapping) else None
+    if body is None or (not kserve and "data" in row):
+        return None, b""
+    if not isinstance(body, (bytes, bytearray, str)):
+        return body, b""  # JSON the frontend parsed (application/json)
+    payload = text_bytes(body) if isinstance(body, str) else bytes(body)
+    length = binary_header(headers)
+    if length is not None:
+        split = header_length(length, len(payload))
+        return parse_json_part(payload[:split]), payload[split:]
+    if kserve:
+        return parse_json_part(payload), b""
+    # what the /predictions reader would parse (digit_inputs.read_bytes), the same text, so the same answer
+    text = (payload[len(codecs.BOM_UTF8) :] if payload.startswith(codecs.BOM_UTF8) else payload).strip()
+    if text[:1] == b"{" and len(payload) <= MAX_BODY_BYTES:
+        return parse_json(text), b""
+    return None, b""
+
+
+def binary_header(headers: Mapping[str, str]) -> str | None:
+    """The Inference-Header-Content-Length header in any spelling (the client's own header)."""
+    values = {value for name, value in headers.items() if name.lower() == HEADER_LENGTH}
+    if len(values) > 1:
+        raise bad_request("BadHeader", "Inference-Header-Content-Length is sent twice with different values")
+    return next(iter(values), None)
+
+
+def header_length(value: str, body_size: int) -> int:
+    """The JSON part's length from Inference-Header-Content-Length: ASCII digits, at most the body's size.
+
+    `str.isdigit` alone admits other scripts' digits and superscripts ("²"), which `int` then rejects.
+    """
+    digits = value.strip()
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > len(str(body_size)) or int(digits) > body_size:
+        raise bad_request(
+            "BadHeader",
+            f"Inference-Header-Content-Length is {ascii(value[:40])}: it must be the length in bytes of the "
+            f"request's JSON part, in ASCII digits, at most the body's {body_size} bytes",
+        )
+    return int(digits)
+
+
+def parse_json_part(text: bytes) -> Any:
+    """JSON text of an OIP request (or of a /predictions JSON object), size-checked, parsed once."""
+    if len(text) > MAX_BODY_BYTES:
+        raise too_large("BodyTooLarge", f"the JSON part is {len(text)} bytes; the limit is {MAX_BODY_BYTES}")
+    return parse_json(text)
+
+
+def plain_row(row: Any, routed: Route) -> Any:
+    """A /predictions request's row for `read_batch`, its body replaced by the JSON `route` parsed from it."""
+    if routed.body is None or row.get("body") is routed.body:
+        return row
+    return {**row, "body": routed.body}
+
+
+def read_oip(routed: Route, size: tuple[int, int]) -> OipRequest:
+    """Reads one routed OIP inference request into its digits and the outputs it asks for.
+
+    Raises:
+        RequestError: 400 for a malformed request (a KServe v1 one included), an explanation (no explainer)
+            or a blank digit, 413 past MAX_DIGITS, 415 for an element that is no image.
+    """
+    if routed.explain:
         raise bad_request(
             "NoExplainer",
             "this model has no explainer: KServe's explain routes (/v2/models/NAME/explain, "
             "/v1/models/NAME:explain) are not served; send inference requests to /v2/models/NAME/infer",
         )
-    envelope, binary = split_body(row, headers)
+    if routed.problem is not None:
+        raise routed.problem
+    envelope = oip_envelope(routed.body)
     tensor = single_input(envelope)
     request, outputs = request_id(envelope), requested_outputs(envelope)  # the envelope before the pixels
-    return OipRequest(request, read_tensor(tensor, binary, size), outputs)
+    return OipRequest(request, read_tensor(tensor, routed.binary, size), outputs)
 
 
-def split_body(row: Any, headers: Mapping[str, str]) -> tuple[dict[str, Any], bytes]:
-    """The request's JSON object and the bytes of its binary tensor data (empty without the extension)."""
-    body = row.get("body") if isinstance(row, Mapping) else None
+def oip_envelope(body: Any) -> dict[str, Any]:
+    """The request's JSON object; anything else is named."""
     if body is None:
         raise bad_request("BadRequest", "an OIP request needs a JSON body (no form fields); see the KServe v2 API")
-    binary = b""
-    length = headers.get(HEADER_LENGTH)
-    if length is not None and isinstance(body, (bytes, bytearray)):  # parsed by the frontend: no binary part
-        if not length.strip().isdigit() or int(length) > len(body):
-            raise bad_request(
-                "BadHeader", f"Inference-Header-Content-Length is {length[:40]!r}; the body has {len(body)} bytes"
-            )
-        body, binary = bytes(body[: int(length)]), bytes(body[int(length) :])
-    if isinstance(body, str):
-        body = body.encode("utf-8")
-    if isinstance(body, (bytes, bytearray)):
-        if len(body) > MAX_BODY_BYTES:
-            raise too_large("BodyTooLarge", f"the JSON part is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
-        body = parse_json(bytes(body))
     if not isinstance(body, Mapping):
         kind = type(body).__name__
         raise bad_request("BadRequest", f'an OIP request is a JSON object {{"inputs": [...]}}, got {kind}')
-    return dict(body), binary
+    return dict(body)
 
 
 def single_input(envelope: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -58,11 +58,37 @@ def test_a_mixed_batch_answers_each_request_in_its_own_protocol(handle) -> None:
 
 
 def test_what_counts_as_oip(handle) -> None:
+    """The body decides; the frontend's own markers only name an odd body's dialect on a KServe route."""
     body = oip_body(digits(1))
-    assert handle([{"body": body}], [PREDICTIONS])[0].body["type"] == "BadJson"  # /predictions stays itself
+    assert "outputs" in handle([{"body": body}], [PREDICTIONS])[0].body  # an OIP body on /predictions is OIP
     assert "outputs" in handle([{"body": body}], [{}])[0].body  # no headers: TorchServe's OIP gRPC service
+    as_text = {"body": json.dumps(body)}  # sent as text/plain: the same request
+    assert "outputs" in handle([as_text], [PREDICTIONS])[0].body
     plain = {"data": digits(1, seed=1)[0].tolist()}
     assert handle([{"body": plain}], [{}])[0].body["label"] in range(10)  # no headers, not OIP
+    assert handle([{"body": plain}], [PREDICTIONS])[0].body["label"] in range(10)
+    odd = handle([{"body": b"\x89PNG garbage"}], [OIP])[0]  # neither protocol's body, on a KServe route
+    assert odd.status == 400 and set(odd.body) == {"error"}
+
+
+def test_client_headers_change_nothing(handle) -> None:
+    """TorchServe copies a client's headers before writing its own, case-sensitively: a client's `url_path`
+    on an OIP route, its `Explain: True` (the frontend writes `explain`), change neither protocol nor mode."""
+    body = oip_body(digits(2))
+    clean = handle([{"body": body}], [OIP])[0]
+    for extra in ({"url_path": ""}, {"Explain": "True"}, {"EXPLAIN": "True", "Url_Path": "x"}):
+        answer = handle([{"body": body}], [{**extra, **OIP}])[0]
+        assert answer.status == 200 and output(answer, "label") == output(clean, "label"), extra
+    plain = {"data": digits(1, seed=1)[0].tolist()}
+    assert handle([{"body": plain}], [{**PREDICTIONS, "Explain": "True"}])[0].body["label"] in range(10)
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "9" * 5000, "+12", "-1", "1 2", "0x10", "\u0661\u0662", "", "12.0"])
+def test_a_malformed_binary_header_length_is_a_400_naming_it(handle, value) -> None:
+    """`str.isdigit` admits "²" and Arabic-Indic digits, which `int` refuses: a 400 naming the header, never a 500."""
+    header = json.dumps({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1, 784], "data": [0] * 784}]})
+    answer = handle([{"body": header.encode()}], [{**OIP, "Inference-Header-Content-Length": value}])[0]
+    assert answer.status == 400 and "Inference-Header-Content-Length" in answer.body["error"], answer.body
 
 
 def binary_request(pixels: np.ndarray, outputs: list[dict]) -> tuple[bytes, dict]:

@@ -254,8 +254,41 @@ def test_predictions_answers_are_unchanged(server, digits, expected) -> None:
     assert response.status_code == 200
     assert set(response.json()) == {"label", "confidence", "probabilities"}
     assert response.json()["label"] == int(expected["cnn"][0])
-    refused = requests.post(f"{server.url}/predictions/cnn", json={"inputs": []}, headers=server.headers(), timeout=30)
+    refused = requests.post(f"{server.url}/predictions/cnn", json={"pixels": []}, headers=server.headers(), timeout=30)
     assert refused.status_code == 400 and refused.json()["type"] == "BadJson"
+
+
+def test_an_oip_body_is_oip_on_every_route(server, digits, expected) -> None:
+    """The body decides the protocol: an OIP request sent to /predictions, or as text, gets the OIP answer."""
+    body = {"id": "p", "inputs": [tensor(shape=(1, 784), data=digits[0].ravel().tolist())]}
+    for path, headers in [
+        ("/predictions/cnn", {"Content-Type": "application/json"}),
+        ("/predictions/cnn", {"Content-Type": "text/plain"}),
+        ("/v2/models/cnn/infer", {"Content-Type": "text/plain"}),
+    ]:
+        response = requests.post(
+            f"{server.url}{path}", data=json.dumps(body), headers={**server.headers(), **headers}, timeout=30
+        )
+        assert response.status_code == 200, (path, response.text)
+        label = next(o for o in response.json()["outputs"] if o["name"] == "label")
+        assert response.json()["id"] == "p" and label["data"] == [int(expected["cnn"][0])], path
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"url_path": ""}, {"url_path": "cnn"}, {"Explain": "True"}, {"EXPLAIN": "true", "URL_PATH": "x"}],
+    ids=["url_path", "url_path with a model", "Explain", "both, upper case"],
+)
+def test_client_headers_cannot_change_how_an_oip_request_is_read(server, digits, expected, extra) -> None:
+    """TorchServe copies a client's headers before writing its own (case-sensitive map): a client's `url_path`
+    (which /predictions adds) or `Explain: True` (KServe's explain routes add `explain`) changes nothing."""
+    body = {"inputs": [tensor(shape=(2, 784), data=digits[:2].reshape(2, -1).tolist())]}
+    response = requests.post(
+        f"{server.url}/v2/models/cnn/infer", json=body, headers={**server.headers(), **extra}, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    label = next(o for o in response.json()["outputs"] if o["name"] == "label")
+    assert label["data"] == [int(x) for x in expected["cnn"][:2]]
 
 
 def test_standard_oip_grpc_clients_cannot_reach_torchserve(server) -> None:

@@ -1,0 +1,206 @@
+"""The explanation engine (handlers/digit_explain.py) on each format's real predictor: shapes, what each
+method promises, batching into few model calls, the guard, and the methods each format can run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from digit_explain import (
+    DEFAULT_METHODS,
+    EVAL_ROWS,
+    FEATURE_ABLATION,
+    GRADIENT_ROWS,
+    GROUP_DIGITS,
+    INTEGRATED_GRADIENTS,
+    METHODS,
+    OCCLUSION,
+    attribute,
+    methods_for,
+    work,
+)
+from digit_model import CPU_CHUNK_ROWS, gradients_of, in_chunks
+from handler_helpers import MEAN, STD
+
+FORMATS = ("torchscript", "onnx", "pt2")
+
+
+def normalised(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy((images.astype(np.float32) / 255 - MEAN) / STD).reshape(len(images), 1, 28, 28)
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_test) -> tuple[np.ndarray, torch.Tensor]:
+    images = mnist_test[0][:6]
+    return images, normalised(images)
+
+
+def explain(predict, x, targets, method, **kwargs):
+    return attribute(predict, x, targets, method, mean=MEAN, std=STD, **kwargs)
+
+
+def test_methods_each_format_can_run(handlers_by_format):
+    """Gradients only where the file gives them; each format's default among its methods."""
+    assert methods_for(handlers_by_format["torchscript"].model) == (INTEGRATED_GRADIENTS, FEATURE_ABLATION, OCCLUSION)
+    for fmt in ("onnx", "pt2"):
+        assert methods_for(handlers_by_format[fmt].model) == (FEATURE_ABLATION, OCCLUSION)
+    for fmt in FORMATS:
+        assert DEFAULT_METHODS[fmt] in methods_for(handlers_by_format[fmt].model)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_method_of_every_format_maps_each_digit(fmt, handlers_by_format, digits):
+    images, x = digits
+    predict = handlers_by_format[fmt].model
+    for method in methods_for(predict):
+        maps = explain(predict, x, [3, 1, 4, 1, 5, 9], method)
+        assert maps.shape == (6, 28, 28) and maps.dtype == np.float32, method
+        assert np.isfinite(maps).all() and np.abs(maps).sum(axis=(1, 2)).min() > 0, method
+
+
+def test_integrated_gradients_is_complete_and_leaves_the_background_at_zero(handlers_by_format, digits):
+    """Captum's completeness: the map sums to the log-probability's change from the blank digit; a pixel at
+    the baseline intensity differs from nothing, so it gets nothing."""
+    images, x = digits
+    predict = handlers_by_format["torchscript"].model
+    targets = predict(x).argmax(1)
+    maps = explain(predict, x, targets, INTEGRATED_GRADIENTS)
+    blank = torch.full_like(x, -MEAN / STD)
+    rows = torch.arange(len(x))
+    change = (torch.log_softmax(predict(x), 1) - torch.log_softmax(predict(blank), 1))[rows, targets].numpy()
+    # the Riemann sum of 32 steps approximates the integral; a margin far above float32's noise
+    assert np.allclose(maps.sum(axis=(1, 2)), change, atol=0.05 * np.abs(change).max() + 1e-3)
+    assert (maps[images == 0] == 0).all()
+
+
+def test_feature_ablation_is_each_ink_pixels_own_effect(handlers_by_format, digits):
+    """A pixel's value is the drop in log-probability when that pixel alone turns background; the background
+    gets exactly 0 (it costs no model rows)."""
+    images, x = digits
+    predict = handlers_by_format["onnx"].model
+    maps = explain(predict, x[:1], [4], FEATURE_ABLATION)
+    assert (maps[0][images[0] == 0] == 0).all()
+    background = torch.tensor(-MEAN / STD).float()
+    for row, column in np.argwhere(images[0] > 0)[::17]:
+        without = x[:1].clone()
+        without[0, 0, row, column] = background
+        drop = torch.log_softmax(predict(torch.cat([x[:1], without])), 1)[:, 4]
+        assert math.isclose(maps[0, row, column], float(drop[0] - drop[1]), rel_tol=1e-3, abs_tol=1e-5)
+
+
+@pytest.mark.parametrize("method", [FEATURE_ABLATION, OCCLUSION, INTEGRATED_GRADIENTS])
+def test_a_digit_gets_its_map_whatever_its_batch(method, handlers_by_format, digits):
+    """Alone or among others, first or last: the same map (shapley-sampling's orders come from a fixed seed)."""
+    images, x = digits
+    predict = handlers_by_format["torchscript"].model
+    together = explain(predict, x, [7] * 6, method)
+    alone = explain(predict, x[5:], [7], method)
+    again = explain(predict, x[5:], [7], method)
+    assert np.allclose(together[5], alone[0], rtol=1e-4, atol=1e-6)
+    assert np.array_equal(alone, again)
+
+
+@pytest.mark.parametrize("method", [FEATURE_ABLATION, OCCLUSION])
+def test_formats_agree_on_forward_only_methods(method, handlers_by_format, digits):
+    """The same model in three files: the same maps, to the parity the export proves on the scores."""
+    _, x = digits
+    maps = {fmt: explain(handlers_by_format[fmt].model, x, [2] * 6, method) for fmt in FORMATS}
+    scale = np.abs(maps["torchscript"]).max()
+    for fmt in ("onnx", "pt2"):
+        assert np.allclose(maps[fmt], maps["torchscript"], atol=1e-3 * scale), fmt
+
+
+def test_the_chosen_target_is_the_one_explained(handlers_by_format, digits):
+    _, x = digits
+    predict = handlers_by_format["onnx"].model
+    for_three = explain(predict, x[:1], [3], OCCLUSION)
+    for_eight = explain(predict, x[:1], [8], OCCLUSION)
+    assert not np.allclose(for_three, for_eight)
+    both = explain(predict, torch.cat([x[:1], x[:1]]), [3, 8], OCCLUSION)
+    assert np.allclose(both, np.concatenate([for_three, for_eight]), rtol=1e-4, atol=1e-6)
+
+
+def counting(predict):
+    """The real runtime of `predict` behind in_chunks, counting the calls it gets and their rows."""
+    calls: list[int] = []
+    runtime = predict
+
+    def counted(images: torch.Tensor) -> torch.Tensor:
+        calls.append(len(images))
+        return runtime(images)
+
+    return in_chunks(counted, CPU_CHUNK_ROWS), calls
+
+
+@pytest.mark.parametrize("method", [OCCLUSION, FEATURE_ABLATION])
+@pytest.mark.parametrize("count", [1, 7, 64, 70])
+def test_perturbations_of_all_digits_share_model_calls(method, count, handlers_by_format, mnist_test):
+    """F perturbations of each of N digits (occlusion's 169 windows; feature ablation's ink pixels of the
+    inkiest digit, plus the background): 1 + ceil(F / P) Captum calls, each of P perturbations of every digit
+    (P = EVAL_ROWS // N), run in chunks of CPU_CHUNK_ROWS rows; not F + 1 calls per digit."""
+    images = mnist_test[0][:count]
+    x = normalised(images)
+    predict, runtime_calls = counting(handlers_by_format["onnx"].model)
+    captum_calls: list[int] = []
+    explain(predict, x, [1] * count, method, guard=captum_calls.append)
+    expected_captum = 0
+    for group in range(0, count, GROUP_DIGITS):
+        digits = images[group : group + GROUP_DIGITS]
+        features = 169 if method == OCCLUSION else int((digits > 0).reshape(len(digits), -1).sum(1).max()) + 1
+        expected_captum += 1 + math.ceil(features / max(1, EVAL_ROWS // len(digits)))
+    assert len(captum_calls) == expected_captum
+    assert sum(captum_calls) == sum(runtime_calls) == work(x, method, mean=MEAN, std=STD)
+    assert max(runtime_calls) <= CPU_CHUNK_ROWS
+    assert len(runtime_calls) == sum(math.ceil(rows / CPU_CHUNK_ROWS) for rows in captum_calls)
+
+
+def test_integrated_gradients_steps_share_model_calls(handlers_by_format, mnist_test):
+    """32 steps of 64 digits: 8 calls of 256 rows (GRADIENT_ROWS), each with its backward pass."""
+    x = normalised(mnist_test[0][:64])
+    captum_calls: list[int] = []
+    explain(handlers_by_format["torchscript"].model, x, [1] * 64, INTEGRATED_GRADIENTS, guard=captum_calls.append)
+    row_cost = METHODS[INTEGRATED_GRADIENTS].row_cost
+    assert captum_calls == [GRADIENT_ROWS * row_cost] * (64 * 32 // GRADIENT_ROWS)
+
+
+@pytest.mark.parametrize("count", [2, 70])
+def test_work_is_known_before_the_model_runs(count, handlers_by_format, mnist_test):
+    """`work` foretells what the guard sees, for every method, over groups of unequal ink."""
+    x = normalised(mnist_test[0][:count])
+    for method in METHODS:
+        seen: list[int] = []
+        explain(handlers_by_format["torchscript"].model, x, [0] * count, method, guard=seen.append)
+        assert sum(seen) == work(x, method, mean=MEAN, std=STD), method
+
+
+def test_a_guard_stops_the_explanation_before_the_model_runs(handlers_by_format, digits):
+    _, x = digits
+    predict, runtime_calls = counting(handlers_by_format["onnx"].model)
+
+    def refuse(work: int) -> None:
+        raise TimeoutError(f"no budget for {work}")
+
+    with pytest.raises(TimeoutError):
+        explain(predict, x, [0] * 6, FEATURE_ABLATION, guard=refuse)
+    assert runtime_calls == []
+
+
+def test_refusals_name_the_problem(handlers_by_format, digits):
+    _, x = digits
+    with pytest.raises(ValueError, match="unknown method 'lime'; the methods are integrated-gradients"):
+        explain(handlers_by_format["onnx"].model, x, [0] * 6, "lime")
+    with pytest.raises(ValueError, match="needs the model's gradients"):
+        explain(handlers_by_format["pt2"].model, x, [0] * 6, INTEGRATED_GRADIENTS)
+    with pytest.raises(ValueError, match="6 digits need 6 targets"):
+        explain(handlers_by_format["onnx"].model, x, [0], OCCLUSION)
+
+
+def test_predictions_keep_inference_mode(handlers_by_format, digits):
+    """The prediction path builds no autograd graph; only the differentiable twin does."""
+    _, x = digits
+    predict = handlers_by_format["torchscript"].model
+    assert not predict(x.requires_grad_()).requires_grad
+    assert gradients_of(predict)(x.detach().requires_grad_()).requires_grad
+    assert gradients_of(handlers_by_format["onnx"].model) is None
