@@ -168,12 +168,21 @@ def measure_level(plan: HttpPlan, targets: dict[str, Target], concurrency: int) 
 @contextmanager
 def serving(plan: HttpPlan, store: Path, run_dir: Path) -> Iterator[str]:
     """The model's and the no-op's archives in `store`, served by a TorchServe of our own; yields its URL."""
-    from ..serving import server
     from ..serving.archive import archive_model, archive_noop
-    from ..serving.config import Ports
 
     archive_model(plan.model, plan.fmt, plan.artifacts, store, settings=plan.settings, log=lambda _: None)
     archive_noop(store, NOOP, plan.settings)
+    with torchserve(store, run_dir) as url:
+        yield url
+
+
+@contextmanager
+def torchserve(store: Path, run_dir: Path) -> Iterator[str]:
+    """A TorchServe of our own serving every archive in `store`, on free loopback ports, its logs in
+    `run_dir`; yields its inference URL once every model is ready, and stops it in every case."""
+    from ..serving import server
+    from ..serving.config import Ports
+
     ports = Ports(*free_ports(5))
     run_dir.mkdir(parents=True, exist_ok=True)
     state, _ = server.launch(store, run_dir, ports, HOST, foreground=False)
