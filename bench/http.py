@@ -24,7 +24,7 @@ import re
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -224,26 +224,37 @@ OIP_HEADER_SUFFIX = ".header-length"  # beside an OIP body: the length of its JS
 
 
 def oip_body(digits: np.ndarray, path: Path) -> Path:
-    """Writes an OIP inference request of `digits` ((N, 28, 28) uint8) in the binary tensor extension, as
-    Triton's client sends it: the JSON part, then the tensor's bytes; its JSON length goes beside it."""
-    digits = np.ascontiguousarray(digits, dtype=np.uint8)
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "digits",
-                    "datatype": "UINT8",
-                    "shape": list(digits.shape),
-                    "parameters": {"binary_data_size": digits.nbytes},
-                }
-            ],
-            "outputs": [{"name": name, "parameters": {"binary_data": True}} for name in ("probabilities", "label")],
-        }
-    ).encode()
+    """Writes an OIP inference request of `digits` ((N, 28, 28) uint8) for probabilities and labels (see
+    oip_request_bytes); its JSON length goes beside it."""
+    body, header_length = oip_request_bytes(digits, ("probabilities", "label"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(header + digits.tobytes())
-    path.with_name(path.name + OIP_HEADER_SUFFIX).write_text(str(len(header)))
+    path.write_bytes(body)
+    path.with_name(path.name + OIP_HEADER_SUFFIX).write_text(str(header_length))
     return path
+
+
+def oip_request_bytes(
+    digits: np.ndarray, outputs: Sequence[str], parameters: dict[str, Any] | None = None
+) -> tuple[bytes, int]:
+    """An OIP inference request of `digits` ((N, 28, 28) uint8) in the binary tensor extension, as Triton's
+    client sends it: the JSON part, then the tensor's bytes, the outputs asked for in binary too, and the
+    request `parameters` if any. Returns the body and the length of its JSON part."""
+    digits = np.ascontiguousarray(digits, dtype=np.uint8)
+    envelope = {
+        "inputs": [
+            {
+                "name": "digits",
+                "datatype": "UINT8",
+                "shape": list(digits.shape),
+                "parameters": {"binary_data_size": digits.nbytes},
+            }
+        ],
+        "outputs": [{"name": name, "parameters": {"binary_data": True}} for name in outputs],
+    }
+    if parameters:
+        envelope["parameters"] = parameters
+    header = json.dumps(envelope).encode()
+    return header + digits.tobytes(), len(header)
 
 
 def oip_header_length(body: Path) -> str:
@@ -307,9 +318,9 @@ def _rollover_index(path: Path) -> int:
     return int(path.name.split(".")[1])
 
 
-def handler_summary(metrics_log: str, model: str) -> dict[str, Any]:
+def handler_summary(metrics_log: str, model: str, stages: Sequence[str] = STAGES) -> dict[str, Any]:
     """Per stage: mean, p50 and p99 ms per batch; the number of batches and their mean size."""
-    values: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    values: dict[str, list[float]] = {stage: [] for stage in stages}
     for name, value, model_name in METRIC_LINE.findall(metrics_log):
         if model_name == model and name in values:
             values[name].append(float(value))

@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # files only, also on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .explain import STOCK, TARGET_K, TARGET_WIN_SHARE, ExplainReport  # noqa: E402
+from .explain_http import CostReport, CostRow  # noqa: E402
 from .http import STAGES, HttpReport  # noqa: E402
 from .offline import OfflineReport  # noqa: E402
 
@@ -346,6 +347,108 @@ def plot_explain(report: ExplainReport, path: Path) -> None:
         axes.legend(fontsize=7)
     panels[0][0].set_ylabel("mean drop of the explained class's probability")
     figure.suptitle(f"{report.model}: deletion curves ({report.digits:,} MNIST test digits)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# --- explain-http ------------------------------------------------------------------------------------
+
+
+def write_explain_http(report: CostReport, out: Path) -> list[Path]:
+    """bench-explain-http.json, .md and .png in `out`; returns their paths."""
+    return _write(
+        out,
+        "bench-explain-http",
+        report.to_dict(),
+        explain_http_markdown(report),
+        lambda path: plot_explain_http(report, path),
+    )
+
+
+def explain_http_markdown(report: CostReport) -> str:
+    plan, settings = report.plan, report.plan.settings
+    header = [
+        "format",
+        "method",
+        "one digit: p50 / p90 / p99 ms",
+        "p50 x prediction",
+        "handler ms a digit: inference / explanation (mean)",
+        f"{plan.oip_digits} a request over OIP: digits/s",
+        "digits/s x prediction",
+    ]
+    lines = [
+        f"# Explanation cost over HTTP: {plan.model}",
+        "",
+        f"One client alone, one request at a time on a keep-alive connection. One digit a request: "
+        f"{plan.requests} requests cycling through the first {plan.digits} MNIST test digits as 28x28 PNGs, to "
+        '`/predictions/NAME` (the prediction rows) or `/explanations/NAME` with `{"data": BASE64_PNG, '
+        f'"method": METHOD}}`. Over OIP: {plan.oip_requests} requests of {plan.oip_digits} digits (a binary UINT8 '
+        "tensor) to `/v2/models/NAME/infer`, asking for `attributions` (with the request parameter `method`) "
+        f"beside the probabilities and labels. Every archive: batch size {settings.batch_size}, max batch delay "
+        f"{settings.max_batch_delay} ms, {settings.workers} worker(s) of {settings.threads} intra-op thread(s). "
+        "The handler's times come from its metrics (InferenceTime, ExplainTime; mean ms per batch, one digit a "
+        "batch here).",
+        "",
+        machine_line(report.machine),
+        "",
+        *table(header, [_cost_row(report, row) for row in report.rows]),
+        "",
+        cost_target_line(report),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+COST_TARGET_MS = 30  # issue 22: the default method explains one cnn digit under this p50, on one thread
+
+
+def cost_target_line(report: CostReport) -> str:
+    defaults = [row for row in report.rows if row.default]
+    timed = ", ".join(f"{row.format} ({row.method}) {row.single.latency.p50_ms:.1f} ms" for row in defaults)
+    missed = [row.format for row in defaults if row.single.latency.p50_ms >= COST_TARGET_MS]
+    verdict = f"over {COST_TARGET_MS} ms: {', '.join(missed)}" if missed else f"all under {COST_TARGET_MS} ms"
+    return f"Each format's default method, one digit, p50: {timed}; {verdict}."
+
+
+def _cost_row(report: CostReport, row: CostRow) -> list[str]:
+    latency, prediction = row.single.latency, report.prediction(row.format)
+    single = row.handler.get("single", {})
+
+    def mean(stage: str) -> str:
+        return f"{single[stage]['mean_ms']:.1f}" if single.get(stage) else "-"
+
+    method = row.method if not row.default else f"**{row.method}** (default)"
+    return [
+        row.format,
+        method,
+        f"{latency.p50_ms:.1f} / {latency.p90_ms:.1f} / {latency.p99_ms:.1f}",
+        f"{latency.p50_ms / prediction.single.latency.p50_ms:.1f}" if prediction else "-",
+        f"{mean('InferenceTime')} / {mean('ExplainTime')}",
+        f"{row.digits_per_s:,.0f}",
+        f"{row.digits_per_s / prediction.digits_per_s:.3f}" if prediction else "-",
+    ]
+
+
+def plot_explain_http(report: CostReport, path: Path) -> None:
+    """Per format, each method's one-digit p50 and its digits per second over OIP, the prediction's beside."""
+    formats = list(dict.fromkeys(row.format for row in report.rows))
+    methods = list(dict.fromkeys(row.method for row in report.rows))
+    figure, (latency, rate) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / len(methods)
+    for index, method in enumerate(methods):
+        rows = {row.format: row for row in report.rows if row.method == method}
+        positions = [i + (index - (len(methods) - 1) / 2) * width for i, fmt in enumerate(formats) if fmt in rows]
+        present = [fmt for fmt in formats if fmt in rows]
+        latency.bar(positions, [rows[f].single.latency.p50_ms for f in present], width, label=method)
+        rate.bar(positions, [rows[f].digits_per_s for f in present], width, label=method)
+    latency.axhline(COST_TARGET_MS, color="grey", linestyle="--", label=f"target for the default ({COST_TARGET_MS} ms)")
+    latency.set(ylabel="ms, p50", title="one digit a request, one client")
+    rate.set(yscale="log", ylabel="digits per second", title=f"{report.plan.oip_digits} digits a request over OIP")
+    for axes in (latency, rate):
+        axes.set_xticks(range(len(formats)), formats)
+        axes.grid(True, axis="y", alpha=0.3)
+        axes.legend(fontsize=7)
+    figure.suptitle(f"{report.plan.model}: explanations against predictions ({report.machine['cpu']})", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

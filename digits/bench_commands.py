@@ -39,6 +39,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     add_offline(kinds)
     add_http(kinds)
     add_explain(kinds)
+    add_explain_http(kinds)
 
 
 def add_offline(kinds: argparse._SubParsersAction) -> None:
@@ -238,6 +239,75 @@ def run_explain(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
     )
     paths = write_explain(report, args.out or DEFAULT_OUT / f"{args.model}-explain")
+    print(paths[1].read_text(), end="")
+    print(f"wrote {', '.join(map(str, paths))}")
+    return 0
+
+
+def add_explain_http(kinds: argparse._SubParsersAction) -> None:
+    from .bench.explain_http import DIGITS, OIP_DIGITS, OIP_REQUESTS, REQUESTS, SETTINGS
+
+    p = kinds.add_parser(
+        "explain-http",
+        help="what an explanation costs over HTTP, per format and method, beside a prediction",
+        description="Archive MODEL once per exported format, serve them from one TorchServe, and time one client "
+        "alone: one digit a request to /predictions and, per method, /explanations (latency percentiles), and N "
+        "digits a request over OIP, predictions and attributions (digits per second). Writes "
+        "bench-explain-http.json, .md and .png to OUT.",
+    )
+    p.add_argument("--model", default="cnn", help="an exported model (default cnn)")
+    add_artifacts(p)
+    p.add_argument("--formats", type=_name_list, help="comma-separated formats (default: every exported one)")
+    p.add_argument("--methods", type=_name_list, help="comma-separated methods (default: every one a format runs)")
+    p.add_argument(
+        "--digits",
+        type=int,
+        default=DIGITS,
+        help=f"distinct digits the one-digit requests cycle through (default {DIGITS})",
+    )
+    p.add_argument(
+        "--requests", type=int, default=REQUESTS, help=f"one-digit requests per format and method (default {REQUESTS})"
+    )
+    p.add_argument(
+        "--oip", type=int, default=OIP_DIGITS, metavar="N", help=f"digits an OIP request (default {OIP_DIGITS})"
+    )
+    p.add_argument(
+        "--oip-requests",
+        type=int,
+        default=OIP_REQUESTS,
+        help=f"OIP requests per format and method (default {OIP_REQUESTS})",
+    )
+    # batch size 1: one client alone never fills a batch, and a larger one makes TorchServe hold each request
+    # for the batch delay first
+    add_serving_settings(p, of=" of every archive", default=SETTINGS)
+    p.add_argument("--out", type=Path, help="output folder (default: runs/bench/MODEL-explain-http)")
+    p.set_defaults(func=run_explain_http)
+
+
+def run_explain_http(args: argparse.Namespace) -> int:
+    from .bench.explain_http import CostPlan, parse_formats
+    from .bench.explain_http import run_explain_http as measure
+    from .bench.report import write_explain_http
+    from .serving.archive import ServingSettings
+
+    settings = ServingSettings(
+        batch_size=args.batch_size, max_batch_delay=args.max_batch_delay, workers=args.workers, threads=args.threads
+    )
+    settings.validate()
+    out = (args.out or DEFAULT_OUT / f"{args.model}-explain-http").resolve()
+    plan = CostPlan(
+        model=args.model,
+        artifacts=args.artifacts,
+        formats=parse_formats(args.formats, args.artifacts, args.model),
+        methods=args.methods,
+        settings=settings,
+        digits=args.digits,
+        requests=args.requests,
+        oip_digits=args.oip,
+        oip_requests=args.oip_requests,
+    )
+    report = measure(plan, out / "torchserve")
+    paths = write_explain_http(report, out)
     print(paths[1].read_text(), end="")
     print(f"wrote {', '.join(map(str, paths))}")
     return 0
