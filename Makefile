@@ -18,10 +18,10 @@ OIP_WORKERS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
 BENCH_OIP ?= --workers $(OIP_WORKERS) --batch-size $(shell echo $$((4 / $(OIP_WORKERS))))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-slow lint format bench clean
+.PHONY: help setup demo test test-slow lint format bench bench-explain clean
 
 help: ## list the make targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed ## create .venv with digits installed editable, with the dev extras
 
@@ -94,6 +94,12 @@ bench: setup ## benchmarks, offline (with int8 and .pt2) and over HTTP (PNG, dra
 	  --input $(BENCH_OUT)/inputs/drawn-00000_label-7.png --out $(BENCH_OUT)/cnn-onnx-drawn-http
 	$(DIGITS) bench http --model cnn --format onnx --artifacts $(ARTIFACTS) $(BENCH_OIP) \
 	  --oip 64 --concurrency 4 --out $(BENCH_OUT)/cnn-onnx-oip-http
+	$(MAKE) --no-print-directory -o setup bench-explain
+
+bench-explain: setup ## explanations of cnn: deletion test and agreement of every format (1,000 digits), cost over HTTP
+	@test -f $(ARTIFACTS)/cnn/export.json || { echo "no $(ARTIFACTS)/cnn/export.json: run make demo first"; exit 1; }
+	$(DIGITS) bench explain cnn --artifacts $(ARTIFACTS) --out $(BENCH_OUT)/cnn-explain
+	$(DIGITS) bench explain-http --model cnn --artifacts $(ARTIFACTS) --out $(BENCH_OUT)/cnn-explain-http
 
 clean: ## remove generated artifacts, archives and run folders (keeps .venv and the MNIST cache)
 	rm -rf $(ARTIFACTS) runs samples
