@@ -280,8 +280,8 @@ class Deleter:
         self.ink = [np.flatnonzero(image.reshape(-1) > 0) for image in images]  # each digit's ink pixels
 
     def counts(self, k: int) -> list[int]:
-        """Pixels deleted from each digit at k% of its ink (at least one, once k > 0)."""
-        return [max(1, round(k / 100 * len(ink))) if k else 0 for ink in self.ink]
+        """Pixels deleted from each digit at k% of its ink (at least one, once k > 0 and there is ink)."""
+        return [min(len(ink), max(1, round(k / 100 * len(ink)))) if k else 0 for ink in self.ink]
 
     def attributed(self, attributions: np.ndarray, k: int) -> list[np.ndarray]:
         """Each digit's k% most attributed pixels (ties: the earlier pixel first)."""
