@@ -38,8 +38,9 @@ PT2_REQUIRED_KEYS = ("torch_version", "device", "target", "min_batch", "max_batc
 
 # Open Inference Protocol outputs of a digits model: name -> datatype. A request gets OIP_DEFAULT_OUTPUTS
 # unless its `outputs` names others. probabilities [N, classes]; label [N] (the label itself for "0".."9");
-# framed [N, H, W], each digit as the model saw it after framing, white on black.
-OIP_OUTPUTS = {"probabilities": "FP32", "label": "INT64", "framed": "UINT8"}
+# framed [N, H, W], each digit as the model saw it after framing, white on black; attributions [N, H, W], each
+# pixel's share of the explained label's log-probability (the handler's explanations, digit_explain.py).
+OIP_OUTPUTS = {"probabilities": "FP32", "label": "INT64", "framed": "UINT8", "attributions": "FP32"}
 OIP_DEFAULT_OUTPUTS = ("probabilities", "label")
 
 

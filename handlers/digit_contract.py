@@ -20,7 +20,7 @@ HANDLER_SECTION = "handler"  # model-config.yaml: the handler's own section
 THREADS_KEY = "threads"
 PT2_META_ENTRY = "extra/digits_meta.json"
 PT2_REQUIRED_KEYS = ("torch_version", "device", "target", "min_batch", "max_batch")
-OIP_OUTPUTS = {"probabilities": "FP32", "label": "INT64", "framed": "UINT8"}
+OIP_OUTPUTS = {"probabilities": "FP32", "label": "INT64", "framed": "UINT8", "attributions": "FP32"}
 OIP_DEFAULT_OUTPUTS = ("probabilities", "label")
 
 

@@ -12,6 +12,7 @@ BAD_REQUEST = 400  # malformed: bad JSON, wrong shape, bad pixel values, truncat
 PAYLOAD_TOO_LARGE = 413  # body or image over our limits
 UNSUPPORTED_MEDIA_TYPE = 415  # neither an image Pillow can read, nor JSON, nor base64 of an image
 INTERNAL_ERROR = 500  # reading this one request failed in a way the handler did not foresee: a fault of ours
+SERVICE_UNAVAILABLE = 503  # the batch's time for explanations ran out before this request's: retry
 
 # A reason phrase ends up in the HTTP status line, which Netty refuses to build when it holds CR/LF, so the
 # phrase is cut to one short printable ASCII line; the full message travels in the JSON body.
@@ -22,7 +23,8 @@ class RequestError(Exception):
     """One request of a batch is unusable; the others go on.
 
     Args:
-        code: HTTP status for this request (400, 413 or 415; 500 for a fault of the server's own).
+        code: HTTP status for this request (400, 413 or 415; 503 when its explanation ran out of time; 500 for a
+            fault of the server's own).
         kind: short machine-readable name of the problem, e.g. "TruncatedImage".
         message: what is wrong and, where it helps, what to send instead.
     """
@@ -53,6 +55,10 @@ def too_large(kind: str, message: str) -> RequestError:
 
 def unsupported(kind: str, message: str) -> RequestError:
     return RequestError(UNSUPPORTED_MEDIA_TYPE, kind, message)
+
+
+def unavailable(kind: str, message: str) -> RequestError:
+    return RequestError(SERVICE_UNAVAILABLE, kind, message)
 
 
 def unexpected(err: Exception) -> RequestError:

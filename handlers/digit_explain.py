@@ -123,7 +123,7 @@ def attribute(
     """
     spec = method_named(method)
     chosen = {**spec.settings, **(settings or {})}
-    targets = torch.as_tensor(np.asarray(targets, dtype=np.int64))
+    targets = torch.from_numpy(np.array(targets, dtype=np.int64))  # a copy: the caller's may be read-only
     if targets.shape != (len(digits),):
         raise ValueError(f"{len(digits)} digits need {len(digits)} targets, got shape {tuple(targets.shape)}")
     forward = model_function(predict, spec, guard)

@@ -24,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from digit_batch import (
     Batch,
@@ -34,6 +35,18 @@ from digit_batch import (
 )
 from digit_contract import HANDLER_SECTION, THREADS_KEY
 from digit_errors import RequestError, quiet_client_tracebacks
+from digit_explanations import (
+    Deadline,
+    Explanation,
+    Job,
+    explain_jobs,
+    explain_seconds,
+    explanation_body,
+    oip_parameters,
+)
+from digit_kserve import V1Request
+from digit_kserve import explanations_body as v1_explanations
+from digit_kserve import predictions_body as v1_predictions
 from digit_metrics import StageTimes
 from digit_model import (
     ModelLoadError,
@@ -83,6 +96,7 @@ class DigitHandler(BaseHandler):
         self.model_pt_path = str(model_path)
         self.model = load_predictor(model_path, self.device)
         check_predictor(self.model, self.meta)
+        self.explain_seconds = explain_seconds(context.model_yaml_config)
         self.initialized = True
         logger.info(
             "digits handler: serving %s (%s, test accuracy %s) on %s; PNG decoding: %s",
@@ -94,23 +108,28 @@ class DigitHandler(BaseHandler):
         )
 
     def handle(self, data: list[Any], context: Any) -> list[bytes]:
-        """TorchServe's entry point for a batch: read, one forward pass, answer each request.
+        """TorchServe's entry point for a batch: read, one forward pass, explain what was asked, answer each.
 
         Replaces BaseHandler.handle, which switches to Captum explanations or a "describe" mode whenever
-        request 0 of the batch carries an `explain` or `describe` header: a client's header would then fail
-        the whole batch, as this handler has neither mode.
+        request 0 of the batch carries an `explain` or `describe` header: the whole batch would then be
+        explained or described. Here each request says for itself (digit_oip.route, digit_explanations.py).
         """
         self.context = context
+        deadline = Deadline(self.explain_seconds)  # from the start of the batch: decoding counts
         times = StageTimes()
         with times.stage("DecodeTime"):
-            readings, oip = read_requests(data, context, self.meta)  # /predictions and OIP requests alike
+            readings, kserve = read_requests(data, context, self.meta)  # every protocol alike
         with times.stage("PreprocessTime"):
             batch = assemble(readings, self.meta)
         with times.stage("InferenceTime"):
             batch = self.inference(batch)
+        explained: dict[int, Explanation | RequestError] = {}
+        if kserve.asks:  # no explanation work unless a request asks for one
+            with times.stage("ExplainTime"):
+                explained = self.explain_batch(batch, kserve, deadline)
         with times.stage("PostprocessTime"):
-            answers = self.postprocess(batch, oip)
-        times.count(batch.size, len(batch.rows), answer_counts(batch, oip))
+            answers = self.postprocess(batch, kserve, explained, readings.digits)
+        times.count(batch.size, len(batch.rows), answer_counts(batch, kserve, explained))
         # the split, so that the next bottleneck shows (digit_metrics.py). No HandlerTime beside it, as
         # BaseHandler.handle would add, and no log line a batch: TorchServe's own PredictionTime already times
         # the whole call and names every request of the batch, and each line is work for the frontend
@@ -124,46 +143,106 @@ class DigitHandler(BaseHandler):
             return batch
         return batch.with_probabilities(to_probabilities(self.model(batch.digits)))
 
+    def explain_batch(
+        self, batch: Batch, kserve: OipBatch, deadline: Deadline
+    ) -> dict[int, Explanation | RequestError]:
+        """The explanations the batch's readable requests ask for, each request's own or its own error."""
+        positions = row_positions(batch, kserve)
+        jobs = {}
+        for index, ask in kserve.asks.items():
+            if index in batch.errors:
+                continue
+            rows = positions[index]
+            jobs[index] = Job(ask, batch.digits[rows], batch.probabilities[rows].argmax(dim=1).numpy())
+        return explain_jobs(jobs, self.model, self.meta, deadline)
+
     @timed
-    def postprocess(self, batch: Batch, oip: OipBatch | None = None) -> list[bytes]:
+    def postprocess(
+        self,
+        batch: Batch,
+        kserve: OipBatch | None = None,
+        explained: dict[int, Explanation | RequestError] | None = None,
+        framed: list[np.ndarray] | None = None,
+    ) -> list[bytes]:
         """One body per request, in request order, with a per-request status for the refused ones.
 
         Bodies go back as bytes: given a dict, TorchServe's worker would encode it with `json.dumps(indent=2)`,
         which bypasses the C encoder; that alone took a fifth of the worker's time per request (cProfile).
-        OIP requests (`oip`) get OIP answers (digit_oip.py), the others /predictions ones.
+        OIP requests get OIP answers (digit_oip.py), KServe v1 ones v1 answers (digit_kserve.py), the others
+        /predictions ones, with the explanation beside the prediction when one was asked (`explained`; the
+        digits as framed, `framed`, go into it).
         """
-        if oip is None or not oip.indices:
+        kserve = kserve or OipBatch(frozenset(), {}, {})
+        explained = explained or {}
+        if not kserve.indices and not explained:
             answers = {}
             if batch.rows:
                 answers = dict(zip(batch.rows, prediction_bodies(batch.probabilities, self.meta.labels), strict=True))
         else:
-            answers = self.plain_answers(batch, oip)
+            answers = self.plain_answers(batch, kserve, explained, framed or [])
         bodies = []
         for index in range(batch.size):
             error = batch.errors.get(index)
-            if oip is not None and index in oip.indices:
-                bodies.append(self.oip_answer(batch, oip, index, error))
+            result = explained.get(index)
+            if error is None and isinstance(result, RequestError):
+                error = result
+            if index in kserve.indices:
+                bodies.append(self.kserve_answer(batch, kserve, index, error, result))
                 continue
             self.context.set_response_content_type(index, "application/json")
             bodies.append(answers[index] if error is None else json_body(refuse(self.context, index, error)))
         return bodies
 
-    def plain_answers(self, batch: Batch, oip: OipBatch) -> dict[int, bytes]:
-        """The /predictions bodies of a batch that mixes in OIP requests: request index -> body."""
-        positions = [position for position, index in enumerate(batch.rows) if index not in oip.indices]
+    def plain_answers(
+        self, batch: Batch, kserve: OipBatch, explained: dict[int, Explanation | RequestError], framed: list
+    ) -> dict[int, bytes]:
+        """The /predictions and /explanations bodies of a batch that mixes in other protocols or explanations:
+        request index -> body."""
+        positions = [position for position, index in enumerate(batch.rows) if index not in kserve.indices]
         if not positions:
             return {}
         bodies = prediction_bodies(batch.probabilities[positions], self.meta.labels)
-        return {batch.rows[position]: body for position, body in zip(positions, bodies, strict=True)}
+        answers = {}
+        for position, body in zip(positions, bodies, strict=True):
+            index = batch.rows[position]
+            result = explained.get(index)
+            if isinstance(result, Explanation):
+                body = explanation_body(body, result, 0, framed[position], self.meta.labels, self.identity())
+            answers[index] = body
+        return answers
 
-    def oip_answer(self, batch: Batch, oip: OipBatch, index: int, error: RequestError | None) -> bytes:
-        """Request `index`'s OIP body, its status and content type set: the outputs, or `{"error": ...}`."""
+    def identity(self) -> tuple[str, str]:
+        return model_identity(self.context)
+
+    def kserve_answer(
+        self,
+        batch: Batch,
+        kserve: OipBatch,
+        index: int,
+        error: RequestError | None,
+        result: Explanation | RequestError | None,
+    ) -> bytes:
+        """Request `index`'s OIP or KServe v1 body, its status and content type set; `{"error": ...}` if refused."""
         if error is not None:
             self.context.set_response_content_type(index, JSON_TYPE)
             self.context.set_response_status(code=error.code, phrase=error.phrase(), idx=index)
             return error_body(error)
-        probabilities = batch.probabilities[oip.rows[index]].numpy()
-        body, header_length = answer(oip.read[index], probabilities, self.meta.labels, model_identity(self.context))
+        probabilities = batch.probabilities[kserve.rows[index]].numpy()
+        request = kserve.read[index]
+        if isinstance(request, V1Request):
+            self.context.set_response_content_type(index, JSON_TYPE)
+            if result is None:
+                return v1_predictions(probabilities, self.meta.labels)
+            predictions = prediction_bodies(batch.probabilities[kserve.rows[index]], self.meta.labels)
+            framed = request.digits
+            return v1_explanations(
+                [
+                    explanation_body(body, result, position, framed[position], self.meta.labels, self.identity())
+                    for position, body in enumerate(predictions)
+                ]
+            )
+        attributions = None if result is None else (result.maps, oip_parameters(result, request.ask, self.meta.labels))
+        body, header_length = answer(request, probabilities, self.meta.labels, self.identity(), attributions)
         if header_length is None:
             self.context.set_response_content_type(index, JSON_TYPE)
         else:
@@ -172,12 +251,24 @@ class DigitHandler(BaseHandler):
         return body
 
 
-def answer_counts(batch: Batch, oip: OipBatch) -> Counter[tuple[str, int, str]]:
-    """The batch's answers by (protocol, HTTP status, error type), for the Answers metric."""
+def row_positions(batch: Batch, kserve: OipBatch) -> dict[int, slice]:
+    """Request index -> its rows in the batch's digits (a /predictions request has one row)."""
+    positions = {index: slice(position, position + 1) for position, index in enumerate(batch.rows)}
+    positions.update(kserve.rows)
+    return positions
+
+
+def answer_counts(
+    batch: Batch, kserve: OipBatch, explained: dict[int, Explanation | RequestError]
+) -> Counter[tuple[str, int, str]]:
+    """The batch's answers by (protocol, HTTP status, error type), for the Answers metric; an explanation's
+    refusal is its request's answer."""
     counts: Counter[tuple[str, int, str]] = Counter()
     for index in range(batch.size):
         error = batch.errors.get(index)
-        protocol = "oip" if index in oip.indices else "predictions"
+        if error is None and isinstance(explained.get(index), RequestError):
+            error = explained[index]
+        protocol = kserve.protocols.get(index, "predictions")
         counts[(protocol, 200, "OK") if error is None else (protocol, error.code, error.kind)] += 1
     return counts
 

@@ -1,14 +1,15 @@
 """The handler's own metrics per batch, reported as TorchServe custom metrics.
 
-Four stages, one value each, in milliseconds per batch (ModelName and Level dimensions, as TorchServe's
+Five stages, one value each, in milliseconds per batch (ModelName and Level dimensions, as TorchServe's
 own PredictionTime, which times the whole batch):
   - DecodeTime: every request's body read into a framed digit (parsing, image decoding, MNIST framing);
   - PreprocessTime: the digits stacked into one tensor and normalised;
   - InferenceTime: the forward pass and the softmax;
+  - ExplainTime: the explanations asked for, only in a batch where a request asked for one;
   - PostprocessTime: the JSON bodies and per-request statuses.
 and, per batch, BatchSize (requests) and BatchDigits (digits: an OIP request carries many), and the
-counter Answers (one per request, by Protocol "predictions"/"oip", HTTP Status and ErrorType, "OK" when
-answered). TorchServe 0.12.0 records a custom metric only when the frontend knows it: `MODEL_METRICS`
+counter Answers (one per request, by Protocol "predictions"/"oip"/"kserve-v1", HTTP Status and ErrorType,
+"OK" when answered). TorchServe 0.12.0 records a custom metric only when the frontend knows it: `MODEL_METRICS`
 declares them for the frontend's metrics config (serving/metrics.py writes it; in Prometheus mode the stage
 times and batch sizes are histograms there, whatever type a line names), and `digits serve` also sets
 `model_metrics_auto_detect=true`. The frontend logs every line it reads in logs/ts_log.log, which
@@ -30,7 +31,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-STAGES = ("DecodeTime", "PreprocessTime", "InferenceTime", "PostprocessTime")
+STAGES = ("DecodeTime", "PreprocessTime", "InferenceTime", "ExplainTime", "PostprocessTime")
 UNIT = "Milliseconds"  # what TorchServe writes for add_time's "ms"
 SIZES = ("BatchSize", "BatchDigits")
 ANSWERS = "Answers"

@@ -31,20 +31,23 @@ import functools
 import json
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from digit_batch import Readings, content_types, label_value, read_batch, read_guarded
 from digit_contract import OIP_DEFAULT_OUTPUTS, OIP_OUTPUTS
 from digit_errors import RequestError, bad_request, too_large
+from digit_explanations import MAX_EXPLAINED, Ask, ask_from_fields
 from digit_imaging import require_ink, to_uint8
 from digit_inputs import MAX_BODY_BYTES, decode_base64, parse_json, read_image, sniff_format, text_bytes
+from digit_kserve import V1Request, read_v1
 from digit_model import DigitMeta
 
 MAX_DIGITS = 1024  # digits in one request; TorchServe's max_request_size bounds the bytes first
 OUTPUTS = tuple(OIP_OUTPUTS)  # name -> datatype in the contract
 DEFAULT_OUTPUTS = OIP_DEFAULT_OUTPUTS
+ATTRIBUTIONS = "attributions"  # the output that asks for explanations (digit_explanations.py)
 DATATYPES = ("UINT8", "FP32", "BYTES")
 HEADER_LENGTH = "inference-header-content-length"
 PREDICTIONS, OIP_V2, KSERVE_V1 = "predictions", "oip", "kserve-v1"  # the protocols `route` tells apart
@@ -59,15 +62,19 @@ class OipRequest:
     id: str | None
     digits: np.ndarray  # (N, H, W) float32 0..255, white on black, framed
     outputs: dict[str, bool]  # output name -> sent in the binary extension
+    ask: Ask | None = None  # what the `attributions` output asks to explain; None when not requested
 
 
 @dataclass(frozen=True)
 class OipBatch:
-    """The OIP requests of a TorchServe batch: which they are, and where each read one's rows lie."""
+    """The KServe requests of a TorchServe batch (OIP and v1): which they are, and where each read one's rows
+    lie; and every request's explanation ask, whatever its protocol."""
 
-    indices: frozenset[int]  # request indices that came in as OIP, read or refused
-    read: dict[int, OipRequest]
+    indices: frozenset[int]  # request indices that came in as OIP or KServe v1, read or refused
+    read: dict[int, OipRequest | V1Request]
     rows: dict[int, slice]  # request index -> its rows in the batch's digits
+    protocols: dict[int, str] = field(default_factory=dict)  # request index -> OIP_V2 or KSERVE_V1
+    asks: dict[int, Ask] = field(default_factory=dict)  # request index -> what it asks to explain, if anything
 
 
 def read_requests(data: list[Any], context: Any, meta: DigitMeta) -> tuple[Readings, OipBatch]:
@@ -83,8 +90,9 @@ def read_requests(data: list[Any], context: Any, meta: DigitMeta) -> tuple[Readi
     plain_indices = [index for index, r in enumerate(routes) if r.protocol == PREDICTIONS and not r.problem]
     plain_rows = [plain_row(data[index], routes[index]) for index in plain_indices]
     plain = read_batch(plain_rows, meta, [types[index] for index in plain_indices])
+    asks = {index: ask_from_fields(data[index], routes[index].body) for index in plain_indices if routes[index].explain}
     if len(plain_indices) == len(data):
-        return plain, OipBatch(frozenset(), {}, {})
+        return plain, OipBatch(frozenset(), {}, {}, asks=asks)
     digits = list(plain.digits)
     rows = [plain_indices[position] for position in plain.rows]
     errors = {plain_indices[position]: error for position, error in plain.errors.items()}
@@ -92,15 +100,19 @@ def read_requests(data: list[Any], context: Any, meta: DigitMeta) -> tuple[Readi
         errors[index] = read_guarded(functools.partial(raise_error, problem), index, len(data))
     read, spans = {}, {}
     for index in indices:
-        request = read_guarded(functools.partial(read_oip, routes[index], meta.size), index, len(data))
+        reader = read_kserve_v1 if routes[index].protocol == KSERVE_V1 else read_oip
+        request = read_guarded(functools.partial(reader, routes[index], meta.size), index, len(data))
         if isinstance(request, RequestError):
             errors[index] = request
             continue
         read[index] = request
+        if request.ask is not None:
+            asks[index] = request.ask
         spans[index] = slice(len(rows), len(rows) + len(request.digits))
         digits.extend(request.digits)  # (H, W) views, as read_batch gives
         rows.extend([index] * len(request.digits))
-    return Readings(len(data), rows, digits, errors), OipBatch(frozenset(indices), read, spans)
+    protocols = {index: routes[index].protocol for index in indices}
+    return Readings(len(data), rows, digits, errors), OipBatch(frozenset(indices), read, spans, protocols, asks)
 
 
 def headers_of(context: Any, index: int) -> dict[str, str]:
@@ -235,24 +247,50 @@ def plain_row(row: Any, routed: Route) -> Any:
 
 
 def read_oip(routed: Route, size: tuple[int, int]) -> OipRequest:
-    """Reads one routed OIP inference request into its digits and the outputs it asks for.
+    """Reads one routed OIP inference request into its digits, the outputs it asks for and, when one of them
+    is `attributions` (always on the route /v2/models/NAME/explain), what it asks to explain.
 
     Raises:
-        RequestError: 400 for a malformed request (a KServe v1 one included), an explanation (no explainer)
-            or a blank digit, 413 past MAX_DIGITS, 415 for an element that is no image.
+        RequestError: 400 for a malformed request (a KServe v1 one included) or a blank digit, 413 past
+            MAX_DIGITS (MAX_EXPLAINED with attributions), 415 for an element that is no image.
     """
-    if routed.explain:
-        raise bad_request(
-            "NoExplainer",
-            "this model has no explainer: KServe's explain routes (/v2/models/NAME/explain, "
-            "/v1/models/NAME:explain) are not served; send inference requests to /v2/models/NAME/infer",
-        )
     if routed.problem is not None:
         raise routed.problem
     envelope = oip_envelope(routed.body)
     tensor = single_input(envelope)
     request, outputs = request_id(envelope), requested_outputs(envelope)  # the envelope before the pixels
-    return OipRequest(request, read_tensor(tensor, routed.binary, size), outputs)
+    ask = None
+    if routed.explain and ATTRIBUTIONS not in outputs:
+        outputs[ATTRIBUTIONS] = binary_default(envelope)
+    if ATTRIBUTIONS in outputs:
+        ask = explanation_ask(envelope)
+        check_explained_count(tensor["shape"][0])
+    return OipRequest(request, read_tensor(tensor, routed.binary, size), outputs, ask)
+
+
+def explanation_ask(envelope: Mapping[str, Any]) -> Ask:
+    """The request parameters `method` and `target` (digit_explanations.py checks them against the model)."""
+    parameters = envelope.get("parameters")
+    parameters = parameters if isinstance(parameters, Mapping) else {}
+    return Ask(parameters.get("method"), parameters.get("target"))
+
+
+def check_explained_count(digits: int) -> None:
+    """Refuses before decoding a tensor that declares more digits than a request may explain ([-1]: counted
+    after decoding, by digit_explanations.resolve)."""
+    if digits > MAX_EXPLAINED:
+        raise too_large(
+            "TooManyToExplain",
+            f"the request asks attributions of {digits} digits; the limit is {MAX_EXPLAINED} a request: send them "
+            f"in requests of at most {MAX_EXPLAINED}, or ask attributions of fewer",
+        )
+
+
+def read_kserve_v1(routed: Route, size: tuple[int, int]) -> V1Request:
+    """Reads one routed KServe v1 request (digit_kserve.py)."""
+    if routed.problem is not None:
+        raise routed.problem
+    return read_v1(routed.body, routed.explain, size)
 
 
 def oip_envelope(body: Any) -> dict[str, Any]:
@@ -438,11 +476,10 @@ def request_id(envelope: Mapping[str, Any]) -> str | None:
 
 def requested_outputs(envelope: Mapping[str, Any]) -> dict[str, bool]:
     """Output name -> binary, from `outputs` (default: probabilities and label) and `binary_data_output`."""
-    parameters = envelope.get("parameters") or {}
-    binary_default = bool(isinstance(parameters, Mapping) and parameters.get("binary_data_output") is True)
+    binary = binary_default(envelope)
     asked = envelope.get("outputs")
     if asked is None:
-        return dict.fromkeys(DEFAULT_OUTPUTS, binary_default)
+        return dict.fromkeys(DEFAULT_OUTPUTS, binary)
     if not isinstance(asked, list) or not all(isinstance(o, Mapping) and isinstance(o.get("name"), str) for o in asked):
         raise bad_request("BadRequest", "request 'outputs' must be a list of {\"name\": ...} objects")
     outputs = {}
@@ -452,13 +489,23 @@ def requested_outputs(envelope: Mapping[str, Any]) -> dict[str, bool]:
                 "UnknownOutput", f"unknown output {output['name'][:40]!r}; this model has {', '.join(OUTPUTS)}"
             )
         options = output.get("parameters") or {}
-        binary = options.get("binary_data", binary_default) if isinstance(options, Mapping) else binary_default
-        outputs[output["name"]] = binary is True
+        binary_out = options.get("binary_data", binary) if isinstance(options, Mapping) else binary
+        outputs[output["name"]] = binary_out is True
     return outputs
 
 
+def binary_default(envelope: Mapping[str, Any]) -> bool:
+    """The request parameter `binary_data_output`: whether outputs go binary unless they say otherwise."""
+    parameters = envelope.get("parameters") or {}
+    return bool(isinstance(parameters, Mapping) and parameters.get("binary_data_output") is True)
+
+
 def answer(
-    request: OipRequest, probabilities: np.ndarray, labels: tuple[str, ...], model: tuple[str, str]
+    request: OipRequest,
+    probabilities: np.ndarray,
+    labels: tuple[str, ...],
+    model: tuple[str, str],
+    attributions: tuple[np.ndarray, Mapping[str, Any]] | None = None,
 ) -> tuple[bytes, int | None]:
     """The response body for one read request, and the JSON part's length when outputs go binary.
 
@@ -466,8 +513,14 @@ def answer(
         probabilities: (N, classes) for the request's digits.
         labels: the archive's labels, class index -> label.
         model: (model_name, model_version).
+        attributions: the request's explanations, when it asked for them: (N, H, W) float32 maps and the
+            output's parameters (the method, its settings, the target).
     """
     tensors = output_tensors(request, probabilities, labels)
+    parameters: dict[str, Mapping[str, Any]] = {}
+    if attributions is not None:
+        tensors[ATTRIBUTIONS] = (OIP_OUTPUTS[ATTRIBUTIONS], attributions[0].astype(np.float32), join_floats)
+        parameters[ATTRIBUTIONS] = attributions[1]
     head = {"model_name": model[0], "model_version": model[1]}
     if request.id is not None:
         head["id"] = request.id
@@ -475,10 +528,13 @@ def answer(
     for name, binary_out in request.outputs.items():
         datatype, values, text = tensors[name]
         entry = f'{{"name":"{name}","datatype":"{datatype}","shape":{json.dumps(list(values.shape))}'
+        extra = parameters.get(name, {})
         if binary_out:
             data = values.astype(values.dtype.newbyteorder("<")).tobytes()
             binary.append(data)
-            described.append(f'{entry},"parameters":{{"binary_data_size":{len(data)}}}}}')
+            described.append(f'{entry},"parameters":{json.dumps({**extra, "binary_data_size": len(data)})}}}')
+        elif extra:
+            described.append(f'{entry},"parameters":{json.dumps(extra)},"data":[{text(values)}]}}')
         else:
             described.append(f'{entry},"data":[{text(values)}]}}')
     header = (json.dumps(head, separators=(",", ":"))[:-1] + ',"outputs":[' + ",".join(described) + "]}").encode()
@@ -488,7 +544,8 @@ def answer(
 
 
 def output_tensors(request: OipRequest, probabilities: np.ndarray, labels: tuple[str, ...]) -> dict[str, tuple]:
-    """Output name -> (datatype, values, JSON text of the values), computed only when asked for."""
+    """Output name -> (datatype, values, JSON text of the values), computed only when asked for (attributions
+    come from `answer`'s caller)."""
     tensors: dict[str, tuple] = {}
     if "probabilities" in request.outputs:
         tensors["probabilities"] = (OIP_OUTPUTS["probabilities"], probabilities.astype(np.float32), join_floats)

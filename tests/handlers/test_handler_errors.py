@@ -171,13 +171,16 @@ def test_reason_phrase_is_one_short_printable_line() -> None:
 
 
 @pytest.mark.parametrize("header", ["explain", "describe"])
-def test_client_headers_cannot_switch_the_handler_into_other_modes(handlers_by_format, model_dirs, header) -> None:
-    """BaseHandler.handle would explain (Captum) or describe when request 0 has such a header: not here.
+def test_one_requests_header_cannot_switch_the_batch_into_other_modes(handlers_by_format, model_dirs, header) -> None:
+    """BaseHandler.handle would explain (Captum) or describe the whole batch when request 0 has such a header:
+    here `explain: True` (what the frontend writes on /explanations) explains request 0 alone, and `describe`
+    changes nothing.
 
-    `url_path` is what the frontend adds to every /predictions request (without it, `explain` marks KServe's
-    routes: digit_oip.py)."""
+    `url_path` is what the frontend adds to every /predictions and /explanations request (digit_oip.route)."""
     context = make_context(model_dirs["onnx"])
     rows = [{"body": GOOD_PNG}, {"body": GOOD_PNG}]
     answers = run_batch(handlers_by_format["onnx"], context, rows, headers=[{header: "True", "url_path": ""}, {}])
     assert [a.status for a in answers] == [200, 200]
-    assert_same_answer(answers[0].body, answers[1].body)
+    prediction = {key: answers[0].body[key] for key in answers[1].body}
+    assert_same_answer(prediction, answers[1].body)
+    assert ("attributions" in answers[0].body) == (header == "explain")

@@ -230,19 +230,22 @@ def test_all_mnist_test_digits_pass_as_uint8_tensors(handlers_by_format, model_d
     assert sum(len(output(a, "label")) for a in answers) == len(images) == 10_000
 
 
-def test_a_kserve_v1_body_is_told_where_oip_and_predictions_are(handle) -> None:
-    """TorchServe routes /v1/models/NAME:predict to the handler as it routes OIP: a v1 body learns what to send."""
-    answer = handle([{"body": {"instances": [digits(1)[0].tolist()]}}], [OIP])[0]
-    assert answer.status == 400 and set(answer.body) == {"error"}
-    assert "KServe v1" in answer.body["error"] and "/v2/models/NAME/infer" in answer.body["error"]
-    assert "/predictions/NAME" in answer.body["error"]
+def test_a_kserve_v1_body_gets_a_v1_answer_and_inputs_make_oip(handle) -> None:
+    """TorchServe routes /v1/models/NAME:predict to the handler as it routes OIP: a v1 body gets v1's answer
+    (digit_kserve.py; tests/handlers/test_handler_explanations.py has the rest); with "inputs" it is OIP."""
+    pixels = digits(1)[0]
+    answer = handle([{"body": {"instances": [pixels.tolist()]}}], [OIP])[0]
+    label = handle([{"body": {"data": pixels.tolist()}}], [PREDICTIONS])[0].body["label"]
+    assert answer.status == 200 and answer.body == {"predictions": [label]}
     both = handle([{"body": {"instances": [], "inputs": []}}], [OIP])[0]  # "inputs" present: an OIP request
     assert both.status == 400 and "exactly one input tensor" in both.body["error"]
 
 
-def test_an_explain_route_is_refused_beside_an_inference_that_is_answered(handle, mnist_test) -> None:
-    """KServe's explain routes reach the handler with `explain: True` (frontend-set, last): no explainer here."""
+def test_an_explain_route_is_answered_beside_an_inference(handle, mnist_test) -> None:
+    """KServe's explain routes reach the handler with `explain: True` (frontend-set, last): that request gets
+    its attributions beside its outputs; its neighbour's answer is unchanged."""
     body = oip_body(mnist_test[0][:2])
     explained, inferred = handle([{"body": body}, {"body": body}], [{"explain": "True"}, OIP])
-    assert explained.status == 400 and "no explainer" in explained.body["error"]
-    assert inferred.status == 200 and len(output(inferred, "label")) == 2
+    assert explained.status == 200 and np.asarray(output(explained, "attributions")).size == 2 * 28 * 28
+    assert output(explained, "label") == output(inferred, "label")
+    assert inferred.status == 200 and [o["name"] for o in inferred.body["outputs"]] == ["probabilities", "label"]
