@@ -36,6 +36,7 @@ digit, and a run repeats exactly.
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -128,18 +129,20 @@ class ExplainReport:
         return {"kind": "explain", "target": {"k": TARGET_K, "win_share": TARGET_WIN_SHARE}, **data}
 
 
-def handler_modules():
-    """The handler's digit_model and digit_explain, imported as a worker imports them: by bare name, from the
-    folder an archive ships (so the bench runs the server's code, not a copy)."""
+def handler_module(name: str):
+    """One of the handler's modules, imported as a worker imports it: by bare name, from the folder an archive
+    ships (so the bench runs the server's code, not a copy)."""
     from ..handlers import handler_dir
 
     folder = str(handler_dir())
     if folder not in sys.path:
         sys.path.insert(0, folder)
-    import digit_explain
-    import digit_model
+    return importlib.import_module(name)
 
-    return digit_model, digit_explain
+
+def handler_modules():
+    """The handler's digit_model (the loader) and digit_explain (the engine)."""
+    return handler_module("digit_model"), handler_module("digit_explain")
 
 
 def check_choices(formats: Sequence[str] | None, methods: Sequence[str] | None) -> None:

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..serving.archive import ServingSettings
 from . import BenchError
-from .explain import FORMATS, check_choices, handler_modules, load_formats, mnist_digits
+from .explain import FORMATS, check_choices, handler_module, handler_modules, load_formats, mnist_digits
 from .http import LogCursor, handler_summary, oip_request_bytes, read_inference_token, torchserve
 from .load import LoadResult, run_sequence
 from .offline import exported_files
@@ -121,8 +121,8 @@ def run_explain_http(plan: CostPlan, run_dir: Path, log: Callable[[str], Any] = 
                 default = engine.DEFAULT_METHODS[runtime_of(fmt)]
                 for method in (PREDICT, *methods[fmt]):
                     client = Client(url, name, token, method, logs)
-                    row = CostRow(fmt, method, method == default, *client.measure(plan, pngs, oip_tensor))
-                    row.handler = client.stages
+                    single, oip = client.measure(plan, pngs, oip_tensor)
+                    row = CostRow(fmt, method, method == default, single, oip, plan.oip_digits, client.stages)
                     report.rows.append(row)
                     log(progress_line(row))
     return report
@@ -130,15 +130,13 @@ def run_explain_http(plan: CostPlan, run_dir: Path, log: Callable[[str], Any] = 
 
 def check_plan(plan: CostPlan) -> None:
     check_choices(plan.formats, plan.methods)
-    if min(plan.digits, plan.requests, plan.oip_requests) < 1 or not 1 <= plan.oip_digits <= OIP_LIMIT:
+    limit = handler_module("digit_explanations").MAX_EXPLAINED
+    if min(plan.digits, plan.requests, plan.oip_requests) < 1 or not 1 <= plan.oip_digits <= limit:
         raise BenchError(
-            f"--digits, --requests and --oip-requests must be at least 1 and --oip 1-{OIP_LIMIT} (the handler's "
+            f"--digits, --requests and --oip-requests must be at least 1 and --oip 1-{limit} (the handler's "
             f"limit of explained digits a request); got {plan.digits}, {plan.requests}, {plan.oip_requests}, "
             f"{plan.oip_digits}"
         )
-
-
-OIP_LIMIT = 64  # digit_explanations.MAX_EXPLAINED
 
 
 def runtime_of(fmt: str) -> str:
@@ -190,11 +188,11 @@ class Client:
         return single, oip
 
     def timed(self, kind: str, url: str, bodies: list[bytes], content_type: str, headers: dict, count: int):
-        """Warm-up requests (their answers checked), then `count` timed ones; the handler's stage times."""
+        """One request checked, warm-up requests, then `count` timed ones; the handler's stage times."""
+        self.check_answer(kind, url, bodies[0], content_type, headers)
         warm = run_sequence(url, self.token, bodies, content_type, WARMUP, headers)
         if warm.errors:
-            reason = first_error(url, bodies, self.token, content_type, headers)
-            raise BenchError(f"{self.name} refuses {kind} requests for {self.method}: {reason}")
+            raise BenchError(f"{self.name} refused {warm.errors} of {WARMUP} {kind} warm-up requests for {self.method}")
         self.logs.mark()
         result = run_sequence(url, self.token, bodies, content_type, count, headers)
         self.stages[kind] = handler_summary(self.logs.read(), self.name, STAGES)
@@ -215,14 +213,33 @@ class Client:
         headers = {"Inference-Header-Content-Length": str(header_length)}
         return f"{self.url}/v2/models/{self.name}/infer", [body], BINARY, headers
 
+    def check_answer(self, kind: str, url: str, body: bytes, content_type: str, headers: dict) -> None:
+        """One request first, its answer read: a refusal, or an answer without the explanation asked for,
+        would otherwise be timed as the real thing."""
+        import requests
 
-def first_error(url: str, bodies: list[bytes], token: str, content_type: str, headers: dict) -> str:
-    """The status and words of the answer to the first body, for a refusal that names its reason."""
-    import requests
+        sent = {"Authorization": f"Bearer {self.token}", "Content-Type": content_type, **headers}
+        response = requests.post(url, data=body, headers=sent, timeout=120)
+        if response.status_code != 200:
+            raise BenchError(
+                f"{self.name} refuses {kind} requests for {self.method}: {response.status_code} "
+                f"{response.text.strip()[:300]}"
+            )
+        if self.method != PREDICT and explained_method(response) != self.method:
+            raise BenchError(
+                f"{self.name} answered a {kind} request for {self.method} without its explanation: "
+                f"{response.content[:300]!r}"
+            )
 
-    sent = {"Authorization": f"Bearer {token}", "Content-Type": content_type, **headers}
-    response = requests.post(url, data=bodies[0], headers=sent, timeout=60)
-    return f"{response.status_code} {response.text.strip()[:300]}"
+
+def explained_method(response) -> str | None:
+    """The method an answer names: an /explanations object's `method`, or the OIP `attributions` output's."""
+    length = response.headers.get("Inference-Header-Content-Length")
+    envelope = json.loads(response.content[: int(length)] if length else response.content)
+    if "outputs" not in envelope:
+        return envelope.get("method")
+    outputs = {output["name"]: output for output in envelope["outputs"]}
+    return outputs.get("attributions", {}).get("parameters", {}).get("method")
 
 
 def progress_line(row: CostRow) -> str:
