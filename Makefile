@@ -12,10 +12,14 @@ BENCH_OUT ?= runs/bench
 # 1 thread), what `make demo` serves. E.g. make bench BENCH_HTTP="--workers 2"
 BENCH_HTTP ?=
 # the OIP step's (4 requests of 64 digits in flight): one single-thread worker per core, at most 4, each taking
-# its share of the requests as a batch, so that the workers compute side by side (README, Clients that batch).
-# On this 2-core VM: --workers 2 --batch-size 2.
+# its share of the requests as a batch, so that the workers compute side by side (docs/tuning.md, Clients that
+# batch). With 2 cores: --workers 2 --batch-size 2.
 OIP_WORKERS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
 BENCH_OIP ?= --workers $(OIP_WORKERS) --batch-size $(shell echo $$((4 / $(OIP_WORKERS))))
+# the report of a bench run, written whole (its plots in docs/performance/), and the README's headline from it
+REPORT ?= docs/performance.md
+# the runs whose serving figures join the headline table (folders of BENCH_OUT)
+HEADLINE_RUNS ?= cnn-onnx-http mlp-torchscript-http
 
 .DEFAULT_GOAL := help
 .PHONY: help setup demo test test-slow lint format bench bench-explain clean
@@ -77,12 +81,13 @@ format: setup ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: setup ## benchmarks, offline (with int8 and .pt2) and over HTTP (PNG, drawings, OIP) against a no-op handler (after make demo)
+bench: setup ## benchmarks (offline with int8 and .pt2; over HTTP: PNG, drawings, OIP) into docs/performance.md (after make demo)
 	@for model in mlp cnn; do \
 	  test -f $(ARTIFACTS)/$$model/export.json || { echo "no $(ARTIFACTS)/$$model/export.json: run make demo first"; exit 1; }; \
 	  { grep -q onnx-int8 $(ARTIFACTS)/$$model/export.json && grep -q '"pt2"' $(ARTIFACTS)/$$model/export.json; } || \
 	    $(DIGITS) export $$model --artifacts $(ARTIFACTS) --quantize int8 --pt2 || exit 1; \
 	done
+	rm -rf $(BENCH_OUT)  # the report renders every run it finds there: this run's only
 	$(DIGITS) bench offline cnn --artifacts $(ARTIFACTS) --out $(BENCH_OUT)/cnn-offline
 	$(DIGITS) bench offline mlp --artifacts $(ARTIFACTS) --out $(BENCH_OUT)/mlp-offline
 	$(DIGITS) samples --out $(BENCH_OUT)/inputs --count 1
@@ -95,6 +100,9 @@ bench: setup ## benchmarks, offline (with int8 and .pt2) and over HTTP (PNG, dra
 	$(DIGITS) bench http --model cnn --format onnx --artifacts $(ARTIFACTS) $(BENCH_OIP) \
 	  --oip 64 --concurrency 4 --out $(BENCH_OUT)/cnn-onnx-oip-http
 	$(MAKE) --no-print-directory -o setup bench-explain
+	$(DIGITS) bench report --runs $(BENCH_OUT) --artifacts $(ARTIFACTS) --out $(REPORT) --readme README.md \
+	  $(foreach run,$(HEADLINE_RUNS),--headline $(run)) \
+	  --command "make bench ARTIFACTS=$(ARTIFACTS) BENCH_OUT=$(BENCH_OUT) BENCH_HTTP='$(BENCH_HTTP)' BENCH_OIP='$(BENCH_OIP)'"
 
 bench-explain: setup ## explanations of cnn: deletion test and agreement of every format (1,000 digits), cost over HTTP
 	@test -f $(ARTIFACTS)/cnn/export.json || { echo "no $(ARTIFACTS)/cnn/export.json: run make demo first"; exit 1; }

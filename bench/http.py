@@ -34,10 +34,11 @@ from typing import Any
 import numpy as np
 import requests
 
+from ..contract import OIP_DEFAULT_OUTPUTS
 from ..serving.archive import ServingSettings
 from . import BenchError
 from .load import LoadResult, Target, find_ab, pooled, run_load
-from .timing import machine
+from .timing import Latency, known_fields, machine
 
 HOST = "127.0.0.1"
 NOOP = "noop"
@@ -114,6 +115,31 @@ class HttpReport:
                 del row[target]["samples_ms"]  # summarised in latency
                 row[target]["requests_per_s"] = getattr(source, target).requests_per_s
         return {"plan": plan, "body": self.body, "machine": self.machine, "rows": rows, "offline": self.offline}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HttpReport:
+        """The report back from its JSON (`to_dict`), as `digits bench report` reads it."""
+        plan = data["plan"]
+        plan = HttpPlan(
+            **{
+                **known_fields(HttpPlan, plan),
+                "artifacts": Path(plan["artifacts"]),
+                "body": Path(plan["body"]),
+                "concurrency": tuple(plan["concurrency"]),
+                "settings": ServingSettings(**plan["settings"]),
+            }
+        )
+        rows = [
+            HttpRow(
+                **{**known_fields(HttpRow, row), "model": _load_result(row["model"]), "noop": _load_result(row["noop"])}
+            )
+            for row in data["rows"]
+        ]
+        return cls(**{**known_fields(cls, data), "plan": plan, "rows": rows})
+
+
+def _load_result(data: dict[str, Any]) -> LoadResult:
+    return LoadResult(**{**known_fields(LoadResult, data), "latency": Latency(**data["latency"])})
 
 
 def run_http(plan: HttpPlan, run_dir: Path, log: Callable[[str], Any] = print) -> HttpReport:
@@ -224,9 +250,9 @@ OIP_HEADER_SUFFIX = ".header-length"  # beside an OIP body: the length of its JS
 
 
 def oip_body(digits: np.ndarray, path: Path) -> Path:
-    """Writes an OIP inference request of `digits` ((N, 28, 28) uint8) for probabilities and labels (see
+    """Writes an OIP inference request of `digits` ((N, 28, 28) uint8) for the default outputs (see
     oip_request_bytes); its JSON length goes beside it."""
-    body, header_length = oip_request_bytes(digits, ("probabilities", "label"))
+    body, header_length = oip_request_bytes(digits, OIP_DEFAULT_OUTPUTS)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(body)
     path.with_name(path.name + OIP_HEADER_SUFFIX).write_text(str(header_length))

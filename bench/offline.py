@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..contract import MANIFEST_FILE, ONNX, ONNX_INT8, PT2, TORCHSCRIPT, normalise
+from ..contract import MANIFEST_FILE, normalise
 from . import BenchError
-from .timing import Latency, flops_per_sample, fp32_peak_gflops, machine, time_calls
+from .timing import Latency, flops_per_sample, fp32_peak_gflops, known_fields, machine, time_calls
 
 BATCH_SIZES = (1, 8, 64, 256)
 MIN_SECONDS = 1.0  # timed per backend and batch size, after warm-up
@@ -98,6 +98,15 @@ class OfflineReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ratios": self.ratios()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OfflineReport:
+        """The report back from its JSON (`to_dict`), as `digits bench report` reads it."""
+        results = [
+            OfflineResult(**{**known_fields(OfflineResult, r), "latency": Latency(**r["latency"])})
+            for r in data["results"]
+        ]
+        return cls(**{**known_fields(cls, data), "results": results})
 
 
 def run_offline(
@@ -191,25 +200,19 @@ def set_threads(threads: int | None) -> None:
 
 
 def load_runners(model_dir: Path, eager, model: str, threads: int) -> dict[str, Runner]:
-    """Eager, and the exported files that export.json vouches for, loaded as `digits export` checks them;
+    """Eager, and the exported files that export.json vouches for (the int8 file once `--quantize int8` passed
+    its parity; model.pt2 with `--pt2`, on its compiled device), each loaded as a serving worker runs it;
     onnxruntime sessions on `threads` intra-op threads, like torch's."""
+    from ..export.exporters import exporters
     from ..export.runners import eager_runner
 
     files = exported_files(model_dir, model)
     runners: dict[str, Runner] = {"eager": eager_runner(eager)}
-    # the int8 file once `--quantize int8` passed its parity; model.pt2 with `--pt2`, on its compiled device
-    for fmt in (TORCHSCRIPT, ONNX, ONNX_INT8, PT2):
-        if fmt.name in files:
-            runners[BACKEND_OF_FORMAT[fmt.name]] = format_runner(model_dir / files[fmt.name]["path"], fmt.name, threads)
+    for exporter in exporters():
+        if exporter.fmt.name in files:
+            backend = exporter.runner(model_dir / files[exporter.fmt.name]["path"], threads)
+            runners[backend.name] = backend.run
     return runners
-
-
-BACKEND_OF_FORMAT = {
-    TORCHSCRIPT.name: "torchscript",
-    ONNX.name: "onnxruntime",
-    ONNX_INT8.name: "onnxruntime-int8",
-    PT2.name: "aotinductor",
-}
 
 
 def exported_files(model_dir: Path, model: str) -> dict[str, Any]:
@@ -218,17 +221,6 @@ def exported_files(model_dir: Path, model: str) -> dict[str, Any]:
     if not manifest_path.is_file():
         raise BenchError(f"no {manifest_path}: export the model with parity first (`digits export {model}`)")
     return json.loads(manifest_path.read_text())["files"]
-
-
-def format_runner(path: Path, fmt: str, threads: int) -> Runner:
-    """The file of one format (a `contract.FORMATS` name) loaded as `digits export` checks it."""
-    from ..export.runners import onnxruntime_backend, pt2_backend, torchscript_backend
-
-    if fmt in (ONNX.name, ONNX_INT8.name):
-        return onnxruntime_backend(path, "ORT_ENABLE_ALL", threads).run
-    if fmt == PT2.name:
-        return pt2_backend(path).run
-    return torchscript_backend(path).run
 
 
 def served_rate(artifacts: Path, model: str, fmt: str, batch_size: int, threads: int, seconds: float = 2.0) -> dict:
@@ -244,14 +236,16 @@ def served_rate(artifacts: Path, model: str, fmt: str, batch_size: int, threads:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        from ..export.exporters import EXPORTERS
+
         _, meta = load_eager(model_dir, model)
-        run = format_runner(model_dir / files[fmt]["path"], fmt, threads)
+        backend = EXPORTERS[fmt].runner(model_dir / files[fmt]["path"], threads)
         images = mnist_batch(meta, batch_size, None)
-        times = time_calls(lambda: run(images), min_seconds=seconds)
+        times = time_calls(lambda: backend.run(images), min_seconds=seconds)
     finally:
         torch.set_num_threads(previous)
     return {
-        "backend": BACKEND_OF_FORMAT[fmt],
+        "backend": backend.name,
         "batch_size": batch_size,
         "threads": threads,
         "samples_per_s": throughput(batch_size, times),

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import os
 import platform
+import re
+import shlex
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
 from importlib.metadata import version
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -34,6 +42,12 @@ class Latency:
             raise ValueError("no timings to summarise")
         p50, p90, p99 = np.percentile(np.asarray(milliseconds, dtype=np.float64), [50, 90, 99])
         return cls(float(p50), float(p90), float(p99))
+
+
+def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `data` that are fields of the dataclass `cls`: a report's JSON carries derived figures
+    (ratios, rates) beside them."""
+    return {f.name: data[f.name] for f in fields(cls) if f.name in data}
 
 
 def time_calls(
@@ -72,13 +86,33 @@ def fp32_peak_gflops(size: int = PEAK_MATMUL_SIZE, reps: int = PEAK_REPS) -> flo
 
 
 def machine() -> dict:
-    """What ran the benchmark: CPU, cores, threads, versions, and how busy the machine was when it started."""
+    """What ran the benchmark, when and how: CPU, cores, memory, threads, versions, how busy the machine was
+    when it started, the UTC time and the command line (`digits bench report` heads its report with these)."""
     return {
         "cpu": cpu_model(),
         "architecture": platform.machine(),
-        "cpu_flags": cpu_flags(),  # AVX-512, VNNI: what int8 and float kernels run here
+        "cpu_flags": cpu_flags(),  # AVX-512, VNNI, AMX: what int8 and float kernels run here
         "logical_cpus": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": round(os.getloadavg()[0], 2),
-        "versions": {package: version(package) for package in ("torch", "onnxruntime", "torchserve")},
+        "versions": {
+            **{package: version(package) for package in ("torch", "onnxruntime", "torchserve")},
+            "java": java_version(),
+        },
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": shlex.join(["digits", *sys.argv[1:]]) if Path(sys.argv[0]).name == "digits" else None,
     }
+
+
+def java_version() -> str | None:
+    """The version TorchServe's frontend runs on (`java -version`), or None without Java."""
+    from ..serving.server import ServeError, find_java
+
+    try:
+        done = subprocess.run([find_java(), "-version"], capture_output=True, text=True, timeout=30)
+    except (ServeError, OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r'version "([^"]+)"', done.stderr + done.stdout)
+    return found.group(1) if found else None

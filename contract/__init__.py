@@ -18,6 +18,8 @@ import numpy as np
 
 # Files in DIR/MODEL/ (`digits train` and `digits export`)
 CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.json"  # training's figures: test accuracy, times, the history per epoch
+HISTORY_PLOT = "history.png"
 PARITY_REPORT = "parity"  # the fp32 files' report: parity.json, parity.md
 PARITY_JSON = f"{PARITY_REPORT}.json"
 PARITY_MD = f"{PARITY_REPORT}.md"
@@ -64,6 +66,11 @@ class Format:
     proof: str = "logits"
     report: str = PARITY_REPORT
     export_flags: str = ""
+
+    @property
+    def optional(self) -> bool:
+        """Written only when asked for (its `export_flags`); the others on every export."""
+        return bool(self.export_flags)
 
     @property
     def suffix(self) -> str:

@@ -40,6 +40,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     add_http(kinds)
     add_explain(kinds)
     add_explain_http(kinds)
+    add_report(kinds)
 
 
 def add_offline(kinds: argparse._SubParsersAction) -> None:
@@ -310,6 +311,40 @@ def run_explain_http(args: argparse.Namespace) -> int:
     paths = write_explain_http(report, out)
     print(paths[1].read_text(), end="")
     print(f"wrote {', '.join(map(str, paths))}")
+    return 0
+
+
+def add_report(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser(
+        "report",
+        help="write docs/performance.md (and its plots) whole from one run's bench JSON and the artifacts",
+        description="Render every bench-KIND.json under RUNS, after the training and export figures read from "
+        "ARTIFACTS/MODEL/ (metrics.json, parity.json, parity-int8.json), into OUT and the folder of plots beside "
+        "it (OUT without .md), both replaced whole, headed by the machine, the date, the versions and --command. "
+        "With --readme, also replace the headline table between the README's markers.",
+    )
+    p.add_argument(
+        "--runs", type=Path, default=DEFAULT_OUT, help="the bench steps' output folders (default: runs/bench)"
+    )
+    add_artifacts(p)
+    p.add_argument("--out", type=Path, default=Path("docs") / "performance.md", help="default: docs/performance.md")
+    p.add_argument("--command", default="make bench", help="the command that ran the steps, for the header")
+    p.add_argument(
+        "--headline",
+        action="append",
+        default=[],
+        metavar="RUN",
+        help="a run (its folder name) whose headline figures join the table; repeat for several",
+    )
+    p.add_argument("--readme", type=Path, help="a README whose headline table to replace (e.g. README.md)")
+    p.set_defaults(func=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from .bench.performance import write_report
+
+    out = write_report(args.runs, args.artifacts, args.out, args.command, args.headline, args.readme)
+    print(f"wrote {out} and {out.with_suffix('')}/" + (f"; the headline in {args.readme}" if args.readme else ""))
     return 0
 
 

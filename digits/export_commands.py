@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .arguments import add_artifacts
-from .contract import MANIFEST_FILE, ONNX_INT8
+from .contract import FORMATS, MANIFEST_FILE, ONNX_INT8, PT2
 
 if TYPE_CHECKING:
-    from .export.reports import ParityReport
+    from .export.reports import ParityReport, PredictionParity
 
 
 EXIT_PARITY_FAILED = 1  # files written, but they do not compute what the eager model computes
+QUANTIZED = {"int8": ONNX_INT8.name}  # --quantize value -> the format it adds
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
@@ -51,19 +52,13 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from .export.convert import export_model
 
+    formats = [QUANTIZED[args.quantize]] if args.quantize else []
+    formats += [PT2.name] if args.pt2 else []
     result = export_model(
-        args.artifacts,
-        args.model,
-        args.opset,
-        quantize=args.quantize,
-        pt2=args.pt2,
-        device=args.device,
-        **_tolerances(args),
+        args.artifacts, args.model, args.opset, formats=formats, device=args.device, **_tolerances(args)
     )
     status = _print_report(args, result.report, result.model_dir)
-    return _print_int8_report(
-        args, result.int8_report, result.model_dir, status, f"{ONNX_INT8.file} is not listed in {MANIFEST_FILE}; "
-    )
+    return _print_prediction_reports(args, result.predictions, result.model_dir, status, unlisted=True)
 
 
 def add_verify(sub: argparse._SubParsersAction) -> None:
@@ -84,23 +79,29 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
 def run_verify(args: argparse.Namespace) -> int:
     from .export.convert import verify_model
 
-    report, int8_report = verify_model(args.artifacts, args.model, **_tolerances(args))
+    report, predictions = verify_model(args.artifacts, args.model, **_tolerances(args))
     status = _print_report(args, report, args.artifacts / args.model)
-    return _print_int8_report(args, int8_report, args.artifacts / args.model, status)
+    return _print_prediction_reports(args, predictions, args.artifacts / args.model, status)
 
 
-def _print_int8_report(args: argparse.Namespace, report, model_dir: Path, status: int, consequence: str = "") -> int:
-    """Prints the int8 file's prediction parity, if one was checked; exit 1 when it failed, else `status`."""
-    if report is None:
-        return status
-    print(report.to_markdown(), end="")
-    if report.passed:
-        return status
-    print(
-        f"digits {args.command}: int8 parity failed; {consequence}see {model_dir / ONNX_INT8.parity_md}",
-        file=sys.stderr,
-    )
-    return EXIT_PARITY_FAILED
+def _print_prediction_reports(
+    args: argparse.Namespace, reports: dict[str, PredictionParity], model_dir: Path, status: int, unlisted=False
+) -> int:
+    """Prints each derived file's prediction parity (int8); exit 1 when one failed, else `status`.
+
+    unlisted: say that a failed file is left out of export.json (what `digits export` does)."""
+    for name, report in reports.items():
+        print(report.to_markdown(), end="")
+        if report.passed:
+            continue
+        fmt = FORMATS[name]
+        consequence = f"{fmt.file} is not listed in {MANIFEST_FILE}; " if unlisted else ""
+        print(
+            f"digits {args.command}: {name} parity failed; {consequence}see {model_dir / fmt.parity_md}",
+            file=sys.stderr,
+        )
+        status = EXIT_PARITY_FAILED
+    return status
 
 
 def _add_tolerances(p: argparse.ArgumentParser) -> None:

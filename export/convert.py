@@ -1,10 +1,10 @@
-"""The steps behind `digits export` and `digits verify`.
+"""The steps behind `digits export` and `digits verify`, walking the exporter registry (export/exporters.py).
 
-export: DIR/MODEL/checkpoint.pt -> model.pt, model.onnx -> parity.json, parity.md -> export.json.
-`export.json` is written only when parity passes, so its presence means "these files are proven".
-With `quantize="int8"`, model.onnx -> model.int8.onnx -> parity-int8.json, parity-int8.md, and export.json
-lists the int8 file only when its own (prediction) parity passes. With `pt2=True`, also model.pt2 (AOTInductor,
-compiled for the device it is exported on), proven in the same parity report as the other files.
+export: DIR/MODEL/checkpoint.pt -> each "logits" format's file (model.pt, model.onnx; model.pt2 with
+`formats=["pt2"]`) -> parity.json, parity.md -> each asked-for "predictions" format, derived once parity
+passed (model.int8.onnx with `formats=["onnx-int8"]`) and proven in its own report -> export.json.
+`export.json` is written only when parity passes, so its presence means "these files are proven"; it lists a
+"predictions" file only when that file's own parity passed.
 """
 
 from __future__ import annotations
@@ -12,65 +12,42 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnx
 import torch
-from torch import nn
 
-from ..contract import (
-    CHECKPOINT_FILE,
-    MANIFEST_FILE,
-    NORMALISATION,
-    ONNX,
-    ONNX_INT8,
-    PARITY_JSON,
-    PARITY_MD,
-    PARITY_REPORT,
-    PT2,
-    TORCHSCRIPT,
-    Format,
-    normalise,
-)
+from ..contract import CHECKPOINT_FILE, FORMATS, MANIFEST_FILE, PARITY_JSON, PARITY_MD, PARITY_REPORT, Format, normalise
 from ..training.checkpoint import load_checkpoint, rebuild_model
 from ..training.data import load_mnist
 from ..training.models import list_models
 from . import ExportError
-from .metadata import (
-    carried_metadata,
-    check_metadata_matches,
-    decode_onnx_metadata,
-    export_manifest,
-    onnx_metadata_props,
-    sha256_file,
-)
-from .onnx import check_onnx_file, export_onnx, onnx_opset
+from .exporters import Exporter, ExportJob, exporters
+from .metadata import export_manifest, sha256_file
 from .parity import ATOL, RTOL, check_parity, check_prediction_parity, check_tolerances
-from .pt2 import check_loadable, export_pt2, read_pt2_metadata, resolve_device
 from .reports import ParityReport, PredictionParity
-from .runners import eager_runner, file_backends, onnxruntime_backend, pt2_backend
-from .torchscript import export_torchscript
+from .runners import eager_runner
 
-QUANTIZATIONS = {"int8": ONNX_INT8}  # --quantize value -> the format it adds
 EXAMPLE_BATCH = 2  # a batch of 1 lets the exporters bake the batch size in
+BUG = "this is a bug in the export step"  # what a file that fails its check right after writing means
 
 
 @dataclass
 class ExportResult:
     model_dir: Path
     report: ParityReport
-    seconds: dict[str, float]  # step ("torchscript", "onnx", "pt2", "parity", "int8", "total") -> wall time
+    seconds: dict[str, float]  # step (a format's name, "parity", "total") -> wall time
     sizes: dict[str, int]  # file name -> bytes
-    int8_report: PredictionParity | None = None  # with quantize="int8", once fp32 parity passed
+    # each "predictions" format written (int8), once fp32 parity passed: format name -> its own parity
+    predictions: dict[str, PredictionParity] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        """Every file written is proven: fp32 parity, and int8's when it was asked for."""
-        return self.report.passed and (self.int8_report is None or self.int8_report.passed)
+        """Every file written is proven: fp32 parity, and each derived file's own."""
+        return self.report.passed and all(p.passed for p in self.predictions.values())
 
 
 def export_model(
@@ -78,131 +55,100 @@ def export_model(
     model: str,
     opset: int | None = None,
     *,
+    formats: Collection[str] = (),
+    device: str = "auto",
     atol: float = ATOL,
     rtol: float = RTOL,
     samples: int | None = None,
     data_dir: Path | None = None,
-    quantize: str | None = None,
-    pt2: bool = False,
-    device: str = "auto",
     log: Callable[[str], Any] = print,
 ) -> ExportResult:
-    """Exports DIR/MODEL/checkpoint.pt to TorchScript and ONNX and proves parity on MNIST test digits.
+    """Exports DIR/MODEL/checkpoint.pt to every default format and those in `formats`, and proves parity on
+    MNIST test digits.
 
     Args:
         artifacts_dir: the folder holding MODEL/checkpoint.pt; the files are written next to it.
         opset: ai.onnx opset; None takes the exporter's default.
+        formats: optional formats to write too (`contract.FORMATS` names with `export_flags`: "pt2", "onnx-int8").
+        device: what model.pt2 is compiled for ("auto": CUDA when there is a GPU).
         samples: test digits for the whole-set check (None: all 10,000); tests use fewer.
-        quantize: "int8" also writes model.int8.onnx (once fp32 parity passes) and proves it on predictions.
-        pt2: also writes model.pt2, compiled by AOTInductor for `device` ("auto": CUDA when there is a GPU).
     Returns:
         The result; `result.passed` says whether the files may be used.
     """
     check_tolerances(atol, rtol)
-    if quantize not in (None, *QUANTIZATIONS):
-        raise ExportError(f"unknown quantisation {quantize!r}; known: {', '.join(QUANTIZATIONS)}")
     model_dir = Path(artifacts_dir) / model
     checkpoint = find_checkpoint(model_dir, model)
     ensure_writable(model_dir)
-    compile_for = resolve_device(device) if pt2 else None  # a wrong --device fails before any work
-    started = time.perf_counter()
-    payload = load_model_checkpoint(checkpoint, model)
-    eager, meta, checkpoint_sha = rebuild_model(payload), payload["metadata"], sha256_file(checkpoint)
-    example = example_input(meta["input_shape"])
-    seconds: dict[str, float] = {}
-    with _timed(seconds, "torchscript"), _staged(model_dir / TORCHSCRIPT.file) as path:
-        export_torchscript(eager, path, example, log=log)
-    log(_written(model_dir / TORCHSCRIPT.file, "TorchScript", seconds["torchscript"]))
-    with _timed(seconds, "onnx"):
-        opset_used = _write_onnx(eager, model_dir / ONNX.file, example, meta, checkpoint_sha, opset)
-    log(_written(model_dir / ONNX.file, f"ONNX opset {opset_used}", seconds["onnx"]))
-    if compile_for is not None:
-        with _timed(seconds, "pt2"):
-            target = _write_pt2(eager, model_dir / PT2.file, example, meta, checkpoint_sha, compile_for)
-        log(_written(model_dir / PT2.file, f"AOTInductor for {target}", seconds["pt2"]))
-    else:
-        remove_stale(model_dir, PT2, log)
+    chosen = choose_exporters(formats, {"opset": opset, "device": device})  # bad options fail before any work
+    started, seconds = time.perf_counter(), {}
+    job = start_job(checkpoint, model, model_dir, {"opset": opset, "device": device}, log)
+    for exporter in exporters("logits"):
+        if exporter in chosen:
+            write_file(exporter, job, seconds)
+        else:
+            remove_stale(model_dir, exporter.fmt, log)
     with _timed(seconds, "parity"):
-        data = load_mnist(data_dir, log=log)  # once: the fp32 and the int8 checks read the same digits
-        report = prove_parity(eager, model_dir, meta, data, atol=atol, rtol=rtol, samples=samples)
+        job.data = load_mnist(data_dir, log=log)  # once: parity and the derived formats read the same digits
+        report = prove_parity(job, atol=atol, rtol=rtol, samples=samples)
     write_report(report, model_dir)
-    int8_report = None
-    if quantize == "int8" and report.passed:
-        with _timed(seconds, "int8"):
-            int8_report = export_int8(eager, model_dir, meta, data, samples=samples, log=log)
-    else:
-        remove_stale(model_dir, ONNX_INT8, log)
-    files = _proven_files(model_dir, int8_report)
-    _write_or_withdraw_manifest(report, model_dir, meta, checkpoint_sha, files, log)
-    sizes = {path.name: path.stat().st_size for path in files.values()}
+    predictions = {}
+    for exporter in exporters("predictions"):
+        if exporter in chosen and report.passed:
+            write_file(exporter, job, seconds)
+            predictions[exporter.fmt.name] = prove_predictions(job, exporter, samples)
+        else:
+            remove_stale(model_dir, exporter.fmt, log)
+    files = proven_files(model_dir, predictions)
+    _write_or_withdraw_manifest(report, job, files)
     seconds["total"] = time.perf_counter() - started
     log(f"exported {model} in {seconds['total']:.1f} s ({_steps(seconds)})")
-    return ExportResult(model_dir, report, seconds, sizes, int8_report)
+    return ExportResult(model_dir, report, seconds, {p.name: p.stat().st_size for p in files.values()}, predictions)
+
+
+def choose_exporters(formats: Collection[str], options: dict[str, Any]) -> list[Exporter]:
+    """The default formats' exporters and those of `formats`, each having checked the options it reads."""
+    unknown = [name for name in formats if name not in FORMATS]
+    if unknown:
+        raise ExportError(f"unknown format {', '.join(map(repr, unknown))}; known: {', '.join(FORMATS)}")
+    chosen = [e for e in exporters() if not e.fmt.optional or e.fmt.name in formats]
+    for exporter in chosen:
+        exporter.prepare(options)
+    return chosen
+
+
+def start_job(checkpoint: Path, model: str, model_dir: Path, options: dict[str, Any], log) -> ExportJob:
+    """The eager model rebuilt from its checkpoint, with what every exporter needs."""
+    payload = load_model_checkpoint(checkpoint, model)
+    meta = payload["metadata"]
+    return ExportJob(
+        rebuild_model(payload),
+        meta,
+        sha256_file(checkpoint),
+        model_dir,
+        example_input(meta["input_shape"]),
+        options,
+        log=log,
+    )
+
+
+def write_file(exporter: Exporter, job: ExportJob, seconds: dict[str, float]) -> None:
+    """Writes one format's file under a staging name, checks it as `verify` would, then moves it in place."""
+    path = job.model_dir / exporter.fmt.file
+    with _timed(seconds, exporter.fmt.name), _staged(path) as staging:
+        what = exporter.write(job, staging)
+        exporter.check(staging, job.meta, job.checkpoint_sha, BUG)
+    job.log(_written(path, what, seconds[exporter.fmt.name]))
 
 
 def _steps(seconds: dict[str, float]) -> str:
     return ", ".join(f"{step} {s:.1f} s" for step, s in seconds.items() if step != "total")
 
 
-def _write_pt2(
-    eager: nn.Module, path: Path, example: torch.Tensor, meta: dict, checkpoint_sha: str, device: torch.device
-) -> str:
-    """Exports, compiles and packages for `device`, then reads the metadata back as `verify` would; returns
-    what it was compiled for, for the log."""
-    carried = {**carried_metadata(meta), "checkpoint_sha256": checkpoint_sha, "normalisation": NORMALISATION}
-    # the staged name keeps the .pt2 suffix that torch's packager expects
-    staging = path.with_name(f".partial{path.name}")
-    try:
-        export_pt2(eager, staging, example, carried, device)
-        written = check_exported_pt2(staging, meta, checkpoint_sha, "this is a bug in the export step")
-        staging.replace(path)
-    finally:
-        staging.unlink(missing_ok=True)
-    return f"{written['device']} {written['target']}"
-
-
-def check_exported_pt2(path: Path, meta: dict, checkpoint_sha: str, rerun: str) -> dict:
-    """The package's metadata against the checkpoint, and whether this machine may load it; returns it."""
-    written = read_pt2_metadata(path)
-    check_metadata_matches(written, meta, checkpoint_sha, where=f"{path} ({rerun})")
-    check_loadable(written, torch.device(written["device"]), str(path))
-    return written
-
-
-def export_int8(eager: nn.Module, model_dir: Path, meta: dict, data, *, samples: int | None, log) -> PredictionParity:
-    """model.onnx -> model.int8.onnx, calibrated on training digits; proves it and writes parity-int8.*."""
-    from .quantize import calibration_digits, quantize_int8
-
-    calibration = normalise(calibration_digits(data.train_images), meta["mean"], meta["std"], meta["input_shape"])
-    start = time.perf_counter()
-    with _staged(model_dir / ONNX_INT8.file) as path:
-        quantize_int8(model_dir / ONNX.file, path, calibration)
-    log(
-        _written(
-            model_dir / ONNX_INT8.file,
-            f"int8 QDQ, calibrated on {len(calibration)} training digits",
-            time.perf_counter() - start,
-        )
-    )
-    return prove_int8(eager, model_dir, meta, data, samples)
-
-
-def prove_int8(eager: nn.Module, model_dir: Path, meta: dict, data, samples: int | None) -> PredictionParity:
-    """Prediction parity of model.int8.onnx with eager on the test digits; writes parity-int8.json and .md."""
-    n = len(data.test_labels) if samples is None else samples
-    images = normalise(data.test_images[:n], meta["mean"], meta["std"], meta["input_shape"])
-    backend = replace(onnxruntime_backend(model_dir / ONNX_INT8.file, "ORT_ENABLE_ALL"), name="onnxruntime-int8")
-    report = check_prediction_parity(eager_runner(eager), backend, images, data.test_labels[:n], model=meta["model"])
-    with _staged(model_dir / ONNX_INT8.parity_json) as path:
-        path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    with _staged(model_dir / ONNX_INT8.parity_md) as path:
-        path.write_text(report.to_markdown())
-    return report
-
-
 def remove_stale(model_dir: Path, fmt: Format, log) -> None:
     """Deletes an optional format's file (and its own parity reports): it was made from the model this export
     replaced, and an export without its flag does not remake it."""
+    if not fmt.optional:
+        return
     stale = [model_dir / fmt.file]
     if fmt.report != PARITY_REPORT:
         stale += [model_dir / fmt.parity_json, model_dir / fmt.parity_md]
@@ -212,13 +158,14 @@ def remove_stale(model_dir: Path, fmt: Format, log) -> None:
         path.unlink(missing_ok=True)
 
 
-def _proven_files(model_dir: Path, int8_report: PredictionParity | None) -> dict[str, Path]:
-    """Format name -> file, for export.json: the int8 file only when its parity passed."""
-    files = {fmt.name: model_dir / fmt.file for fmt in (TORCHSCRIPT, ONNX)}
-    if (model_dir / PT2.file).is_file():  # in the parity report that decides whether export.json is written
-        files[PT2.name] = model_dir / PT2.file
-    if int8_report is not None and int8_report.passed:
-        files[ONNX_INT8.name] = model_dir / ONNX_INT8.file
+def proven_files(model_dir: Path, predictions: dict[str, PredictionParity]) -> dict[str, Path]:
+    """Format name -> file, for export.json: every "logits" file there (parity.json covers each), and a
+    "predictions" file only when its own parity passed."""
+    files = {}
+    for exporter in exporters():
+        name, path = exporter.fmt.name, model_dir / exporter.fmt.file
+        if path.is_file() and (exporter.fmt.proof == "logits" or (name in predictions and predictions[name].passed)):
+            files[name] = path
     return files
 
 
@@ -231,33 +178,60 @@ def verify_model(
     samples: int | None = None,
     data_dir: Path | None = None,
     log: Callable[[str], Any] = print,
-) -> tuple[ParityReport, PredictionParity | None]:
+) -> tuple[ParityReport, dict[str, PredictionParity]]:
     """Re-runs the checks on files already exported, without exporting; rewrites parity.json and parity.md.
 
     Returns:
-        The fp32 parity report, and model.int8.onnx's prediction parity when there is one (rewriting
-        parity-int8.json and .md), else None.
+        The fp32 parity report, and the prediction parity of each "predictions" file there is (model.int8.onnx),
+        whose reports it rewrites too.
     """
     check_tolerances(atol, rtol)
     model_dir = Path(artifacts_dir) / model
     checkpoint = find_checkpoint(model_dir, model)
     rerun = f"run `digits export {model} --artifacts {artifacts_dir}`"
-    for name in (TORCHSCRIPT.file, ONNX.file):
-        if not (model_dir / name).is_file():
-            raise ExportError(f"no {name} in {model_dir}; {rerun} first")
-    payload = load_model_checkpoint(checkpoint, model)
-    eager, meta = rebuild_model(payload), payload["metadata"]
-    check_exported_onnx(model_dir / ONNX.file, meta, sha256_file(checkpoint), rerun)
-    if (model_dir / PT2.file).is_file():
-        check_exported_pt2(model_dir / PT2.file, meta, sha256_file(checkpoint), f"{rerun} with --pt2")
+    for exporter in exporters():
+        if not exporter.fmt.optional and not (model_dir / exporter.fmt.file).is_file():
+            raise ExportError(f"no {exporter.fmt.file} in {model_dir}; {rerun} first")
+    job = start_job(checkpoint, model, model_dir, {}, log)
+    present = [e for e in exporters() if (model_dir / e.fmt.file).is_file()]
+    for exporter in present:
+        flags = f" with {exporter.fmt.export_flags}" if exporter.fmt.export_flags else ""
+        exporter.check(model_dir / exporter.fmt.file, job.meta, job.checkpoint_sha, rerun + flags)
     ensure_writable(model_dir)
-    data = load_mnist(data_dir, log=log)  # once: the fp32 and the int8 checks read the same digits
-    report = prove_parity(eager, model_dir, meta, data, atol=atol, rtol=rtol, samples=samples)
+    job.data = load_mnist(data_dir, log=log)  # once: the fp32 and the derived checks read the same digits
+    report = prove_parity(job, atol=atol, rtol=rtol, samples=samples)
     write_report(report, model_dir)
-    int8_report = None
-    if (model_dir / ONNX_INT8.file).is_file():
-        int8_report = prove_int8(eager, model_dir, meta, data, samples)
-    return report, int8_report
+    predictions = {e.fmt.name: prove_predictions(job, e, samples) for e in present if e.fmt.proof == "predictions"}
+    return report, predictions
+
+
+def prove_parity(job: ExportJob, *, atol: float, rtol: float, samples: int | None) -> ParityReport:
+    """Eager against every "logits" file in the model's folder, on the first `samples` MNIST test digits."""
+    images, labels = _test_digits(job, samples)
+    backends = [
+        backend
+        for exporter in exporters("logits")
+        if (job.model_dir / exporter.fmt.file).is_file()
+        for backend in exporter.backends(job.model_dir / exporter.fmt.file)
+    ]
+    meta = job.meta
+    return check_parity(eager_runner(job.eager), backends, images, labels, model=meta["model"], atol=atol, rtol=rtol)
+
+
+def prove_predictions(job: ExportJob, exporter: Exporter, samples: int | None) -> PredictionParity:
+    """A derived file's prediction parity with eager on the test digits; writes its own report (.json, .md)."""
+    images, labels = _test_digits(job, samples)
+    [backend, *_] = exporter.backends(job.model_dir / exporter.fmt.file)
+    report = check_prediction_parity(eager_runner(job.eager), backend, images, labels, model=job.meta["model"])
+    write_report(report, job.model_dir, exporter.fmt.report)
+    return report
+
+
+def _test_digits(job: ExportJob, samples: int | None):
+    """The first `samples` MNIST test digits (all by default), normalised as the checkpoint says, and labels."""
+    n = len(job.data.test_labels) if samples is None else samples
+    meta = job.meta
+    return normalise(job.data.test_images[:n], meta["mean"], meta["std"], meta["input_shape"]), job.data.test_labels[:n]
 
 
 def find_checkpoint(model_dir: Path, model: str) -> Path:
@@ -293,64 +267,24 @@ def example_input(input_shape: list[int]) -> torch.Tensor:
     return torch.randn(EXAMPLE_BATCH, *input_shape, generator=torch.Generator().manual_seed(0))
 
 
-def _write_onnx(
-    eager: nn.Module, path: Path, example: torch.Tensor, meta: dict, checkpoint_sha: str, opset: int | None
-) -> int:
-    """Exports, then checks the written file as `verify` would; returns the opset used."""
-    with _staged(path) as staging:
-        export_onnx(eager, staging, example, onnx_metadata_props(meta, checkpoint_sha), opset=opset)
-        proto = check_exported_onnx(staging, meta, checkpoint_sha, rerun="this is a bug in the export step")
-    return onnx_opset(proto)
-
-
-def check_exported_onnx(path: Path, meta: dict, checkpoint_sha: str, rerun: str) -> onnx.ModelProto:
-    """Checker, graph contract and metadata against the checkpoint; returns the loaded onnx.ModelProto."""
-    proto = check_onnx_file(path, meta["input_shape"], len(meta["labels"]))
-    props = {p.key: p.value for p in proto.metadata_props}
-    check_metadata_matches(decode_onnx_metadata(props), meta, checkpoint_sha, where=f"{path} ({rerun})")
-    return proto
-
-
-def prove_parity(
-    eager: nn.Module,
-    model_dir: Path,
-    meta: dict,
-    data,
-    *,
-    atol: float,
-    rtol: float,
-    samples: int | None,
-) -> ParityReport:
-    """Eager against model.pt and model.onnx from `model_dir`, on the first `samples` of MNIST's test digits
-    (`data`, from `training.data.load_mnist`)."""
-    n = len(data.test_labels) if samples is None else samples
-    images = normalise(data.test_images[:n], meta["mean"], meta["std"], meta["input_shape"])
-    backends = file_backends(model_dir / TORCHSCRIPT.file, model_dir / ONNX.file)
-    if (model_dir / PT2.file).is_file():
-        backends.append(pt2_backend(model_dir / PT2.file))
-    return check_parity(
-        eager_runner(eager), backends, images, data.test_labels[:n], model=meta["model"], atol=atol, rtol=rtol
-    )
-
-
-def write_report(report: ParityReport, model_dir: Path) -> None:
-    with _staged(model_dir / PARITY_JSON) as path:
+def write_report(report: ParityReport | PredictionParity, model_dir: Path, stem: str = PARITY_REPORT) -> None:
+    """`<stem>.json` and `<stem>.md` in `model_dir`, each replaced whole."""
+    with _staged(model_dir / f"{stem}.json") as path:
         path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    with _staged(model_dir / PARITY_MD) as path:
+    with _staged(model_dir / f"{stem}.md") as path:
         path.write_text(report.to_markdown())
 
 
-def _write_or_withdraw_manifest(
-    report: ParityReport, model_dir: Path, meta: dict, checkpoint_sha: str, files: dict[str, Path], log
-) -> None:
+def _write_or_withdraw_manifest(report: ParityReport, job: ExportJob, files: dict[str, Path]) -> None:
     # The archive step trusts export.json; a failed export must not leave one behind, old or new.
+    model_dir, log = job.model_dir, job.log
     manifest = model_dir / MANIFEST_FILE
     if not report.passed:
         manifest.unlink(missing_ok=True)
         log(f"parity failed: {MANIFEST_FILE} not written; see {model_dir / PARITY_MD}")
         return
     with _staged(manifest) as path:
-        path.write_text(json.dumps(export_manifest(meta, checkpoint_sha, files), indent=2) + "\n")
+        path.write_text(json.dumps(export_manifest(job.meta, job.checkpoint_sha, files), indent=2) + "\n")
     log(f"wrote {model_dir / PARITY_JSON}, {PARITY_MD}, {MANIFEST_FILE}")
 
 
@@ -362,7 +296,7 @@ def _written(path: Path, what: str, seconds: float) -> str:
 def _staged(path: Path) -> Iterator[Path]:
     """Yields a temporary name next to `path` and moves it into place only if the block succeeds, so an
     interrupted export never leaves a half-written file under the real name."""
-    staging = path.with_name(f".{path.name}.partial")
+    staging = path.with_name(f".partial-{path.name}")  # the same suffix: some writers go by it (torch's .pt2)
     try:
         yield staging
         staging.replace(path)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..contract import PT2_META_ENTRY, PT2_REQUIRED_KEYS
+from ..training.devices import pick_device
 from . import ExportError
 
 MIN_BATCH = 1
@@ -73,18 +74,14 @@ def _export_program(model: nn.Module, example: torch.Tensor) -> torch.export.Exp
 
 
 def resolve_device(name: str) -> torch.device:
-    """The device to compile for: "auto" is the GPU when CUDA is there, else the CPU; else `name`, which
-    must be a CPU or a CUDA device this machine has."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device to compile for: `training.devices.pick_device`'s rule, limited to what AOTInductor
+    compiles for (a CPU or a CUDA device)."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ExportError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        device = pick_device(name)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
     if device.type not in ("cpu", "cuda"):
         raise ExportError(f"--device {name}: .pt2 packages are compiled for cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ExportError(f"--device {name}: CUDA is not available here")
     return device
 
 
@@ -132,7 +129,7 @@ def read_pt2_metadata(path: Path) -> dict:
         raise ExportError(
             f"{path}: {PT2_META_ENTRY} is not JSON ({err}); re-export with `digits export --pt2`"
         ) from None
-    missing = [k for k in PT2_REQUIRED_KEYS if k not in meta]
+    missing = [k for k in PT2_REQUIRED_KEYS if k not in meta] if isinstance(meta, dict) else PT2_REQUIRED_KEYS
     if missing:
         raise ExportError(f"{path}: {PT2_META_ENTRY} lacks {', '.join(missing)}; re-export with `digits export --pt2`")
     return meta

@@ -73,6 +73,8 @@ def onnxruntime_backend(path: Path, optimization: str, threads: int | None = Non
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own pybind error types, none exported
         raise ExportError(f"onnxruntime cannot load {path}: {str(err).strip().splitlines()[0]}") from None
+    if len(session.get_inputs()) != 1:  # as the handler refuses it (handlers/digit_model.py, load_onnx)
+        raise ExportError(f"{path} takes {len(session.get_inputs())} inputs; a digit model takes one")
 
     def run(images: np.ndarray) -> np.ndarray:
         return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]

@@ -285,14 +285,23 @@ def load_pt2(path: Path, device: torch.device) -> Predictor:
 
 
 def read_pt2_facts(path: Path) -> dict[str, Any]:
-    """The package's own metadata (written by `digits export --pt2`), read from the zip without loading code."""
-    # a file that is no zip raises zipfile.BadZipFile, which load_predictor reports as a damaged archive
-    with zipfile.ZipFile(path) as package:
-        names = [n for n in package.namelist() if n.endswith("/" + PT2_META_ENTRY)]
-        facts = json.loads(package.read(names[0])) if len(names) == 1 else None
-    missing = [key for key in PT2_REQUIRED_KEYS if key not in (facts or {})]
+    """The package's own metadata (written by `digits export --pt2`), read from the zip without loading code.
+
+    Refuses a forged or foreign file for the reasons, in the words, that export/pt2.py's `read_pt2_metadata`
+    gives (tests/handlers/test_loading_matches_export.py holds both to it)."""
+    try:
+        with zipfile.ZipFile(path) as package:
+            names = [n for n in package.namelist() if n.endswith("/" + PT2_META_ENTRY)]
+            if len(names) != 1:
+                raise ModelLoadError(f"model file {path.name} carries no {PT2_META_ENTRY}; {PT2_REBUILD}")
+            facts = json.loads(package.read(names[0]))
+    except (zipfile.BadZipFile, OSError) as err:  # load_predictor adds that its digest vouched for it
+        raise ValueError(f"{path.name} is not a .pt2 package: {err}") from None
+    except ValueError as err:
+        raise ModelLoadError(f"model file {path.name}: {PT2_META_ENTRY} is not JSON ({err}); {PT2_REBUILD}") from None
+    missing = [key for key in PT2_REQUIRED_KEYS if key not in facts] if isinstance(facts, dict) else PT2_REQUIRED_KEYS
     if missing:
-        raise ModelLoadError(f"model file {path.name} lacks {PT2_META_ENTRY} keys {', '.join(missing)}; {PT2_REBUILD}")
+        raise ModelLoadError(f"model file {path.name}: {PT2_META_ENTRY} lacks {', '.join(missing)}; {PT2_REBUILD}")
     return facts
 
 

@@ -91,40 +91,66 @@ def render_config(store: Path, ports: Ports, host: str = "127.0.0.1", metrics_co
     except ArchiveError as err:
         raise ValueError(str(err)) from None
     lines = {
+        **shared_properties(
+            str(store),
+            ports,
+            host,
+            log_config=LOG_CONFIG.as_uri(),
+            metrics_config=str(Path(metrics_config).resolve()) if metrics_config else None,
+        ),
+        "load_models": "all",
+        "models": json.dumps(models),
+        "disable_token_authorization": "false",  # tokens on every API
+        # the handler's per-batch time split (handlers/digit_metrics.py) are custom metrics, which TorchServe
+        # drops unless metrics.yaml names them or this is on; registering costs once, at the first batch
+        "model_metrics_auto_detect": "true",
+        # workers talk over unix sockets named after this number (/tmp/.ts.sock.N): derive it from the
+        # inference port so that two servers on different ports never share a socket
+        "initial_worker_port": str(9000 + ports.inference % 50000),
+    }
+    return render_properties("# written by `digits serve`/`digits config`; regenerate rather than edit", lines)
+
+
+def shared_properties(
+    store: str, ports: Ports, host: str, *, log_config: str, metrics_config: str | None, metrics_host: str = ""
+) -> dict[str, str]:
+    """The config.properties keys that `digits serve` and the KServe bundle (serving/kserve.py) share.
+
+    Args:
+        store: the model store as TorchServe will see it.
+        host: where the APIs listen; `metrics_host`, when given, for the metrics API alone.
+        log_config: URI of the log4j2.xml TorchServe's JVM reads.
+        metrics_config: path of the metrics.yaml declaring the handler's metrics (serving/metrics.py), if any.
+    """
+    return {
         "inference_address": f"http://{host}:{ports.inference}",
         "management_address": f"http://{host}:{ports.management}",
-        "metrics_address": f"http://{host}:{ports.metrics}",
+        "metrics_address": f"http://{metrics_host or host}:{ports.metrics}",
         "grpc_inference_address": host,
         "grpc_inference_port": str(ports.grpc_inference),
         "grpc_management_address": host,
         "grpc_management_port": str(ports.grpc_management),
-        "model_store": str(store),
-        "load_models": "all",
-        "models": json.dumps(models),
-        # closed by default: tokens on every API, no model registration over HTTP, local archives only
-        "disable_token_authorization": "false",
+        "model_store": store,
+        # closed by default: no model registration over HTTP, local archives only
         "enable_model_api": "false",
-        "allowed_urls": allowed_urls(store),
+        "allowed_urls": allowed_urls(Path(store)),
         "install_py_dep_per_model": "false",
         "max_request_size": str(MAX_REQUEST_BYTES),
         "max_response_size": str(MAX_REQUEST_BYTES),
         "default_workers_per_model": "1",
-        # the handler's per-batch time split (handlers/digit_metrics.py) are custom metrics, which TorchServe
-        # drops unless metrics.yaml names them or this is on; registering costs once, at the first batch
-        "model_metrics_auto_detect": "true",
         # Prometheus text on the metrics port (what KServe scrapes), with the handler's metrics declared in
-        # `metrics_config` (serving/metrics.py); without it, they register as their first line says
+        # `metrics_config`; without it, they register as their first line says
         "metrics_mode": "prometheus",
-        **({"metrics_config": str(Path(metrics_config).resolve())} if metrics_config else {}),
-        # workers talk over unix sockets named after this number (/tmp/.ts.sock.N): derive it from the
-        # inference port so that two servers on different ports never share a socket
-        "initial_worker_port": str(9000 + ports.inference % 50000),
+        **({"metrics_config": metrics_config} if metrics_config else {}),
         # TorchServe's logging, made affordable (see the file's header): DEBUG lines per request, every line
         # twice in ts_log.log and once more in the never-rotated stdout cost frontend time and disk
-        "vmargs": f"-Dlog4j.configurationFile={LOG_CONFIG.as_uri()}",
+        "vmargs": f"-Dlog4j.configurationFile={log_config}",
     }
-    header = "# written by `digits serve`/`digits config`; regenerate rather than edit\n"
-    return header + "".join(f"{k}={v}\n" for k, v in lines.items())
+
+
+def render_properties(header: str, lines: dict[str, str]) -> str:
+    """A config.properties file: a comment line, then one `key=value` line per entry."""
+    return header + "\n" + "".join(f"{k}={v}\n" for k, v in lines.items())
 
 
 def write_config(store: Path, run_dir: Path, ports: Ports, host: str = "127.0.0.1") -> Path:

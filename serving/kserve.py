@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from .archive import ArchiveError
-from .config import LOG_CONFIG, MAX_REQUEST_BYTES, Ports, allowed_urls, list_archives, models_entry
+from .config import LOG_CONFIG, Ports, list_archives, models_entry, render_properties, shared_properties
 from .metrics import write_metrics_config
 
 MOUNT = "/mnt/models"  # where KServe puts the storageUri's content
@@ -110,30 +110,22 @@ def render_kserve_config(archives: list[Path], ports: Ports, mount: str = MOUNT)
     store = f"{mount}/model-store"
     snapshot = {"name": "startup.cfg", "modelCount": len(models), "models": models}
     lines = {
-        "inference_address": f"http://127.0.0.1:{ports.inference}",
-        "management_address": f"http://127.0.0.1:{ports.management}",
-        "metrics_address": f"http://0.0.0.0:{ports.metrics}",
-        "grpc_inference_address": "127.0.0.1",
-        "grpc_inference_port": str(ports.grpc_inference),
-        "grpc_management_address": "127.0.0.1",
-        "grpc_management_port": str(ports.grpc_management),
-        "model_store": store,
+        **shared_properties(
+            store,
+            ports,
+            "127.0.0.1",
+            metrics_host="0.0.0.0",
+            log_config=f"file://{mount}/config/{LOG_CONFIG.name}",
+            metrics_config=f"{mount}/config/metrics.yaml",
+        ),
         # the models, their batching and workers; the wrapper takes the model names from here too
         "model_snapshot": json.dumps(snapshot),
         "disable_token_authorization": "true",
-        "enable_model_api": "false",
-        "allowed_urls": allowed_urls(Path(store)),
         "enable_envvars_config": "false",
-        "install_py_dep_per_model": "false",
-        "max_request_size": str(MAX_REQUEST_BYTES),
-        "max_response_size": str(MAX_REQUEST_BYTES),
-        "default_workers_per_model": "1",
-        "metrics_mode": "prometheus",
-        "metrics_config": f"{mount}/config/metrics.yaml",
-        "vmargs": f"-Dlog4j.configurationFile=file://{mount}/config/{LOG_CONFIG.name}",
     }
-    header = "# written by `digits kserve` for KServe's TorchServe runtime; regenerate rather than edit\n"
-    return header + "".join(f"{k}={v}\n" for k, v in lines.items())
+    return render_properties(
+        "# written by `digits kserve` for KServe's TorchServe runtime; regenerate rather than edit", lines
+    )
 
 
 def inference_service(deployment: Deployment) -> dict[str, Any]:

@@ -25,8 +25,8 @@ def int8_artifacts(tmp_path_factory) -> Path:
     """
     out = tmp_path_factory.mktemp("int8-artifacts")
     train(TrainConfig(model="mlp", epochs=1, limit=10_000, out=out, quiet=True), log=lambda _: None)
-    result = export_model(out, "mlp", quantize="int8", log=lambda _: None)
-    assert result.passed, result.int8_report
+    result = export_model(out, "mlp", formats=["onnx-int8"], log=lambda _: None)
+    assert result.passed, result.predictions
     return out
 
 
@@ -37,7 +37,7 @@ def pt2_export(tmp_path_factory) -> ExportResult:
     there is one, as `digits export` does. Its folder is read-only: copy it first."""
     out = tmp_path_factory.mktemp("pt2-artifacts")
     train(TrainConfig(model="mlp", epochs=1, limit=6000, out=out, quiet=True), log=lambda _: None)
-    result = export_model(out, "mlp", pt2=True, device="auto", samples=1000, log=lambda _: None)
+    result = export_model(out, "mlp", formats=["pt2"], device="auto", samples=1000, log=lambda _: None)
     assert result.passed, result.report.failures
     return result
 

@@ -19,6 +19,7 @@ from .. import contract
 from .checkpoint import save_checkpoint
 from .constants import INPUT_SHAPE, LABELS, LAYOUT, MNIST_MEAN, MNIST_STD
 from .data import MnistData, load_mnist
+from .devices import pick_device
 from .models import freeze_backbone, get_model, load_imagenet_weights
 from .plots import plot_history
 
@@ -73,21 +74,6 @@ def _validate(config: TrainConfig) -> None:
 class TrainResult:
     out_dir: Path
     metrics: dict = field(default_factory=dict)
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto` is CUDA when available, else CPU; an explicit CUDA device must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name!r} is not a device: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use cpu or auto")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -255,8 +241,9 @@ def _write_outputs(config, model, model_args, data, history, seconds, log) -> Tr
         "device": str(next(model.parameters()).device),
         "history": history,
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_history(history, out_dir / "history.png", title=f"{config.model}: {last['test_accuracy']:.2%} test accuracy")
+    (out_dir / contract.METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    title = f"{config.model}: {last['test_accuracy']:.2%} test accuracy"
+    plot_history(history, out_dir / contract.HISTORY_PLOT, title=title)
     log(
         f"wrote {out_dir}/checkpoint.pt, metrics.json, history.png "
         f"(test accuracy {last['test_accuracy']:.2%}, {seconds:.0f} s)"

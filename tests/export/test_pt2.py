@@ -95,7 +95,7 @@ def test_exporting_without_pt2_removes_the_package_compiled_from_the_replaced_mo
 def test_asking_for_cuda_without_it_is_a_clear_error():
     with pytest.raises(ExportError, match="--device cuda: CUDA is not available here"):
         resolve_device("cuda")
-    with pytest.raises(ExportError, match="unknown device 'gpu0'"):
+    with pytest.raises(ExportError, match="--device 'gpu0' is not a device"):
         resolve_device("gpu0")
     assert resolve_device("auto") == torch.device("cpu")
 
@@ -103,7 +103,7 @@ def test_asking_for_cuda_without_it_is_a_clear_error():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_export_on_a_gpu_compiles_for_cuda_and_passes_parity(pt2_copy):
-    result = export_model(pt2_copy, "mlp", pt2=True, device="cuda", samples=1000, log=lambda _: None)
+    result = export_model(pt2_copy, "mlp", formats=["pt2"], device="cuda", samples=1000, log=lambda _: None)
     assert result.passed, result.report.failures
     meta = read_pt2_metadata(pt2_copy / "mlp" / PT2.file)
     assert meta["device"] == "cuda" and meta["target"].startswith("sm_")

@@ -7,8 +7,9 @@ import torch
 import torchvision
 from digits.training.checkpoint import load_checkpoint, rebuild_model
 from digits.training.constants import LABELS, MNIST_MEAN, MNIST_STD
+from digits.training.devices import pick_device
 from digits.training.models import list_models
-from digits.training.train import TrainConfig, pick_device, train
+from digits.training.train import TrainConfig, train
 
 from digits.cli import main
 
