@@ -50,7 +50,7 @@ import torch
 from ..contract import MANIFEST_FILE, ONNX, ONNX_INT8, PT2, TORCHSCRIPT, normalise
 from . import BenchError
 from .offline import exported_files, load_eager, set_threads
-from .timing import machine
+from .timing import known_fields, machine
 
 KS = (5, 10, 20)  # % of the digit's ink deleted, for the table
 CURVE_KS = (0, 2, 5, 10, 15, 20, 30, 40, 50)  # and for the AOPC-style curve
@@ -127,6 +127,33 @@ class ExplainReport:
         for row, deletion in zip(data["deletions"], self.deletions, strict=True):
             row["meets_target"] = deletion.meets_target
         return {"kind": "explain", "target": {"k": TARGET_K, "win_share": TARGET_WIN_SHARE}, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExplainReport:
+        """The report back from its JSON (`to_dict`), as `digits bench report` reads it (JSON keys k as text)."""
+        deletions = [
+            Deletion(
+                **{
+                    **known_fields(Deletion, row),
+                    **{name: by_k(row[name]) for name in ("win_share", "mean_drop", "mean_random_drop")},
+                }
+            )
+            for row in data["deletions"]
+        ]
+        agreements = [Agreement(**known_fields(Agreement, row)) for row in data["agreements"]]
+        return cls(
+            **{
+                **known_fields(cls, data),
+                "ks": tuple(data["ks"]),
+                "curve_ks": tuple(data["curve_ks"]),
+                "deletions": deletions,
+                "agreements": agreements,
+            }
+        )
+
+
+def by_k(values: dict[str, float]) -> dict[int, float]:
+    return {int(k): value for k, value in values.items()}
 
 
 def handler_module(name: str):

@@ -38,7 +38,7 @@ from .explain import FORMATS, check_choices, handler_module, handler_modules, lo
 from .http import LogCursor, handler_summary, oip_request_bytes, read_inference_token, torchserve
 from .load import LoadResult, run_sequence
 from .offline import exported_files
-from .timing import machine
+from .timing import Latency, known_fields, machine
 
 BINARY = "application/octet-stream"
 PREDICT = "prediction"  # the row of a format that explains nothing, beside its methods
@@ -103,6 +103,31 @@ class CostReport:
             data["digits_per_s"] = row.digits_per_s
             rows.append(data)
         return {"kind": "explain-http", "plan": plan, "machine": self.machine, "rows": rows}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CostReport:
+        """The report back from its JSON (`to_dict`), as `digits bench report` reads it."""
+        plan = data["plan"]
+        plan = CostPlan(
+            **{
+                **known_fields(CostPlan, plan),
+                "artifacts": Path(plan["artifacts"]),
+                "formats": tuple(plan["formats"]),
+                "methods": tuple(plan["methods"]) if plan["methods"] else None,
+                "settings": ServingSettings(**plan["settings"]),
+            }
+        )
+        rows = [
+            CostRow(
+                **{**known_fields(CostRow, row), "single": load_result(row["single"]), "oip": load_result(row["oip"])}
+            )
+            for row in data["rows"]
+        ]
+        return cls(plan, data["machine"], rows)
+
+
+def load_result(data: dict[str, Any]) -> LoadResult:
+    return LoadResult(**{**known_fields(LoadResult, data), "latency": Latency(**data["latency"])})
 
 
 def run_explain_http(plan: CostPlan, run_dir: Path, log: Callable[[str], Any] = print) -> CostReport:

@@ -8,8 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from digits.bench.explain import Deleter, handler_modules, mnist_digits, probabilities_of, spearman_per_digit
+from digits.bench.explain import (
+    Deleter,
+    ExplainReport,
+    handler_modules,
+    mnist_digits,
+    probabilities_of,
+    spearman_per_digit,
+)
 from digits.bench.offline import load_eager
+from digits.bench.report import explain_markdown
 
 from digits.cli import main
 
@@ -57,6 +65,18 @@ def test_explain_bench_writes_json_markdown_and_plot(int8_artifacts, tmp_path, c
     assert "| format | method | explained class | wins at k=5 |" in markdown and "Spearman" in markdown
     assert (out / "bench-explain.png").read_bytes().startswith(b"\x89PNG")
     assert markdown in capsys.readouterr().out
+    # digits bench report renders the run from its JSON alone: the same table, and the curves as a plot
+    assert explain_markdown(ExplainReport.from_dict(report)) == markdown
+    performance = tmp_path / "docs" / "performance.md"
+    assert (
+        main(
+            ["bench", "report", "--runs", str(tmp_path), "--artifacts", str(int8_artifacts), "--out", str(performance)]
+        )
+        == 0
+    )
+    text = performance.read_text()
+    assert "## Explanations, faithfulness: mlp (`explain`)" in text and markdown.splitlines()[-1] in text
+    assert (tmp_path / "docs" / "performance" / "explain.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_the_deletion_test_tells_a_faithful_map_from_a_reversed_one(mlp, deleter):

@@ -6,6 +6,8 @@ import json
 
 import pytest
 from digits.bench.explain import handler_modules
+from digits.bench.explain_http import CostReport
+from digits.bench.report import explain_http_markdown
 
 from digits.cli import main
 
@@ -37,6 +39,17 @@ def test_explain_http_bench_times_every_method_of_every_format_beside_the_predic
     assert "| format | method | one digit: p50 / p90 / p99 ms |" in markdown and "default method" in markdown
     assert (out / "bench-explain-http.png").read_bytes().startswith(b"\x89PNG")
     assert markdown in capsys.readouterr().out
+    # digits bench report renders the run from its JSON alone
+    assert explain_http_markdown(CostReport.from_dict(report)) == markdown
+    performance = tmp_path / "docs" / "performance.md"
+    assert (
+        main(
+            ["bench", "report", "--runs", str(tmp_path), "--artifacts", str(int8_artifacts), "--out", str(performance)]
+        )
+        == 0
+    )
+    assert "## Explanations, cost over HTTP: mlp (`explain-http`)" in performance.read_text()
+    assert (tmp_path / "docs" / "performance" / "explain-http.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_explain_http_bench_refuses_more_digits_than_a_request_may_explain(int8_artifacts, tmp_path, capsys):
