@@ -167,8 +167,8 @@ def method_named(method: str) -> Method:
 
 
 def model_function(predict: Predictor, method: Method, guard: Guard | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What Captum calls: the model's log-probabilities (any model's scores, logits or log-probabilities,
-    become log-probabilities), after `guard` has passed the call's work."""
+    """What Captum calls: the model's log-probabilities in float64 (any model's scores, logits or
+    log-probabilities, become log-probabilities), after `guard` has passed the call's work."""
     run = predict
     if method.gradients:
         run = gradients_of(predict)
@@ -178,7 +178,10 @@ def model_function(predict: Predictor, method: Method, guard: Guard | None) -> C
     def forward(rows: torch.Tensor) -> torch.Tensor:
         if guard is not None:
             guard(len(rows) * method.row_cost)
-        return torch.log_softmax(run(rows).float(), dim=1)
+        # in float64: for a digit the model is sure of, the target's float32 log-probability sits within an ulp
+        # of 0 and one pixel's change vanishes; renormalised in float64 it becomes minus the others'
+        # probability mass, which their well-resolved log-probabilities carry
+        return torch.log_softmax(run(rows).double(), dim=1)
 
     return forward
 

@@ -204,3 +204,26 @@ def test_predictions_keep_inference_mode(handlers_by_format, digits):
     assert not predict(x.requires_grad_()).requires_grad
     assert gradients_of(predict)(x.detach().requires_grad_()).requires_grad
     assert gradients_of(handlers_by_format["onnx"].model) is None
+
+
+def test_a_digit_the_model_is_sure_of_still_gets_a_map(tiny_model, digits):
+    """With weights scaled up, the model's float32 log-probability of its label rounds to 0 and single pixels
+    cannot move it; renormalised in float64 the map still ranks the ink (every method)."""
+    import copy
+
+    images, x = digits
+    sure = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        sure.fc.weight *= 250  # the label's logit some 25 above the others': their mass about 1e-11
+        sure.fc.bias *= 250
+
+    def predict(rows: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return sure(rows)
+
+    scores = predict(x[:1])
+    label = int(scores.argmax())
+    assert scores[0, label] == 0 and scores[0].exp().sum() == 1  # in float32, exactly sure
+    for method in (FEATURE_ABLATION, OCCLUSION):
+        maps = explain(predict, x[:1], [label], method)
+        assert np.count_nonzero(maps[0][images[0] > 0]) > 0.9 * np.count_nonzero(images[0]), method
