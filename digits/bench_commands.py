@@ -12,6 +12,13 @@ from .contract import FORMATS, ONNX
 DEFAULT_OUT = Path("runs") / "bench"
 
 
+def show(paths: list[Path]) -> int:
+    """Prints a bench run's markdown table and where its files went; the command's exit status."""
+    print(paths[1].read_text(), end="")
+    print(f"wrote {', '.join(map(str, paths))}")
+    return 0
+
+
 def _name_list(text: str) -> tuple[str, ...]:
     names = tuple(part.strip() for part in text.split(",") if part.strip())
     if not names:
@@ -92,9 +99,7 @@ def run_offline(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     paths = write_offline(report, args.out or DEFAULT_OUT / f"{args.model}-offline")
-    print(paths[1].read_text(), end="")
-    print(f"wrote {', '.join(map(str, paths))}")
-    return 0
+    return show(paths)
 
 
 def add_http(kinds: argparse._SubParsersAction) -> None:
@@ -173,9 +178,7 @@ def run_http(args: argparse.Namespace) -> int:
     )
     report = measure(plan, out / "torchserve")
     paths = write_http(report, out)
-    print(paths[1].read_text(), end="")
-    print(f"wrote {', '.join(map(str, paths))}")
-    return 0
+    return show(paths)
 
 
 def oip_input(out: Path, digits: int) -> Path:
@@ -240,9 +243,7 @@ def run_explain(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
     )
     paths = write_explain(report, args.out or DEFAULT_OUT / f"{args.model}-explain")
-    print(paths[1].read_text(), end="")
-    print(f"wrote {', '.join(map(str, paths))}")
-    return 0
+    return show(paths)
 
 
 def add_explain_http(kinds: argparse._SubParsersAction) -> None:
@@ -309,9 +310,7 @@ def run_explain_http(args: argparse.Namespace) -> int:
     )
     report = measure(plan, out / "torchserve")
     paths = write_explain_http(report, out)
-    print(paths[1].read_text(), end="")
-    print(f"wrote {', '.join(map(str, paths))}")
-    return 0
+    return show(paths)
 
 
 def add_report(kinds: argparse._SubParsersAction) -> None:

@@ -68,12 +68,8 @@ def test_explain_bench_writes_json_markdown_and_plot(int8_artifacts, tmp_path, c
     # digits bench report renders the run from its JSON alone: the same table, and the curves as a plot
     assert explain_markdown(ExplainReport.from_dict(report)) == markdown
     performance = tmp_path / "docs" / "performance.md"
-    assert (
-        main(
-            ["bench", "report", "--runs", str(tmp_path), "--artifacts", str(int8_artifacts), "--out", str(performance)]
-        )
-        == 0
-    )
+    args = ["bench", "report", "--runs", str(tmp_path), "--artifacts", str(int8_artifacts), "--out", str(performance)]
+    assert main(args) == 0
     text = performance.read_text()
     assert "## Explanations, faithfulness: mlp (`explain`)" in text and markdown.splitlines()[-1] in text
     assert (tmp_path / "docs" / "performance" / "explain.png").read_bytes().startswith(b"\x89PNG")

@@ -42,12 +42,8 @@ def test_explain_http_bench_times_every_method_of_every_format_beside_the_predic
     # digits bench report renders the run from its JSON alone
     assert explain_http_markdown(CostReport.from_dict(report)) == markdown
     performance = tmp_path / "docs" / "performance.md"
-    assert (
-        main(
-            ["bench", "report", "--runs", str(tmp_path), "--artifacts", str(int8_artifacts), "--out", str(performance)]
-        )
-        == 0
-    )
+    args = ["bench", "report", "--runs", str(tmp_path), "--artifacts", str(int8_artifacts), "--out", str(performance)]
+    assert main(args) == 0
     assert "## Explanations, cost over HTTP: mlp (`explain-http`)" in performance.read_text()
     assert (tmp_path / "docs" / "performance" / "explain-http.png").read_bytes().startswith(b"\x89PNG")
 
