@@ -280,7 +280,7 @@ def explain_format(
         if methods and method not in methods:
             continue
         start = time.perf_counter()
-        attributions = engine.attribute(predict, inputs, targets, method, mean=meta["mean"], std=meta["std"])
+        attributions = engine.attribute(predict, inputs, targets.numpy(), method, mean=meta["mean"], std=meta["std"])
         seconds = time.perf_counter() - start
         row = deleter.test(fmt, method, method == default, "predicted", attributions, score, targets, seconds)
         report.deletions.append(row)
