@@ -1,33 +1,33 @@
 """`digits ui`: one page to draw a digit on and watch the served models answer, next to a running `digits serve`.
 
-The page's own server (the standard library's ThreadingHTTPServer: its four files and two JSON routes,
-one user, loopback only, so no web framework) serves the files in `static/` and forwards each drawing to
-TorchServe with the key it reads from the run folder. The browser never holds a key: it talks only to this
-server, which binds 127.0.0.1, answers only requests addressed to a loopback name (a DNS-rebinding page
-cannot read the answers), refuses cross-site POSTs, caps what it forwards at MAX_IMAGE_BYTES and sends a
-Content-Security-Policy that admits nothing but its own files.
+The page's own server (`http11.PageServer`: h11 parses, with deadlines and a bound on connections) serves
+the files in `static/` and forwards each drawing to TorchServe with the key it reads from the run folder. The
+browser never holds a key: it talks only to this server, which binds 127.0.0.1, answers only requests
+addressed to a loopback name (a DNS-rebinding page cannot read the answers), refuses cross-site POSTs, caps
+what it forwards at MAX_IMAGE_BYTES and sends a Content-Security-Policy that admits nothing but its own files.
 
-Routes: `GET /` (and the page's files), `GET /api/models` (the served models and whether each has a worker
-ready), `POST /api/classify?model=NAME` (body: the image's bytes) answering
-`{"model", "label", "probabilities", "framed", "torchserve_ms"}` or `{"error"}` with a 4xx/5xx status; with
-`&why=1` the answer adds `"why": {"label", "method", "attributions"}` (the page's why view).
+Routes: `GET /` (and the page's files, PAGES), and the JSON API (API): `GET /api/models` (the served models
+and whether each has a worker ready), `POST /api/classify?model=NAME` (body: the image's bytes) answering
+`{"model", "label", "probabilities", "framed", "torchserve_ms"}`, and with `&why=1` also
+`"why": {"label", "method", "attributions"}` (the page's why view); any refusal is `{"error"}` with a 4xx/5xx.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import requests
 
+from .http11 import Limits, PageServer, Refusal, Request, Response, Route, Site, json_response
 from .server import ServeError, read_state, read_token, refresh_token
 
 STATIC = Path(__file__).resolve().with_name("static")
@@ -38,7 +38,6 @@ PAGES = {  # URL path -> (file in STATIC, content type); nothing else on disk is
     "/favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
 MAX_IMAGE_BYTES = 2 * 1024 * 1024  # the pad sends a few KiB, a photo of a digit fits; TorchServe takes 10 MiB
-DRAIN_LIMIT = 64 * 1024 * 1024  # read (and drop) a refused body up to this, so the browser sees the 413
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # TorchServe's model names; no '/' or '..'
 LOOPBACK_NAMES = ("127.0.0.1", "localhost")  # it listens on 127.0.0.1 only
 CSP = (
@@ -51,14 +50,6 @@ RENEWING = threading.Lock()  # one key renewal at a time, for all the page serve
 OIP_OUTPUTS = ("probabilities", "label", "framed")
 ATTRIBUTIONS = "attributions"  # the OIP output of the why view: each framed pixel's share of the answer
 WHY_VALUES = {"": False, "0": False, "1": True}  # ?why=: the query parameter that asks for it
-
-
-class Refusal(Exception):
-    """A request the page server answers with `status` and `{"error": message}`."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -239,108 +230,87 @@ def host_name(header: str) -> str:
     return header.rsplit(":", 1)[0]
 
 
-class PageHandler(BaseHTTPRequestHandler):
-    """The page's files and its two JSON routes; `link` is set on the subclass `make_server` builds."""
-
-    link: TorchServeLink
-    server_version = "digits-ui"
-    sys_version = ""
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        if not self._addressed_to_loopback():
-            return
-        path = urlsplit(self.path).path
-        if path in PAGES:
-            name, content_type = PAGES[path]
-            self._send(HTTPStatus.OK, (STATIC / name).read_bytes(), content_type)
-        elif path == "/api/models":
-            self._answer(lambda: {"models": list_models(self.link)})
-        else:
-            self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no such page: {path}"})
-
-    def do_POST(self) -> None:  # noqa: N802
-        if not self._addressed_to_loopback() or not self._same_origin():
-            return
-        url = urlsplit(self.path)
-        if url.path != "/api/classify":
-            self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no such route: {url.path}"})
-            return
-        self._answer(lambda: classify(self.link, self._model(url.query), self._read_image(), wants_why(url.query)))
-
-    def _answer(self, work) -> None:
-        try:
-            self._send_json(HTTPStatus.OK, work())
-        except Refusal as err:
-            self._send_json(err.status, {"error": str(err)})
-
-    def _model(self, query: str) -> str:
-        model = parse_qs(query).get("model", [""])[0]
-        if not MODEL_NAME.fullmatch(model):
-            raise Refusal(HTTPStatus.BAD_REQUEST, f"not a model name: {model!r}")
-        return model
-
-    def _read_image(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise Refusal(HTTPStatus.LENGTH_REQUIRED, "the image must come with a Content-Length")
-        size = int(length)
-        if size > MAX_IMAGE_BYTES:
-            self._drain(size)
-            raise Refusal(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"the image is {size / 2**20:.1f} MiB; this page forwards at most {MAX_IMAGE_BYTES / 2**20:.0f} MiB",
-            )
-        if size == 0:
-            raise Refusal(HTTPStatus.BAD_REQUEST, "the image is empty")
-        return self.rfile.read(size)
-
-    def _drain(self, size: int) -> None:
-        """Reads a refused body (up to DRAIN_LIMIT) so that the browser gets the 413 rather than a reset."""
-        if size > DRAIN_LIMIT:
-            self.close_connection = True
-            return
-        while size > 0:
-            chunk = self.rfile.read(min(size, 1 << 16))
-            if not chunk:
-                break
-            size -= len(chunk)
-
-    def _addressed_to_loopback(self) -> bool:
-        host = host_name(self.headers.get("Host") or "")
-        if host in LOOPBACK_NAMES:
-            return True
-        self._send_json(HTTPStatus.FORBIDDEN, {"error": f"this page answers only on loopback names, not {host!r}"})
-        return False
-
-    def _same_origin(self) -> bool:
-        origin = self.headers.get("Origin")
-        if origin is None or origin == f"http://{self.headers.get('Host')}":
-            return True
-        self._send_json(HTTPStatus.FORBIDDEN, {"error": f"cross-site request from {origin} refused"})
-        return False
-
-    def _send_json(self, status: int, body: dict) -> None:
-        self._send(status, json.dumps(body).encode(), "application/json")
-
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Content-Security-Policy", CSP)
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Referrer-Policy", "no-referrer")
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
-        pass  # one line per request on stderr is noise next to a drawing page; errors reach the page
+# ---- the page's routes -----------------------------------------------------------------------------------
 
 
-def make_server(port: int, link: TorchServeLink) -> ThreadingHTTPServer:
+def models_answer(link: TorchServeLink, request: Request) -> dict:
+    return {"models": list_models(link)}
+
+
+def classify_answer(link: TorchServeLink, request: Request) -> dict:
+    if not request.body:
+        raise Refusal(HTTPStatus.BAD_REQUEST, "the image is empty")
+    return classify(link, model_name(request.query), request.body, wants_why(request.query))
+
+
+def model_name(query: str) -> str:
+    model = parse_qs(query).get("model", [""])[0]
+    if not MODEL_NAME.fullmatch(model):
+        raise Refusal(HTTPStatus.BAD_REQUEST, f"not a model name: {model!r}")
+    return model
+
+
+@dataclass(frozen=True)
+class ApiRoute:
+    """A JSON route: `answer(link, request)` returns what is sent as JSON (200) or raises Refusal."""
+
+    answer: Callable[[TorchServeLink, Request], dict]
+    max_body: int = 0  # bytes of body it takes (0: none)
+    body_name: str = "body"  # what the body is, in the words of a 411 or 413
+
+
+API = {  # (method, path) -> route; a new view of the page adds its line here
+    ("GET", "/api/models"): ApiRoute(models_answer),
+    ("POST", "/api/classify"): ApiRoute(classify_answer, max_body=MAX_IMAGE_BYTES, body_name="image"),
+}
+
+
+def routes(link: TorchServeLink) -> dict[tuple[str, str], Route]:
+    """The page's files and its API, bound to `link`."""
+    table = {("GET", path): Route(partial(page_file, *file)) for path, file in PAGES.items()}
+    for key, api in API.items():
+        table[key] = Route(partial(json_answer, api.answer, link), api.max_body, api.body_name)
+    return table
+
+
+def page_file(name: str, content_type: str, request: Request) -> Response:
+    return Response(HTTPStatus.OK, (STATIC / name).read_bytes(), content_type)
+
+
+def json_answer(answer: Callable[[TorchServeLink, Request], dict], link: TorchServeLink, request: Request) -> Response:
+    return json_response(HTTPStatus.OK, answer(link, request))
+
+
+# ---- guards: who may ask -------------------------------------------------------------------------------
+
+
+def addressed_to_loopback(request: Request) -> None:
+    """Refuses a request addressed to another name: a DNS-rebinding page reaches 127.0.0.1 under its own."""
+    host = host_name(request.host)
+    if host not in LOOPBACK_NAMES:
+        raise Refusal(HTTPStatus.FORBIDDEN, f"this page answers only on loopback names, not {host!r}")
+
+
+def same_origin(request: Request) -> None:
+    """Refuses a POST (any method but GET and HEAD) that another site's page sends (browsers name that page in
+    Origin); a route added later is covered without a word of its own."""
+    origin = request.headers.get("origin")
+    if request.method not in ("GET", "HEAD") and origin is not None and origin != f"http://{request.host}":
+        raise Refusal(HTTPStatus.FORBIDDEN, f"cross-site request from {origin} refused")
+
+
+HEADERS = (
+    ("Content-Security-Policy", CSP),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"),
+)
+
+
+def make_server(port: int, link: TorchServeLink, limits: Limits | None = None) -> PageServer:
     """The page server on 127.0.0.1:`port` (0: any free port); `serve_forever()` runs it."""
-    handler = type("BoundPageHandler", (PageHandler,), {"link": link})
+    site = Site(routes(link), (addressed_to_loopback, same_origin), HEADERS, limits or Limits())
     try:
-        return ThreadingHTTPServer(("127.0.0.1", port), handler)
+        return PageServer(("127.0.0.1", port), site)
     except OSError as err:
         raise ServeError(f"cannot listen on 127.0.0.1:{port}: {err.strerror}; pass --port with a free port") from None

@@ -64,12 +64,29 @@ def test_the_page_has_no_inline_script_or_style_and_nothing_from_elsewhere(idle_
     assert "http://" not in html and "https://" not in html  # no CDN: the page works offline
 
 
-@pytest.mark.parametrize("path", ["/nope", "/../serving/ui.py", "/static/app.js", "/api/classify"])
+@pytest.mark.parametrize("path", ["/nope", "/../serving/ui.py", "/static/app.js", "//attacker.example/"])
 def test_nothing_but_the_page_files_is_served(idle_page, path):
     response = requests.get(idle_page + path, timeout=10)
     assert response.status_code == 404
     assert response.json()["error"].startswith("no such page")
     assert response.headers["Content-Security-Policy"] == CSP
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"), [("GET", "/api/classify", "POST"), ("DELETE", "/", "GET, HEAD")]
+)
+def test_a_route_answers_only_its_method(idle_page, method, path, allowed):
+    response = requests.request(method, idle_page + path, timeout=10)
+    assert response.status_code == 405
+    assert response.headers["Allow"] == allowed
+    assert response.json()["error"] == f"{path} answers {allowed}, not {method}"
+
+
+def test_head_is_get_without_the_body(idle_page):
+    got, head = requests.get(idle_page + "/app.js", timeout=10), requests.head(idle_page + "/app.js", timeout=10)
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["Content-Length"] == got.headers["Content-Length"] == str(len(got.content))
+    assert head.headers["Content-Security-Policy"] == CSP
 
 
 def test_a_request_to_another_host_name_is_refused(idle_page):

@@ -108,7 +108,8 @@ def ui_url(torchserve):
     assert match, f"digits ui printed {line!r}"
     yield match.group(0)
     process.terminate()
-    process.wait(timeout=10)
+    output, _ = process.communicate(timeout=10)
+    assert "Traceback" not in output, output  # nothing the browser or the tests sent is worth a traceback
 
 
 @pytest.fixture(scope="module")
