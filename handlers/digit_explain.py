@@ -21,8 +21,8 @@ table `METHODS`; which formats can run which, `methods_for`; each format's defau
 Batched: the perturbed (or interpolated) inputs of all the digits go through the model together, Captum
 calls of up to `EVAL_ROWS` rows (its `perturbations_per_eval`, `internal_batch_size`), which the predictor
 runs in its own chunks (`digit_model.in_chunks`), never one call per perturbation per digit. Digits go
-through `GROUP_DIGITS` at a time, which bounds memory. Captum is imported on the first explanation, so
-that a worker which only predicts never loads it.
+through `GROUP_DIGITS` at a time, which bounds memory (feature ablation: `ABLATION_GROUP` digits of like ink
+at a time). Captum is imported on the first explanation, so that a worker which only predicts never loads it.
 
 Imported by bare name like the other handler modules; tests and benchmarks import it with `handlers/` on
 sys.path and a predictor from `digit_model.load_predictor`.
@@ -47,6 +47,9 @@ EVAL_ROWS = 1024
 # Integrated gradients keeps every activation of a call for its backward pass: fewer rows a call
 GRADIENT_ROWS = 256
 GROUP_DIGITS = 64  # digits attributed together; their perturbations make up the calls
+# Feature ablation perturbs every digit of a group as often as its inkiest digit has ink pixels (a digit with
+# fewer runs unchanged rows), so it takes digits in order of ink, in smaller groups of like digits
+ABLATION_GROUP = 16
 
 
 @dataclass(frozen=True)
@@ -128,13 +131,25 @@ def attribute(
         raise ValueError(f"{len(digits)} digits need {len(digits)} targets, got shape {tuple(targets.shape)}")
     forward = model_function(predict, spec, guard)
     background = input_value(chosen["baseline"], mean, std)
-    maps = [
-        run_method(spec.name, forward, group, group_targets, chosen, background).detach()
-        for group, group_targets in zip(digits.split(GROUP_DIGITS), targets.split(GROUP_DIGITS), strict=True)
-    ]
-    if not maps:
-        return np.zeros((0, *digits.shape[2:]), dtype=np.float32)
-    return torch.cat(maps).reshape(len(digits), *digits.shape[2:]).float().cpu().numpy()
+    maps = torch.zeros(digits.shape[0], *digits.shape[2:], dtype=torch.float32)
+    for rows in groups(digits, spec.name, background):
+        attributed = run_method(spec.name, forward, digits[rows], targets[rows], chosen, background)
+        maps[rows] = attributed.detach().reshape(len(rows), *digits.shape[2:]).float().cpu()
+    return maps.numpy()
+
+
+def groups(digits: torch.Tensor, method: str, background: float) -> list[torch.Tensor]:
+    """The digits' indices, group by group, as `attribute` runs them (and `work` counts them): in order,
+    GROUP_DIGITS at a time; for feature ablation, in order of ink, ABLATION_GROUP at a time."""
+    if method != FEATURE_ABLATION:
+        return list(torch.arange(len(digits)).split(GROUP_DIGITS))
+    order = torch.argsort(ink_counts(digits, background), stable=True)
+    return list(order.split(ABLATION_GROUP))
+
+
+def ink_counts(digits: torch.Tensor, background: float) -> torch.Tensor:
+    """Each digit's pixels that differ from the background: its features for feature ablation."""
+    return (digits != background).flatten(1).sum(1)
 
 
 def work(
@@ -147,16 +162,16 @@ def work(
     background = input_value(chosen["baseline"], mean, std)
     height, width = digits.shape[2:]
     total = 0
-    for group in digits.split(GROUP_DIGITS):
+    for rows in groups(digits, spec.name, background):
         if spec.name == INTEGRATED_GRADIENTS:
             evaluations = chosen["steps"]
         elif spec.name == FEATURE_ABLATION:
             # one row per ink pixel of the group's inkiest digit, one for the background, one unperturbed
-            evaluations = int((group != background).flatten(1).sum(1).max()) + 2
+            evaluations = int(ink_counts(digits[rows], background).max()) + 2
         else:
             window, stride = chosen["window"], chosen["stride"]
             evaluations = (1 + (height - window) // stride) * (1 + (width - window) // stride) + 1
-        total += evaluations * len(group) * spec.row_cost
+        total += evaluations * len(rows) * spec.row_cost
     return total
 
 

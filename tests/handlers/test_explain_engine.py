@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from digit_explain import (
+    ABLATION_GROUP,
     DEFAULT_METHODS,
     EVAL_ROWS,
     FEATURE_ABLATION,
@@ -138,22 +139,42 @@ def counting(predict):
 @pytest.mark.parametrize("count", [1, 7, 64, 70])
 def test_perturbations_of_all_digits_share_model_calls(method, count, handlers_by_format, mnist_test):
     """F perturbations of each of N digits (occlusion's 169 windows; feature ablation's ink pixels of the
-    inkiest digit, plus the background): 1 + ceil(F / P) Captum calls, each of P perturbations of every digit
-    (P = EVAL_ROWS // N), run in chunks of CPU_CHUNK_ROWS rows; not F + 1 calls per digit."""
+    inkiest digit, plus the background): 1 + ceil(F / P) Captum calls a group, each of P perturbations of every
+    digit of the group (P = EVAL_ROWS // N), run in chunks of CPU_CHUNK_ROWS rows; not F + 1 calls per digit."""
     images = mnist_test[0][:count]
     x = normalised(images)
     predict, runtime_calls = counting(handlers_by_format["onnx"].model)
     captum_calls: list[int] = []
     explain(predict, x, [1] * count, method, guard=captum_calls.append)
-    expected_captum = 0
-    for group in range(0, count, GROUP_DIGITS):
-        digits = images[group : group + GROUP_DIGITS]
-        features = 169 if method == OCCLUSION else int((digits > 0).reshape(len(digits), -1).sum(1).max()) + 1
-        expected_captum += 1 + math.ceil(features / max(1, EVAL_ROWS // len(digits)))
+    ink = (images > 0).reshape(count, -1).sum(1)
+    if method == OCCLUSION:
+        sizes, features = [len(g) for g in np.array_split(ink, range(GROUP_DIGITS, count, GROUP_DIGITS))], None
+    else:  # in order of ink, ABLATION_GROUP like digits at a time
+        ordered = np.sort(ink, kind="stable")
+        chunks = np.array_split(ordered, range(ABLATION_GROUP, count, ABLATION_GROUP))
+        sizes, features = [len(g) for g in chunks], [int(g.max()) + 1 for g in chunks]
+    expected_captum = sum(
+        1 + math.ceil((169 if features is None else features[i]) / max(1, EVAL_ROWS // size))
+        for i, size in enumerate(sizes)
+    )
     assert len(captum_calls) == expected_captum
     assert sum(captum_calls) == sum(runtime_calls) == work(x, method, mean=MEAN, std=STD)
     assert max(runtime_calls) <= CPU_CHUNK_ROWS
     assert len(runtime_calls) == sum(math.ceil(rows / CPU_CHUNK_ROWS) for rows in captum_calls)
+
+
+def test_feature_ablation_groups_digits_of_like_ink(handlers_by_format, mnist_test):
+    """64 digits of unequal ink: in groups of like ink, the model runs far fewer rows than 64 times the
+    inkiest digit's ink, and each digit's map is the one it gets alone."""
+    images = mnist_test[0][:64]
+    x = normalised(images)
+    predict = handlers_by_format["onnx"].model
+    ink = (images > 0).reshape(64, -1).sum(1)
+    assert work(x, FEATURE_ABLATION, mean=MEAN, std=STD) < 0.75 * 64 * (ink.max() + 2)
+    maps = explain(predict, x, [3] * 64, FEATURE_ABLATION)
+    for index in (int(ink.argmin()), int(ink.argmax()), 17):
+        alone = explain(predict, x[index : index + 1], [3], FEATURE_ABLATION)[0]
+        assert np.allclose(maps[index], alone, rtol=1e-4, atol=1e-7), index
 
 
 def test_integrated_gradients_steps_share_model_calls(handlers_by_format, mnist_test):
