@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..contract import FORMATS as CONTRACT_FORMATS
 from ..contract import MANIFEST_FILE, ONNX, ONNX_INT8, PT2, TORCHSCRIPT, normalise
 from . import BenchError
 from .offline import exported_files, load_eager, set_threads
@@ -243,9 +244,9 @@ def load_formats(model_dir: Path, model: str, formats: Sequence[str] | None, log
     wanted = list(formats or [fmt for fmt in FORMATS if fmt in files])
     missing = [fmt for fmt in wanted if fmt not in files]
     if missing:
+        command = " ".join(["digits export", model, *(CONTRACT_FORMATS[fmt].export_flags for fmt in missing)])
         raise BenchError(
-            f"{model_dir / MANIFEST_FILE} lists no {', '.join(missing)} file: export it first "
-            f"(`digits export {model} --quantize int8 --pt2`)"
+            f"{model_dir / MANIFEST_FILE} lists no {', '.join(missing)} file: export it first (`{command.strip()}`)"
         )
     predictors = {}
     for fmt in wanted:
