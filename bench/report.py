@@ -39,6 +39,14 @@ def _write(out: Path, stem: str, data: dict, markdown: str, plot) -> list[Path]:
     return paths
 
 
+def save(figure, path: Path, title: str) -> None:
+    """Titles a finished figure, writes it as PNG and frees it."""
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     """A markdown table, numbers right-aligned."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|"]
@@ -225,10 +233,7 @@ def plot_http(report: HttpReport, path: Path) -> None:
         axes.set_xticks(levels, [str(n) for n in levels])
         axes.grid(True, which="both", alpha=0.3)
         axes.legend(fontsize=8)
-    figure.suptitle(f"{report.plan.model} over HTTP against the no-op ceiling ({report.machine['cpu']})", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save(figure, path, f"{report.plan.model} over HTTP against the no-op ceiling ({report.machine['cpu']})")
 
 
 # --- explain -----------------------------------------------------------------------------------------
@@ -346,10 +351,7 @@ def plot_explain(report: ExplainReport, path: Path) -> None:
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize=7)
     panels[0][0].set_ylabel("mean drop of the explained class's probability")
-    figure.suptitle(f"{report.model}: deletion curves ({report.digits:,} MNIST test digits)", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save(figure, path, f"{report.model}: deletion curves ({report.digits:,} MNIST test digits)")
 
 
 # --- explain-http ------------------------------------------------------------------------------------
@@ -448,7 +450,4 @@ def plot_explain_http(report: CostReport, path: Path) -> None:
         axes.set_xticks(range(len(formats)), formats)
         axes.grid(True, axis="y", alpha=0.3)
         axes.legend(fontsize=7)
-    figure.suptitle(f"{report.plan.model}: explanations against predictions ({report.machine['cpu']})", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save(figure, path, f"{report.plan.model}: explanations against predictions ({report.machine['cpu']})")
