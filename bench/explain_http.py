@@ -25,6 +25,7 @@ import base64
 import io
 import json
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,7 +36,15 @@ import numpy as np
 from ..serving.archive import ServingSettings
 from . import BenchError
 from .explain import FORMATS, check_choices, handler_module, handler_modules, load_formats, mnist_digits
-from .http import LogCursor, handler_summary, oip_request_bytes, read_inference_token, torchserve
+from .http import (
+    BATCH_LINE,
+    METRIC_LINE,
+    LogCursor,
+    handler_summary,
+    oip_request_bytes,
+    read_inference_token,
+    torchserve,
+)
 from .load import LoadResult, run_sequence
 from .offline import exported_files
 from .timing import Latency, known_fields, machine
@@ -51,6 +60,7 @@ OIP_REQUESTS = 10
 # untimed requests per method after the checked one (whose answer imports Captum in the worker): one digit,
 # and 64 digits a request (one is plenty: each runs a thousand model calls)
 WARMUP = {"single": 5, "oip": 1}
+LOG_WAIT_S = 30  # at most, for the frontend to log a run's metrics
 
 
 @dataclass(frozen=True)
@@ -215,15 +225,27 @@ class Client:
         return single, oip
 
     def timed(self, kind: str, url: str, bodies: list[bytes], content_type: str, headers: dict, count: int):
-        """One request checked, warm-up requests, then `count` timed ones; the handler's stage times."""
+        """One request checked, warm-up requests, then `count` timed ones; the handler's stage times of those."""
+        self.logs.mark()
         self.check_answer(kind, url, bodies[0], content_type, headers)
         warm = run_sequence(url, self.token, bodies, content_type, WARMUP[kind], headers)
         if warm.errors:
             raise BenchError(f"{self.name} refused {warm.errors} {kind} warm-up requests for {self.method}")
+        self.logged(1 + WARMUP[kind])  # the warm-up's metrics in the log before the mark, not after it
         self.logs.mark()
         result = run_sequence(url, self.token, bodies, content_type, count, headers)
-        self.stages[kind] = handler_summary(self.logs.read(), self.name, STAGES)
+        self.stages[kind] = handler_summary(self.logged(count), self.name, STAGES)
         return result
+
+    def logged(self, batches: int) -> str:
+        """What TorchServe logged since the mark, once it holds the metrics of `batches` of this model's batches
+        (one client alone: a request a batch), or whatever it holds after LOG_WAIT_S. The frontend copies a
+        worker's lines into its log on its own time, later still on a busy machine."""
+        deadline = time.monotonic() + LOG_WAIT_S
+        while True:
+            text = self.logs.read()
+            if batches_logged(text, self.name) >= batches or time.monotonic() > deadline:
+                return text
 
     def single_request(self, pngs: list[bytes]) -> tuple[str, list[bytes], str, dict]:
         if self.method == PREDICT:
@@ -257,6 +279,14 @@ class Client:
                 f"{self.name} answered a {kind} request for {self.method} without its explanation: "
                 f"{response.content[:300]!r}"
             )
+
+
+def batches_logged(text: str, model: str) -> int:
+    """Batches of `model` whose metrics are all in the log text: the handler's (BatchSize comes last of its
+    lines) and TorchServe's PredictionTime, written after the handler returns."""
+    sizes = sum(name == model for _, name in BATCH_LINE.findall(text))
+    whole = sum(name == model for metric, _, name in METRIC_LINE.findall(text) if metric == "PredictionTime")
+    return min(sizes, whole)
 
 
 def explained_method(response) -> str | None:
