@@ -105,6 +105,8 @@ def write_report(
     unknown = sorted(set(headline_runs) - {run.name for run in runs})
     if unknown:
         raise BenchError(f"--headline {', '.join(unknown)}: no such run in {runs_dir}")
+    if readme is not None:
+        headline_block(readme.read_text(), readme)  # refuse a README without markers before writing anything
     plots = out.with_suffix("")
     shutil.rmtree(plots, ignore_errors=True)
     plots.mkdir(parents=True)
@@ -179,9 +181,7 @@ def headline_table(sections: list[Section]) -> list[str]:
 def update_readme(readme: Path, table: list[str], machines: list[dict], report: Path) -> None:
     """Replaces what stands between the README's headline markers with the table, its machine and date."""
     text = readme.read_text()
-    pattern = re.compile(re.escape(HEADLINE_BEGIN) + ".*?" + re.escape(HEADLINE_END), re.S)
-    if not pattern.search(text):
-        raise BenchError(f"{readme} has no headline markers ({HEADLINE_BEGIN} ... {HEADLINE_END})")
+    pattern = headline_block(text, readme)
     machine = one_machine(machines)
     dates = sorted(m["date"] for m in machines if m.get("date"))
     where = f"{describe_machine(machine)}; {dates[-1] if dates else 'date not recorded'}"
@@ -190,6 +190,14 @@ def update_readme(readme: Path, table: list[str], machines: list[dict], report: 
         [HEADLINE_BEGIN, *table, "", f"Measured on {where}: every figure of that run in {link}.", HEADLINE_END]
     )
     readme.write_text(pattern.sub(lambda _: block, text, count=1))
+
+
+def headline_block(text: str, readme: Path) -> re.Pattern:
+    """The pattern of the README's headline block (markers included); refuses a README without one."""
+    pattern = re.compile(re.escape(HEADLINE_BEGIN) + ".*?" + re.escape(HEADLINE_END), re.S)
+    if not pattern.search(text):
+        raise BenchError(f"{readme} has no headline markers ({HEADLINE_BEGIN} ... {HEADLINE_END})")
+    return pattern
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:

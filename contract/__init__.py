@@ -7,7 +7,8 @@ Training decides the values (mean, std, labels, input shape, layout:
 `training/constants.py`); this module decides their names, the files they travel in, and the one formula
 that applies them.
 
-Adding an export format is one line in `FORMATS` plus its exporter and its loaders.
+Adding an export format is one line in `FORMATS` plus its exporter (`export/exporters.py`, which `digits export`
+and `digits verify` walk) and its loader (the handler's, `handlers/digit_model.py`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ CONFIG_FILE = "model-config.yaml"
 # context.model_yaml_config), and its key for the intra-op threads of each worker
 HANDLER_SECTION = "handler"
 THREADS_KEY = "threads"
+# ... and its key for the largest answer body the handler may build: TorchServe's frontend drops a worker's
+# reply holding a longer one (and the worker with it), so `digits serve` and `digits kserve` write the archives'
+# value as config.properties' max_response_size; without the key, TorchServe's own default holds for both
+RESPONSE_LIMIT_KEY = "max_response_size"
+TORCHSERVE_MAX_RESPONSE = 6_553_500  # ConfigManager.getMaxResponseSize's default in TorchServe 0.12.0
 
 # Inside a `.pt2` package (`digits export --pt2`): the facts its compiled code depends on, in an entry that
 # `zipfile` reads without loading any code, and the keys a loader refuses a package without

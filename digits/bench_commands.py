@@ -130,8 +130,9 @@ def add_http(kinds: argparse._SubParsersAction) -> None:
         default=4,
         help="alternate no-op and model this many times per concurrency, --requests split over them (default 4)",
     )
-    # TorchServe's frontend is Java: its C2 compiler kept compiling for about 30,000 requests here (the no-op
-    # went from 3,000 to 7,500 req/s at concurrency 64), and the two targets share that code
+    # TorchServe's frontend is Java: its JIT (C2) keeps compiling through many thousands of requests, raising
+    # the no-op's rate as it goes, and the two targets share that code (compare --warmup 0 with the default;
+    # docs/tuning.md)
     p.add_argument("--warmup", type=int, default=16000, help="warm-up requests per target (default 16000)")
     add_serving_settings(p, of=" of both archives")
     p.add_argument(

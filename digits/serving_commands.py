@@ -1,6 +1,6 @@
 """Subcommands that drive TorchServe and its clients.
 
-archive, config, serve, stop, token, predict, samples, evaluate, kserve, ui.
+archive, config, serve, stop, token, predict, explain, samples, evaluate, kserve, ui.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _add_ports(p: argparse.ArgumentParser) -> None:
         "--bind",
         default="127.0.0.1",
         metavar="HOST",
-        help="address to listen on (default 127.0.0.1; anything else warns: see README, Security)",
+        help="address to listen on (default 127.0.0.1; anything else warns: see docs/security.md)",
     )
 
 
@@ -60,7 +60,7 @@ def _warn_if_exposed(host: str) -> None:
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"warning: binding TorchServe to {host}: it is reachable from other machines; keep token "
-            "authorisation on and put TLS and a firewall in front (README, Security)",
+            "authorisation on and put TLS and a firewall in front (docs/security.md)",
             file=sys.stderr,
         )
 
@@ -233,6 +233,46 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0 if all(r.status == 200 for r in results) else 1
 
 
+def add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="ask a running TorchServe why it gives image files their labels; draw each answer as a PNG",
+        description="Send each file to /explanations/MODEL, print its label and the label explained, and write "
+        "OUT/<file>.explained.png: the 28x28 digit as the model saw it beside its attribution map (red: pixels "
+        "that raised the explained label's log-probability, blue: pixels that lowered it). The method defaults to "
+        "the archive format's (integrated-gradients for TorchScript, feature-ablation for ONNX and .pt2; "
+        "docs/serving.md, Explanations).",
+    )
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("--model", default="cnn", help="model name on the server (default cnn)")
+    p.add_argument(
+        "--method",
+        help="integrated-gradients (TorchScript archives only), feature-ablation or occlusion (default: the format's)",
+    )
+    p.add_argument("--target", help="the label to explain (default: the predicted one)")
+    p.add_argument("--out", type=Path, default=Path("explanations"), help="folder for the PNGs (default explanations/)")
+    p.add_argument("--url", help="inference URL (default: the one `digits serve` started)")
+    p.add_argument("--token", help="inference key (default: read from the run folder)")
+    _add_run_dir(p)
+    p.set_defaults(func=run_explain)
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from .serving.explanations import draw, explain_files, figure_path
+
+    results = explain_files(args.files, args.model, _run_dir(args), args.url, args.token, args.method, args.target)
+    width = max(len(r.file) for r in results)
+    print(f"{'file':{width}}  label  confidence  explained  method                figure")
+    taken: set[Path] = set()
+    for index, r in enumerate(results):
+        if r.status != 200:
+            print(f"{r.file:{width}}  error {r.status}: {r.error}")
+            continue
+        figure = draw(r, figure_path(args.out, r.file, index, taken))
+        print(f"{r.file:{width}}  {r.label!s:>5}  {r.confidence:10.4f}  {r.target!s:>9}  {r.method:20}  {figure}")
+    return 0 if all(r.status == 200 for r in results) else 1
+
+
 def add_samples(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "samples",
@@ -312,15 +352,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_kserve(sub: argparse._SubParsersAction) -> None:
-    from .serving.kserve import KSERVE_PORTS, MOUNT, SCALE_METRICS, Deployment
+    from .serving.kserve import KSERVE_PORTS, MOUNT, PROTOCOLS, SCALE_METRICS, Deployment
 
     defaults = Deployment()
     p = sub.add_parser(
         "kserve",
         help="pack a model store for KServe's TorchServe runtime, with an InferenceService manifest",
         description="Write OUT/config/config.properties, OUT/model-store/*.mar and OUT/inferenceservice.yaml "
-        "(KServe v1beta1, modelFormat pytorch, protocolVersion v2). Upload OUT to STORAGE_URI; "
-        "`kubectl apply -f OUT/inferenceservice.yaml`. See README, Scaling out on KServe.",
+        "(KServe v1beta1, modelFormat pytorch, protocolVersion v2 or v1). Upload OUT to STORAGE_URI; "
+        "`kubectl apply -f OUT/inferenceservice.yaml`. See docs/kserve.md.",
     )
     p.add_argument("--model-store", type=Path, default=DEFAULT_STORE, help="default: model_store/")
     p.add_argument("--out", type=Path, required=True, help="a new or empty folder for the bundle")
@@ -335,6 +375,13 @@ def add_kserve(sub: argparse._SubParsersAction) -> None:
         "--scale-target", type=int, default=defaults.scale_target, help="per replica, in --scale-metric's unit"
     )
     p.add_argument("--gpu", action="store_true", help="ask for one NVIDIA GPU per replica")
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=defaults.protocol,
+        help="the InferenceService's protocolVersion: v2, the Open Inference Protocol (default), or v1, KServe v1 "
+        "(:predict, :explain); the archives answer both either way",
+    )
     p.add_argument("--check-against", type=Path, metavar="CRD_YAML", help="validate the manifest against this CRD")
     p.add_argument("--mount", default=MOUNT, help=f"where the bundle is mounted (KServe: {MOUNT})")
     p.add_argument("--inference-port", type=int, default=KSERVE_PORTS.inference, help="TorchServe's, behind KServe's")
@@ -360,6 +407,7 @@ def run_kserve(args: argparse.Namespace) -> int:
         args.scale_metric,
         args.scale_target,
         args.gpu,
+        args.protocol,
     )
     manifest = write_bundle(args.model_store, args.out, deployment, _ports(args), args.mount)
     if args.check_against:
@@ -410,6 +458,7 @@ COMMANDS = [
     add_stop,
     add_token,
     add_predict,
+    add_explain,
     add_samples,
     add_evaluate,
     add_kserve,

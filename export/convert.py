@@ -83,21 +83,16 @@ def export_model(
     started, seconds = time.perf_counter(), {}
     job = start_job(checkpoint, model, model_dir, {"opset": opset, "device": device}, log)
     for exporter in exporters("logits"):
-        if exporter in chosen:
-            write_file(exporter, job, seconds)
-        else:
-            remove_stale(model_dir, exporter.fmt, log)
+        write_or_remove(exporter, exporter in chosen, job, seconds)
     with _timed(seconds, "parity"):
         job.data = load_mnist(data_dir, log=log)  # once: parity and the derived formats read the same digits
         report = prove_parity(job, atol=atol, rtol=rtol, samples=samples)
     write_report(report, model_dir)
-    predictions = {}
-    for exporter in exporters("predictions"):
-        if exporter in chosen and report.passed:
-            write_file(exporter, job, seconds)
-            predictions[exporter.fmt.name] = prove_predictions(job, exporter, samples)
-        else:
-            remove_stale(model_dir, exporter.fmt, log)
+    predictions = {
+        exporter.fmt.name: prove_predictions(job, exporter, samples)
+        for exporter in exporters("predictions")  # derived from proven files only
+        if write_or_remove(exporter, exporter in chosen and report.passed, job, seconds)
+    }
     files = proven_files(model_dir, predictions)
     _write_or_withdraw_manifest(report, job, files)
     seconds["total"] = time.perf_counter() - started
@@ -129,6 +124,15 @@ def start_job(checkpoint: Path, model: str, model_dir: Path, options: dict[str, 
         options,
         log=log,
     )
+
+
+def write_or_remove(exporter: Exporter, wanted: bool, job: ExportJob, seconds: dict[str, float]) -> bool:
+    """Writes the format's file when `wanted`, else removes a stale one (see `remove_stale`); returns `wanted`."""
+    if wanted:
+        write_file(exporter, job, seconds)
+    else:
+        remove_stale(job.model_dir, exporter.fmt, job.log)
+    return wanted
 
 
 def write_file(exporter: Exporter, job: ExportJob, seconds: dict[str, float]) -> None:

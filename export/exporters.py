@@ -50,7 +50,7 @@ class Exporter:
     write: writes the format's file to the given path (a staging name with the same suffix); returns what
         the log says it wrote ("ONNX opset 18").
     check: the file against the checkpoint's metadata and digest, before any parity; raises ExportError
-        whose message ends with `rerun`. Run on every export and every `digits verify`.
+        whose message names `rerun` (what to run instead). Run on every export and every `digits verify`.
     backends: the ways parity runs the file; a "predictions" format is judged on the first.
     runner: the file as a serving worker runs it, on `threads` intra-op threads (None: the runtime's
         default), for the benchmarks.

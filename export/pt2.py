@@ -31,10 +31,10 @@ MIN_BATCH = 1
 # The largest batch a package accepts (the range torch.export and Inductor compile for); it covers every
 # caller: parity's whole-set chunks (1,000), the bench's batches, TorchServe's batchSize (16 by default).
 MAX_BATCH = 4096
-# Inductor options, measured on cnn at batch 64 on this CPU (README, "Which format to pick"): freezing turns
-# the weights into constants, so that Inductor hands both convolutions and both linear layers to oneDNN with
-# the ReLU fused (0.36-0.39 of onnxruntime's speed, 0.28-0.36 without); it needs the compile to run without
-# autograd. max_autotune added 0.05-0.09 for four times the compile, so it is left out.
+# Inductor options: freezing turns the weights into constants, so that Inductor hands both convolutions and
+# both linear layers to oneDNN with the ReLU fused; it needs the compile to run without autograd.
+# max_autotune is left out: it multiplies the compile time for little speed on these models. `digits bench
+# offline cnn` measures the package beside onnxruntime (its aotinductor rows; docs/tuning.md has the study).
 INDUCTOR_CONFIGS = {"freezing": True}
 EXTRA_DIR = "extra/"  # where torch's package_pt2 puts its extra_files (torch.export.pt2_archive's EXTRA_DIR)
 

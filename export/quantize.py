@@ -31,7 +31,7 @@ CALIBRATION_SEED = 0
 # int8 activations into uint8). Its kernels for CPUs without VNNI (AVX2, and AVX-512 before VNNI) multiply
 # with vpmaddubsw, which adds each two neighbouring products in a saturating int16; VNNI's vpdpbusd adds in
 # int32. With 8-bit weights a pair reaches 2 * 255 * 127 = 64,770 and is clipped to 32,767, so the same file
-# predicts differently on such a CPU (the README's int8 section has the figures). onnxruntime's quantisation
+# predicts differently on such a CPU (docs/export.md, int8). onnxruntime's quantisation
 # guide names the remedy, reduce_range: weights in [-64, 64], so a pair is at most 2 * 255 * 64 = 32,640 and
 # the sums are exact on every x86 kernel, VNNI or not.
 ACTIVATION_MAX = 255  # uint8, as onnxruntime runs the activations
@@ -145,8 +145,8 @@ def rewrite_for_int8(path: Path) -> list[str]:
     """Rewrites the float32 ONNX file at `path` into the same maths laid out for onnxruntime's int8 kernels.
 
     Two rewrites, each a no-op for a graph without its pattern (the mlp has neither); see their docstrings.
-    Without them the int8 cnn ran no faster than fp32 on a VNNI machine; with them it is well ahead (the
-    README's Performance section has the figures).
+    Without them the int8 cnn ran no faster than fp32 on a VNNI machine; with them it is well ahead
+    (`digits bench offline cnn` measures both files: its onnxruntime-int8 / onnxruntime ratios).
 
     Returns:
         The names of the nodes to leave in float32.

@@ -6,7 +6,9 @@ Shipped flat inside the archive next to `digit_handler.py` and imported as the t
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 BAD_REQUEST = 400  # malformed: bad JSON, wrong shape, bad pixel values, truncated or corrupt image
 PAYLOAD_TOO_LARGE = 413  # body or image over our limits
@@ -59,6 +61,15 @@ def unsupported(kind: str, message: str) -> RequestError:
 
 def unavailable(kind: str, message: str) -> RequestError:
     return RequestError(SERVICE_UNAVAILABLE, kind, message)
+
+
+@contextlib.contextmanager
+def prefixed(what: str) -> Iterator[None]:
+    """Prefixes the message of a RequestError raised inside with `what` (which part of a request failed)."""
+    try:
+        yield
+    except RequestError as err:
+        raise RequestError(err.code, err.kind, f"{what}: {err.message}") from None
 
 
 def unexpected(err: Exception) -> RequestError:

@@ -14,7 +14,9 @@ by, installed packages on that path. TorchServe takes the handler module's only 
 Requests and answers: see `digit_inputs.py` for what a request may hold. Each readable request gets
 `{"label": 7, "confidence": 0.998, "probabilities": [ten floats]}`; each unreadable one gets its own
 4xx status and `{"code", "type", "message"}` body, and the rest of the batch is answered normally.
-Open Inference Protocol requests (`/v2/models/NAME/infer`) share the batch: see `digit_oip.py`.
+Open Inference Protocol requests (`/v2/models/NAME/infer`) share the batch: see `digit_oip.py`; so do KServe
+v1 requests (`digit_kserve.py`). /explanations requests, OIP requests for the output `attributions` and
+KServe's explain routes also get their explanations (`digit_explanations.py`, `digit_explain.py`).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from digit_batch import (
     prediction_bodies,
     to_probabilities,
 )
-from digit_contract import HANDLER_SECTION, THREADS_KEY
-from digit_errors import RequestError, quiet_client_tracebacks
+from digit_contract import HANDLER_SECTION, RESPONSE_LIMIT_KEY, THREADS_KEY, TORCHSERVE_MAX_RESPONSE
+from digit_errors import RequestError, quiet_client_tracebacks, too_large
 from digit_explanations import (
     Deadline,
     Explanation,
@@ -75,7 +77,8 @@ logger = logging.getLogger(__name__)
 
 
 class DigitHandler(BaseHandler):
-    """Classifies handwritten digits with the archive's TorchScript, ONNX or .pt2 model, one forward pass a batch."""
+    """Classifies handwritten digits with the archive's TorchScript, ONNX or .pt2 model, one forward pass a batch,
+    and explains the answers it is asked to."""
 
     def initialize(self, context: Any) -> None:
         """Loads the model the archive's metadata vouches for, on the device TorchServe assigned.
@@ -91,6 +94,7 @@ class DigitHandler(BaseHandler):
         quiet_client_tracebacks()  # TorchServe logs one per JSON body it cannot parse
         self.meta = read_metadata(model_dir)
         set_threads(context.model_yaml_config)  # before loading: onnxruntime sizes its pool from torch's count
+        self.response_limit = response_limit(context.model_yaml_config)
         model_path = find_model_file(model_dir, self.manifest, self.meta)
         verify_sha256(model_path, self.meta.sha256)
         self.model_pt_path = str(model_path)
@@ -118,7 +122,7 @@ class DigitHandler(BaseHandler):
         deadline = Deadline(self.explain_seconds)  # from the start of the batch: decoding counts
         times = StageTimes()
         with times.stage("DecodeTime"):
-            readings, kserve = read_requests(data, context, self.meta)  # every protocol alike
+            readings, kserve = read_requests(data, context, self.meta, self.response_limit)  # every protocol alike
         with times.stage("PreprocessTime"):
             batch = assemble(readings, self.meta)
         with times.stage("InferenceTime"):
@@ -167,7 +171,8 @@ class DigitHandler(BaseHandler):
         """One body per request, in request order, with a per-request status for the refused ones.
 
         Bodies go back as bytes: given a dict, TorchServe's worker would encode it with `json.dumps(indent=2)`,
-        which bypasses the C encoder; that alone took a fifth of the worker's time per request (cProfile).
+        which bypasses the C encoder, a cost per request that cProfile of a worker under `digits bench http`
+        shows.
         OIP requests get OIP answers (digit_oip.py), KServe v1 ones v1 answers (digit_kserve.py), the others
         /predictions ones, with the explanation beside the prediction when one was asked (`explained`; the
         digits as framed, `framed`, go into it).
@@ -188,10 +193,27 @@ class DigitHandler(BaseHandler):
                 error = result
             if index in kserve.indices:
                 bodies.append(self.kserve_answer(batch, kserve, index, error, result))
-                continue
-            self.context.set_response_content_type(index, "application/json")
-            bodies.append(answers[index] if error is None else json_body(refuse(self.context, index, error)))
+            else:
+                self.context.set_response_content_type(index, "application/json")
+                bodies.append(answers[index] if error is None else json_body(refuse(self.context, index, error)))
+            if len(bodies[index]) > self.response_limit:
+                bodies[index] = self.oversized(batch, kserve, index, len(bodies[index]))
         return bodies
+
+    def oversized(self, batch: Batch, kserve: OipBatch, index: int, size: int) -> bytes:
+        """Request `index`'s 413 in place of a body TorchServe's frontend would drop with the worker and its
+        batch: the last guard, behind the bounds each protocol checks before building (`check_answer_size`)."""
+        logger.error(
+            "request %d: a %d-byte answer, over max_response_size %d, replaced", index, size, self.response_limit
+        )
+        error = too_large(
+            "AnswerTooLarge", f"the answer took {size:,} bytes, over the {self.response_limit:,} TorchServe carries"
+        )
+        batch.errors[index] = error
+        self.context.get_response_headers(index).pop("Inference-Header-Content-Length", None)  # a JSON body now
+        if index in kserve.indices:
+            return self.kserve_answer(batch, kserve, index, error, None)
+        return json_body(refuse(self.context, index, error))
 
     def plain_answers(
         self, batch: Batch, kserve: OipBatch, explained: dict[int, Explanation | RequestError], framed: list
@@ -283,6 +305,17 @@ def set_threads(model_yaml_config: dict | None) -> None:
         raise ModelLoadError(f"model-config.yaml handler.threads is {threads!r}, expected a positive integer")
     torch.set_num_threads(threads)
     logger.info("digits handler: %d intra-op thread(s) per worker", threads)
+
+
+def response_limit(model_yaml_config: dict | None) -> int:
+    """The largest answer body this worker may build: model-config.yaml's `handler: {max_response_size: B}`,
+    the value `digits serve` writes into TorchServe's config.properties, else TorchServe's own default."""
+    value = ((model_yaml_config or {}).get(HANDLER_SECTION) or {}).get(RESPONSE_LIMIT_KEY, TORCHSERVE_MAX_RESPONSE)
+    if type(value) is not int or value < 1:
+        raise ModelLoadError(
+            f"model-config.yaml handler.{RESPONSE_LIMIT_KEY} is {value!r}, expected a positive integer"
+        )
+    return value
 
 
 def refuse(context: Any, index: int, error: RequestError) -> dict[str, Any]:

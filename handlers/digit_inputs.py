@@ -28,7 +28,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from digit_budget import MAX_IMAGE_SIDE, MAX_PIXELS, check_decoding_work, check_exif
+from digit_budget import (
+    MAX_IMAGE_SIDE,
+    MAX_PIXELS,
+    MIN_IMAGE_PIXELS,
+    RequestBudget,
+    check_decoding_work,
+    check_exif,
+)
 from digit_errors import RequestError, bad_request, too_large, unsupported
 from digit_imaging import frame_digit, require_ink, to_grayscale
 from digit_png import decode_plain_png
@@ -199,33 +206,81 @@ def decode_base64(text: bytes) -> bytes:
         ) from None
 
 
-def read_image(payload: bytes, size: tuple[int, int], *, encoded: bool = False) -> np.ndarray:
-    """Decodes image bytes and frames the digit they show: plain PNGs through libspng, the rest through Pillow."""
-    check_decoding_work(payload)
+def read_image(
+    payload: bytes, size: tuple[int, int], *, encoded: bool = False, budget: RequestBudget | None = None
+) -> np.ndarray:
+    """Decodes image bytes and frames the digit they show: plain PNGs through libspng, the rest through Pillow.
+
+    Args:
+        budget: the request's, when it holds several images, already charged with this one's `image_work`;
+            None for a request of one image, checked here against the bounds of one image.
+    """
+    if budget is None:
+        check_decoding_work(payload)
     gray = decode_plain_png(payload, MAX_PIXELS)
     if gray is None:
-        gray = to_grayscale(decode_image(payload, encoded=encoded))
+        gray = to_grayscale(decode_image(payload, encoded=encoded, budget=budget))
     return frame_digit(gray, size)
 
 
-def decode_image(payload: bytes, *, encoded: bool = False) -> Image.Image:
+def image_work(payload: bytes) -> dict[str, int]:
+    """What decoding one image of a request will cost, by kind (digit_budget.REQUEST_BOUNDS), from its bytes
+    and header alone: `check_decoding_work`'s counts (refusing a file over a bound of one image) and its
+    pixels, at least MIN_IMAGE_PIXELS.
+
+    Raises:
+        RequestError: 413 for an image over a bound of one image, its pixels included.
+    """
+    work = check_decoding_work(payload)
+    pixels = work["pixels"] if "pixels" in work else header_pixels(payload)
+    if pixels > MAX_PIXELS:
+        raise too_large(
+            "ImageTooLarge",
+            f"the image's header claims {pixels:,} pixels; the limit is {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}",
+        )
+    return {**work, "pixels": max(pixels, MIN_IMAGE_PIXELS)}
+
+
+def header_pixels(payload: bytes) -> int:
+    """The pixels of an image as Pillow's header parse gives them (its size before any decoding); 0 for bytes
+    it cannot open, which the decoder then refuses by name."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(payload), formats=IMAGE_FORMATS) as image:
+                width, height = image.size
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            return MAX_PIXELS + 1  # its own frame's placement enlarges it past Pillow's limit
+        except Exception:  # noqa: BLE001 - unreadable here is unreadable to the decoder, which names why
+            return 0
+    return width * height
+
+
+def decode_image(payload: bytes, *, encoded: bool = False, budget: RequestBudget | None = None) -> Image.Image:
     """Opens and fully decodes an image (the first frame of GIF, WebP, TIFF), refusing oversized ones first.
 
     Args:
         payload: the image file's bytes.
         encoded: whether they came out of base64, for a clearer error message.
+        budget: the request's (`read_image`); charged here with the EXIF tags of a PNG's text profile, which
+            only Pillow's reading of the file reveals.
 
     Raises:
         RequestError: 415 when not an image, 413 when too large, 400 when truncated or corrupt.
     """
     with warnings.catch_warnings():
+        # a client's broken metadata ("Corrupt EXIF data") is not the server's news: no stderr line in the logs
+        warnings.simplefilter("ignore", UserWarning)
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a warning must refuse too
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(payload), formats=IMAGE_FORMATS)  # reads the header only
             check_pixel_count(image)
             image.load()
-            check_exif(exif_block(image))
+            exif_tags = check_exif(exif_block(image))
+            if budget is not None and not isinstance(image.info.get("exif"), bytes):  # a text profile's tags
+                budget.charge(exif_tags)
             ImageOps.exif_transpose(image, in_place=True)  # phone photos are stored sideways, with a tag
         except (RequestError, MemoryError):
             raise

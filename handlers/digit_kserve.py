@@ -2,13 +2,14 @@
 
 TorchServe 0.12.0 routes `POST /v1/models/NAME:predict` and `:explain` to the handler with the raw body (its
 frontend's `handleKFV1Predictions`, which writes `explain: True` for `:explain`), and KServe's model server in
-front of TorchServe in a pod (the `kserve-torchserve` image's wrapper) forwards a v1 body to
-`/predictions/NAME` or `/explanations/NAME`. Either way the body decides (`digit_oip.route`): a JSON object
+front of TorchServe in a pod (the `kserve-torchserve` image's wrapper) may forward a v1 body to
+`/predictions/NAME` or `/explanations/NAME` instead. Either way the body decides (`digit_oip.route`): a JSON object
 with "instances" (and no "data") is a v1 request.
 
 A request: `{"instances": [INSTANCE, ...]}`, 1 to MAX_DIGITS instances (MAX_EXPLAINED to explain), each an
 object `{"data": BASE64_IMAGE or PIXELS}` (what /predictions takes as JSON, e.g. pytorch/serve's
-`kubernetes/kserve/kf_request_json/v1/mnist.json`), a base64 image, or a list of pixels. To explain, an
+`kubernetes/kserve/kf_request_json/v1/mnist.json`), a base64 image, or a list of pixels; the images' decoding
+work is bounded per request, as OIP's (`digit_budget.RequestBudget`). To explain, an
 instance may name the label to explain (`"target": 3`; default its predicted label) and the method
 (`"method"`, one for the whole request). Answers: `{"predictions": [LABEL, ...]}`, and for `:explain`
 `{"explanations": [...]}`, one object per instance (`digit_explanations.explanation_body`). A request that
@@ -25,9 +26,18 @@ from typing import Any
 
 import numpy as np
 from digit_batch import label_value
-from digit_errors import RequestError, bad_request, too_large
+from digit_budget import RequestBudget
+from digit_errors import bad_request, prefixed, too_large
 from digit_explanations import MAX_EXPLAINED, Ask
-from digit_inputs import read_payload
+from digit_inputs import (
+    decode_base64,
+    decode_data_url,
+    image_work,
+    read_image,
+    read_json,
+    text_bytes,
+    without_bom,
+)
 
 MAX_INSTANCES = 1024  # as OIP's MAX_DIGITS: TorchServe's max_request_size bounds the bytes first
 
@@ -58,13 +68,36 @@ def read_v1(body: Any, explain: bool, size: tuple[int, int]) -> V1Request:
         message = f"the request holds {len(instances)} instances; the limit is {limit} to {what} a request"
         raise too_large("TooManyInstances", message)
     ask = instance_ask(instances) if explain else None  # before decoding: a refusal costs nothing
-    digits = np.empty((len(instances), *size), dtype=np.float32)
+    payloads = []
     for index, instance in enumerate(instances):
-        try:
-            digits[index] = read_payload(instance, size)
-        except RequestError as err:
-            raise RequestError(err.code, err.kind, f"instance {index}: {err.message}") from None
+        with prefixed(f"instance {index}"):
+            payloads.append(instance_payload(instance))
+    # the images' decoding work bounded for the request as a whole, as OIP's BYTES (digit_budget.RequestBudget)
+    budget = RequestBudget()
+    for index, payload in enumerate(payloads):
+        if isinstance(payload, bytes):
+            with prefixed(f"instance {index}"):
+                budget.charge(image_work(payload))
+    digits = np.empty((len(instances), *size), dtype=np.float32)
+    for index, payload in enumerate(payloads):
+        with prefixed(f"instance {index}"):
+            if isinstance(payload, bytes):
+                digits[index] = read_image(payload, size, encoded=True, budget=budget)
+            else:
+                digits[index] = read_json(payload, size)
     return V1Request(digits, ask)
+
+
+def instance_payload(instance: Any) -> bytes | Any:
+    """An instance's image file (from base64 text or a data URL), or its pixels as JSON for `read_json`."""
+    data = instance.get("data") if isinstance(instance, Mapping) else instance
+    if isinstance(instance, Mapping) and "data" not in instance:
+        keys = ", ".join(repr(str(key))[:40] for key in list(instance)[:10])
+        raise bad_request("BadJson", f'the instance has no "data" key (keys: {keys or "none"})')
+    if not isinstance(data, str):
+        return data  # pixels, or a wrong kind of value that read_json names
+    text = without_bom(text_bytes(data)).strip()
+    return decode_data_url(text) if text[:5].lower() == b"data:" else decode_base64(text)
 
 
 def instance_ask(instances: list[Any]) -> Ask:

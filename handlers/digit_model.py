@@ -24,8 +24,9 @@ logger = logging.getLogger(__name__)
 
 REBUILD = "rebuild the archive with `digits archive`"
 # Rows of one forward pass on the CPU; a larger batch (several OIP requests of many digits) runs in chunks of
-# this size. A conv net's activations outgrow the caches with the batch (the cnn's are about 230 KB a digit):
-# one onnxruntime thread classified 10,600 digits/s at batch 256 and 12,200 at 64 (README, Performance).
+# this size. A conv net's activations outgrow the caches with the batch (the cnn's are about 230 KB a digit), so
+# one thread classifies more digits a second at 64 than at 256: `digits bench offline cnn --threads 1
+# --batch-sizes 64,256` measures both (docs/tuning.md).
 CPU_CHUNK_ROWS = 64
 
 # (N, C, H, W) float32 normalised, on the CPU -> (N, classes) float32 scores (logits or log-probabilities)

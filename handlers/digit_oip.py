@@ -4,11 +4,12 @@ How TorchServe 0.12.0 hands them over: `POST /v2/models/NAME/infer` goes to the 
 raw body as the parameter "body" (frontend `InferenceRequestHandler.handleKFV2Predictions`), like
 /predictions. Which protocol a request speaks is decided by its body (`route`): an object with "inputs" is
 OIP wherever it was sent (TorchServe's OIP gRPC `ModelInfer` sets no headers at all), a KServe v1 body
-(`{"instances": [...]}`) is refused naming the routes digits speaks (v1 is not implemented), anything else
-is a /predictions request, except that a body of neither kind sent to a KServe route gets OIP's error.
-KServe's explain routes (`/v2/models/NAME/explain`, `/v1/models/NAME:explain`) come with `explain: True`,
-written by the frontend after the client's headers, and are refused: no explainer. No header a client can
-set changes how another request is read, nor how its own OIP body is (see `route`).
+(`{"instances": [...]}`) is read by digit_kserve.py, anything else is a /predictions request, except that a
+body of neither kind sent to a KServe route gets OIP's error. /explanations and KServe's explain routes
+(`/v2/models/NAME/explain`, `/v1/models/NAME:explain`) come with `explain: True`, written by the frontend
+after the client's headers: the request asks for explanations (digit_explanations.py; on the OIP explain
+route, the output "attributions" is added). No header a client can set changes how another request is read,
+nor how its own OIP body is (see `route`).
 TorchServe's `kservev2` envelope (TS_SERVICE_ENVELOPE) is not used: it reads only request 0 of a batch; the
 bundle keeps it off.
 
@@ -20,13 +21,15 @@ A request: one input tensor, any name:
     base64 bytes in the binary extension), framed as /predictions frames images.
 JSON `data` (flat or nested) or the binary tensor data extension (`Inference-Header-Content-Length`,
 `binary_data_size`, `binary_data`/`binary_data_output`), for inputs and outputs alike. Outputs:
-"probabilities" FP32 [N,classes], "label" INT64 [N], and, only when `outputs` names it, "framed" UINT8
-[N,H,W], the digits as the model saw them. Every failure is a `RequestError`, answered `{"error": ...}`.
+"probabilities" FP32 [N,classes], "label" INT64 [N], and, only when `outputs` names them, "framed" UINT8
+[N,H,W], the digits as the model saw them, and "attributions" FP32 [N,H,W], their explanations (the request
+parameters "method" and "target" choose). Every failure is a `RequestError`, answered `{"error": ...}`.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
 import json
 import struct
@@ -36,11 +39,20 @@ from typing import Any
 
 import numpy as np
 from digit_batch import Readings, content_types, label_value, read_batch, read_guarded
-from digit_contract import OIP_DEFAULT_OUTPUTS, OIP_OUTPUTS
-from digit_errors import RequestError, bad_request, too_large
+from digit_budget import RequestBudget
+from digit_contract import OIP_DEFAULT_OUTPUTS, OIP_OUTPUTS, TORCHSERVE_MAX_RESPONSE
+from digit_errors import RequestError, bad_request, prefixed, too_large
 from digit_explanations import MAX_EXPLAINED, Ask, ask_from_fields
 from digit_imaging import require_ink, to_uint8
-from digit_inputs import MAX_BODY_BYTES, decode_base64, parse_json, read_image, sniff_format, text_bytes
+from digit_inputs import (
+    MAX_BODY_BYTES,
+    decode_base64,
+    image_work,
+    parse_json,
+    read_image,
+    sniff_format,
+    text_bytes,
+)
 from digit_kserve import V1Request, read_v1
 from digit_model import DigitMeta
 
@@ -77,7 +89,9 @@ class OipBatch:
     asks: dict[int, Ask] = field(default_factory=dict)  # request index -> what it asks to explain, if anything
 
 
-def read_requests(data: list[Any], context: Any, meta: DigitMeta) -> tuple[Readings, OipBatch]:
+def read_requests(
+    data: list[Any], context: Any, meta: DigitMeta, response_limit: int = TORCHSERVE_MAX_RESPONSE
+) -> tuple[Readings, OipBatch]:
     """Reads /predictions requests as `read_batch` does and OIP requests here; each row names its request.
 
     Each request is routed once (`route`), its body parsed at most once: a /predictions body that `route`
@@ -99,9 +113,13 @@ def read_requests(data: list[Any], context: Any, meta: DigitMeta) -> tuple[Readi
     for index, problem in refused.items():  # logged as any refusal is
         errors[index] = read_guarded(functools.partial(raise_error, problem), index, len(data))
     read, spans = {}, {}
+    frame = AnswerFrame(model_identity(context), meta.labels, response_limit)
     for index in indices:
-        reader = read_kserve_v1 if routes[index].protocol == KSERVE_V1 else read_oip
-        request = read_guarded(functools.partial(reader, routes[index], meta.size), index, len(data))
+        if routes[index].protocol == KSERVE_V1:
+            reader = functools.partial(read_kserve_v1, routes[index], meta.size)
+        else:
+            reader = functools.partial(read_oip, routes[index], meta.size, frame)
+        request = read_guarded(reader, index, len(data))
         if isinstance(request, RequestError):
             errors[index] = request
             continue
@@ -246,13 +264,14 @@ def plain_row(row: Any, routed: Route) -> Any:
     return {**row, "body": routed.body}
 
 
-def read_oip(routed: Route, size: tuple[int, int]) -> OipRequest:
+def read_oip(routed: Route, size: tuple[int, int], frame: AnswerFrame) -> OipRequest:
     """Reads one routed OIP inference request into its digits, the outputs it asks for and, when one of them
     is `attributions` (always on the route /v2/models/NAME/explain), what it asks to explain.
 
     Raises:
         RequestError: 400 for a malformed request (a KServe v1 one included) or a blank digit, 413 past
-            MAX_DIGITS (MAX_EXPLAINED with attributions), 415 for an element that is no image.
+            MAX_DIGITS (MAX_EXPLAINED with attributions) or when its answer could exceed `frame.limit`
+            (`check_answer_size`), 415 for an element that is no image.
     """
     if routed.problem is not None:
         raise routed.problem
@@ -265,7 +284,9 @@ def read_oip(routed: Route, size: tuple[int, int]) -> OipRequest:
     if ATTRIBUTIONS in outputs:
         ask = explanation_ask(envelope)
         check_explained_count(tensor["shape"][0])
-    return OipRequest(request, read_tensor(tensor, routed.binary, size), outputs, ask)
+    read = OipRequest(request, read_tensor(tensor, routed.binary, size), outputs, ask)
+    check_answer_size(read, frame)
+    return read
 
 
 def explanation_ask(envelope: Mapping[str, Any]) -> Ask:
@@ -442,7 +463,11 @@ def split_bytes(binary: bytes) -> list[bytes]:
 
 
 def read_images(elements: list[str] | list[bytes], shape: list[int], size: tuple[int, int]) -> np.ndarray:
-    """Decodes and frames each encoded image; shape [N] (or [-1]) must match the elements sent."""
+    """Decodes and frames each encoded image; shape [N] (or [-1]) must match the elements sent.
+
+    The request's decoding work is bounded as a whole, not image by image: every image is measured from its
+    bytes and header (`image_work`) and charged to the request's budget before any is decoded.
+    """
     if len(shape) != 1 or shape[0] not in (-1, len(elements)):
         raise bad_request(
             "BadShape", f"BYTES input shape is {shape[:6]} for {len(elements)} elements; send [N] (or [-1])"
@@ -450,21 +475,31 @@ def read_images(elements: list[str] | list[bytes], shape: list[int], size: tuple
     if not elements:
         raise bad_request("ElementCount", "the BYTES input holds no elements; send at least one image")
     check_count(len(elements))
+    payloads = [element_image(index, element) for index, element in enumerate(elements)]
+    budget = RequestBudget()
+    for index, (payload, _) in enumerate(payloads):
+        with named_element(index):
+            budget.charge(image_work(payload))
     digits = np.empty((len(elements), *size), dtype=np.float32)
-    for index, element in enumerate(elements):
-        try:
-            digits[index] = read_element(element, size)
-        except RequestError as err:
-            raise RequestError(err.code, err.kind, f"BYTES element {index}: {err.message}") from None
+    for index, (payload, encoded) in enumerate(payloads):
+        with named_element(index):
+            digits[index] = read_image(payload, size, encoded=encoded, budget=budget)
     return digits
 
 
-def read_element(element: str | bytes, size: tuple[int, int]) -> np.ndarray:
-    """One encoded image: base64 text (JSON), or raw image or base64 bytes (binary extension)."""
+def named_element(index: int) -> contextlib.AbstractContextManager[None]:
+    """Prefixes a RequestError raised for one element with the element's index."""
+    return prefixed(f"BYTES element {index}")
+
+
+def element_image(index: int, element: str | bytes) -> tuple[bytes, bool]:
+    """One element's image file, and whether it came out of base64: raw image or base64 bytes (binary
+    extension), or base64 text (JSON)."""
     if isinstance(element, bytes) and sniff_format(element) is not None:
-        return read_image(element, size)
+        return element, False
     text = element.encode("utf-8") if isinstance(element, str) else element
-    return read_image(decode_base64(text.strip()), size, encoded=True)
+    with named_element(index):
+        return decode_base64(text.strip()), True
 
 
 def request_id(envelope: Mapping[str, Any]) -> str | None:
@@ -498,6 +533,69 @@ def binary_default(envelope: Mapping[str, Any]) -> bool:
     """The request parameter `binary_data_output`: whether outputs go binary unless they say otherwise."""
     parameters = envelope.get("parameters") or {}
     return bool(isinstance(parameters, Mapping) and parameters.get("binary_data_output") is True)
+
+
+@dataclass(frozen=True)
+class AnswerFrame:
+    """What each OIP answer of a model holds besides its outputs, and the most bytes an answer may take."""
+
+    model: tuple[str, str]  # (model_name, model_version), as `answer` writes them
+    labels: tuple[str, ...]  # the archive's labels: the classes of "probabilities", the values of "label"
+    limit: int  # TorchServe's max_response_size (digit_handler.response_limit)
+
+
+# The widest JSON text `answer` writes for one value, its comma included: a probability by "{:.7g}"
+# ("4.940656e-324") and an 8-bit level; the fixed text of one output's entry, name to shape and parameters
+FLOAT_TEXT, LEVEL_TEXT, OUTPUT_ENTRY = 14, 4, 192
+ATTRIBUTION_PARAMETERS = 256  # the attributions' own parameters: the method, its settings, the target
+
+
+def answer_bound(request: OipRequest, frame: AnswerFrame) -> tuple[int, dict[str, int]]:
+    """An upper bound of the bytes `answer` writes for `request`, and its parts ("id" and each output's data).
+
+    TorchServe 0.12.0's frontend reads a worker's reply with a length before each part; any length over
+    max_response_size (CodecUtils.readLength, ModelResponseDecoder) throws, the frontend drops the connection
+    and the worker dies with its whole batch. The limit holds for each request's body on its own, so each is
+    bounded here, from what the request asked for, before any answer is built.
+    """
+    count, pixels = len(request.digits), int(np.prod(request.digits.shape[1:]))
+    label_text = max(len(str(value)) for value in label_ids(frame.labels).tolist()) + 1
+    widths = {
+        "probabilities": (len(frame.labels), 4, FLOAT_TEXT),
+        "label": (1, 8, label_text),
+        "framed": (pixels, 1, LEVEL_TEXT),
+        ATTRIBUTIONS: (pixels, 4, FLOAT_TEXT),
+    }
+    head = {"model_name": frame.model[0], "model_version": frame.model[1]}
+    parts = {"id": len(json.dumps(request.id)) if request.id is not None else 0}
+    for name, binary in request.outputs.items():
+        per_digit, itemsize, text = widths[name]
+        parts[name] = OUTPUT_ENTRY + count * per_digit * (itemsize if binary else text)
+    if ATTRIBUTIONS in request.outputs:
+        parts[ATTRIBUTIONS] += ATTRIBUTION_PARAMETERS
+    return len(json.dumps(head)) + len(',"id":,"outputs":[]}') + sum(parts.values()), parts
+
+
+def check_answer_size(request: OipRequest, frame: AnswerFrame) -> None:
+    """Refuses, as this request's 413 AnswerTooLarge, a request whose answer could exceed `frame.limit`.
+
+    Nothing is cut: an id echoed in part would no longer identify its request, and a client that asked for
+    N digits' outputs must get all of them or none; the message says what to ask for instead.
+    """
+    bound, parts = answer_bound(request, frame)
+    if bound <= frame.limit:
+        return
+    advice = []
+    if parts["id"] > frame.limit // 4:
+        advice.append(f"a shorter id (its JSON text takes {parts['id']:,} bytes; non-ASCII characters take 6 each)")
+    if request.outputs.get("framed") is False:
+        advice.append("'framed' in binary (its output parameter binary_data) or not at all")
+    advice.append(f"fewer digits a request (this one holds {len(request.digits)})")
+    raise too_large(
+        "AnswerTooLarge",
+        f"the answer could take {bound:,} bytes, over the {frame.limit:,} bytes TorchServe carries in one answer "
+        f"(its max_response_size); ask for {', or '.join(advice)}",
+    )
 
 
 def answer(

@@ -7,7 +7,8 @@ fails on, returns None and goes through Pillow, with its checks and its precise 
 images it takes, the result is the one Pillow gives, pixel for pixel (RGB through Pillow's own "L" formula).
 
 Why: Pillow spends most of a small image's time in Python-level set-up, which libspng does not have; in
-TorchServe's worker this path roughly halves the cost of a 28x28 PNG request (README, Performance).
+TorchServe's worker that set-up is a large part of a 28x28 PNG request (the decode column of `digits bench
+http`'s handler split, docs/performance.md, shows what it costs).
 """
 
 from __future__ import annotations

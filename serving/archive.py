@@ -7,7 +7,8 @@ The archive carries everything the worker needs and nothing from this repo's oth
     the export's `export.json`, for the handler to read;
   - `model-config.yaml`: batchSize, maxBatchDelay, workers and responseTimeout, which `digits serve`
     reads back to write the `models=` entry of config.properties, and the handler's own section
-    (`handler: {threads: N}`: intra-op threads per worker).
+    (`handler: {threads: N, max_response_size: B}`: intra-op threads per worker, and the largest answer body
+    the handler builds, which `digits serve` writes as TorchServe's max_response_size).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from ..contract import (
     MANIFEST_FILE,
     META_FILE,
     PARITY_JSON,
+    RESPONSE_LIMIT_KEY,
     THREADS_KEY,
+    TORCHSERVE_MAX_RESPONSE,
 )
 from ..handlers import handler_dir
 
@@ -49,8 +52,9 @@ class ServingSettings:
     """Per-model TorchServe settings, stored in the archive's model-config.yaml."""
 
     # 16: per-batch costs (metrics, the forward pass's fixed part) are shared by more requests, and at 16
-    # requests in flight one batch of 16 beat two of 8 on a 2-core machine (README, Performance); a lone
-    # request still waits at most max_batch_delay
+    # requests in flight one batch of 16 beats two of 8 on a small machine (`digits bench http --concurrency
+    # 16 --batch-size 8`, then 16, compares them; docs/tuning.md); a lone request still waits at most
+    # max_batch_delay
     batch_size: int = 16
     max_batch_delay: int = 5  # ms
     workers: int = 1
@@ -73,7 +77,8 @@ class ServingSettings:
             "batchSize": self.batch_size,
             "maxBatchDelay": self.max_batch_delay,
             "responseTimeout": self.response_timeout,
-            HANDLER_SECTION: {THREADS_KEY: self.threads},  # read by the handler itself (context.model_yaml_config)
+            # read by the handler itself (context.model_yaml_config); the response limit also by `digits serve`
+            HANDLER_SECTION: {THREADS_KEY: self.threads, RESPONSE_LIMIT_KEY: TORCHSERVE_MAX_RESPONSE},
         }
 
 
@@ -195,6 +200,15 @@ def package(
         )
         package_model(config, manifest=ModelExportUtils.generate_manifest_json(config))
     return store / f"{name}.mar"
+
+
+def response_limit(settings: dict) -> int:
+    """The largest answer body an archive's handler builds (model-config.yaml `handler: {max_response_size}`),
+    TorchServe's default for an archive without it, as the handler itself reads it."""
+    value = (settings.get(HANDLER_SECTION) or {}).get(RESPONSE_LIMIT_KEY, TORCHSERVE_MAX_RESPONSE)
+    if type(value) is not int or value < 1:
+        raise ArchiveError(f"model-config.yaml handler.{RESPONSE_LIMIT_KEY} is {value!r}, expected a positive integer")
+    return value
 
 
 def read_archive_settings(mar: Path) -> dict:

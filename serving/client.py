@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import mimetypes
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import requests
 
 from .server import ServeError, read_state, read_token
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -56,17 +60,22 @@ def resolve_endpoint(run_dir: Path, url: str | None, token: str | None) -> tuple
     return url.rstrip("/"), token or read_token(run_dir)
 
 
-def predict_files(
-    files: list[Path], model: str, run_dir: Path, url: str | None = None, token: str | None = None
-) -> list[Prediction]:
+def each_file(files: list[Path], run_dir: Path, url: str | None, token: str | None, send: Callable[..., T]) -> list[T]:
+    """`send(path, url, token)` for each file, in order, once all exist and the server is found."""
     missing = [str(f) for f in files if not Path(f).is_file()]
     if missing:
         raise ValueError(f"no such file: {', '.join(missing)}")
     url, token = resolve_endpoint(run_dir, url, token)
     try:
-        return [predict_file(Path(f), url, model, token) for f in files]
+        return [send(Path(f), url, token) for f in files]
     except requests.ConnectionError:
         raise _unreachable(url) from None
+
+
+def predict_files(
+    files: list[Path], model: str, run_dir: Path, url: str | None = None, token: str | None = None
+) -> list[Prediction]:
+    return each_file(files, run_dir, url, token, lambda path, url, token: predict_file(path, url, model, token))
 
 
 def classify_many(

@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .archive import ArchiveError, read_archive_settings
+from .archive import ArchiveError, read_archive_settings, response_limit
 from .metrics import write_metrics_config
 
 MAX_REQUEST_BYTES = 10 * 1024 * 1024  # a 4096x4096 PNG fits; anything bigger is refused by the frontend
@@ -61,6 +61,19 @@ def models_entry(archives: list[Path]) -> dict:
     return entry
 
 
+def max_response_size(archives: list[Path]) -> int:
+    """config.properties' max_response_size: the largest of the archives' own limits (`response_limit`).
+
+    TorchServe's frontend drops a worker's reply holding any answer body over it (ModelResponseDecoder), and
+    the worker with it; each archive's handler refuses, as that request's 413, an answer over its own limit,
+    which is never over this one.
+    """
+    try:
+        return max(response_limit(read_archive_settings(mar)) for mar in archives)
+    except ArchiveError as err:
+        raise ValueError(str(err)) from None
+
+
 def allowed_urls(store: Path) -> str:
     """A Java regex admitting only `file://<store>/<name>.mar`: no other folder, no `..`, no other scheme.
 
@@ -95,6 +108,7 @@ def render_config(store: Path, ports: Ports, host: str = "127.0.0.1", metrics_co
             str(store),
             ports,
             host,
+            archives,
             log_config=LOG_CONFIG.as_uri(),
             metrics_config=str(Path(metrics_config).resolve()) if metrics_config else None,
         ),
@@ -112,13 +126,21 @@ def render_config(store: Path, ports: Ports, host: str = "127.0.0.1", metrics_co
 
 
 def shared_properties(
-    store: str, ports: Ports, host: str, *, log_config: str, metrics_config: str | None, metrics_host: str = ""
+    store: str,
+    ports: Ports,
+    host: str,
+    archives: list[Path],
+    *,
+    log_config: str,
+    metrics_config: str | None,
+    metrics_host: str = "",
 ) -> dict[str, str]:
     """The config.properties keys that `digits serve` and the KServe bundle (serving/kserve.py) share.
 
     Args:
         store: the model store as TorchServe will see it.
         host: where the APIs listen; `metrics_host`, when given, for the metrics API alone.
+        archives: the store's archives (their response limit is TorchServe's, `max_response_size`).
         log_config: URI of the log4j2.xml TorchServe's JVM reads.
         metrics_config: path of the metrics.yaml declaring the handler's metrics (serving/metrics.py), if any.
     """
@@ -136,7 +158,7 @@ def shared_properties(
         "allowed_urls": allowed_urls(Path(store)),
         "install_py_dep_per_model": "false",
         "max_request_size": str(MAX_REQUEST_BYTES),
-        "max_response_size": str(MAX_REQUEST_BYTES),
+        "max_response_size": str(max_response_size(archives)),
         "default_workers_per_model": "1",
         # Prometheus text on the metrics port (what KServe scrapes), with the handler's metrics declared in
         # `metrics_config`; without it, they register as their first line says

@@ -13,7 +13,7 @@ forwards OIP requests to TorchServe. The bundle:
     DIR/model-store/*.mar          the store's archives, unchanged
     DIR/inferenceservice.yaml      a v1beta1 InferenceService for KServe
 
-Security inside the pod (README, Security): TorchServe's inference, management and gRPC APIs listen on
+Security inside the pod (docs/kserve.md, docs/security.md): TorchServe's inference, management and gRPC APIs listen on
 127.0.0.1 only, for the wrapper; keys are off, since the wrapper sends none; the model API stays closed and
 `allowed_urls` admits only archives of the mounted store; `enable_envvars_config` stays off, so
 TS_SERVICE_ENVELOPE (whose `kservev2` envelope reads only the first request of a batch) and any other TS_*
@@ -39,6 +39,10 @@ MOUNT = "/mnt/models"  # where KServe puts the storageUri's content
 # itself takes 8080 (HTTP) and 8081 (gRPC), and KServe's runtime scrapes 8082 (prometheus.kserve.io/port)
 KSERVE_PORTS = Ports(inference=8085, management=8086, metrics=8082, grpc_inference=7070, grpc_management=7071)
 SCALE_METRICS = ("concurrency", "rps", "cpu", "memory")
+# the InferenceService's protocolVersion: what KServe's model server in the pod speaks to clients. The archives
+# answer both, whichever it is (the handler reads the protocol from each body): v2 is the Open Inference
+# Protocol; v1 ({"instances": [...]}, :predict and :explain) is what TorchServe's own KServe MNIST example sends
+PROTOCOLS = ("v2", "v1")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class Deployment:
     scale_metric: str = "concurrency"
     scale_target: int = 8  # in-flight requests per replica (concurrency), or as scale_metric says
     gpu: bool = False
+    protocol: str = "v2"  # PROTOCOLS
 
     def validate(self) -> None:
         if not self.storage_uri or "://" not in self.storage_uri:
@@ -70,6 +75,8 @@ class Deployment:
             raise ValueError(f"--scale-metric must be one of {', '.join(SCALE_METRICS)}, got {self.scale_metric!r}")
         if self.scale_target < 1:
             raise ValueError(f"--scale-target must be at least 1, got {self.scale_target}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
 
 
 def write_bundle(
@@ -114,6 +121,7 @@ def render_kserve_config(archives: list[Path], ports: Ports, mount: str = MOUNT)
             store,
             ports,
             "127.0.0.1",
+            archives,
             metrics_host="0.0.0.0",
             log_config=f"file://{mount}/config/{LOG_CONFIG.name}",
             metrics_config=f"{mount}/config/metrics.yaml",
@@ -129,7 +137,8 @@ def render_kserve_config(archives: list[Path], ports: Ports, mount: str = MOUNT)
 
 
 def inference_service(deployment: Deployment) -> dict[str, Any]:
-    """A serving.kserve.io/v1beta1 InferenceService running the bundle on KServe's TorchServe runtime, OIP (v2)."""
+    """A serving.kserve.io/v1beta1 InferenceService running the bundle on KServe's TorchServe runtime, speaking
+    the deployment's protocol (OIP, v2, by default; or KServe v1)."""
     resources = {"cpu": deployment.cpu, "memory": deployment.memory}
     if deployment.gpu:
         resources["nvidia.com/gpu"] = "1"
@@ -145,7 +154,7 @@ def inference_service(deployment: Deployment) -> dict[str, Any]:
                 "scaleTarget": deployment.scale_target,
                 "model": {
                     "modelFormat": {"name": "pytorch"},
-                    "protocolVersion": "v2",
+                    "protocolVersion": deployment.protocol,
                     "storageUri": deployment.storage_uri,
                     "resources": {"requests": dict(resources), "limits": dict(resources)},
                 },

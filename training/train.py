@@ -79,9 +79,9 @@ class TrainResult:
 def seed_everything(seed: int) -> torch.Generator:
     """Seeds every generator training draws from; on CUDA also pins cuDNN to deterministic kernels.
 
-    Without the cuDNN switches, two runs with one seed on an H100 ended 7.6e-06 apart after one epoch
-    (cuDNN's autotuner and its atomics-based backward kernels); CPU runs on one machine are bit-identical
-    either way. Another CPU rounds differently: the same seed there gives a slightly different model.
+    Without the cuDNN switches, two runs with one seed on a GPU end apart after one epoch (cuDNN's autotuner
+    and its atomics-based backward kernels); CPU runs on one machine are bit-identical either way. Another
+    CPU rounds differently: the same seed there gives a slightly different model.
     """
     random.seed(seed)
     np.random.seed(seed)

@@ -125,3 +125,42 @@ def png_with_exif(count: int) -> bytes:
 def webp_with_exif(count: int) -> bytes:
     """The digit as WebP with an EXIF chunk of `count` tags."""
     return encode(Image.fromarray(DIGIT).convert("RGB"), "WEBP", exif=exif_of_tags(count))
+
+
+def exif_declaring(declared: int, present: int) -> bytes:
+    """An EXIF block whose first IFD declares `declared` entries and holds `present` (as buggy editors write)."""
+    block = exif_of_tags(present)  # "Exif\0\0", TIFF header, first IFD at 8: its entry count at byte 14
+    return block[:14] + struct.pack("<H", declared) + block[16:]
+
+
+def jpeg_with_exif(exif: bytes) -> bytes:
+    """The digit as a baseline JPEG whose APP1 segment is `exif`."""
+    return encode(Image.fromarray(DIGIT), "JPEG", exif=exif)
+
+
+def png_with_exif_block(exif: bytes) -> bytes:
+    """The digit as PNG with `exif` (its "Exif\\0\\0" header dropped) as an eXIf chunk."""
+    payload = encode(Image.fromarray(DIGIT), "PNG")
+    return payload[:33] + png_chunk(b"eXIf", exif[6:]) + payload[33:]
+
+
+def webp_with_exif_block(exif: bytes) -> bytes:
+    return encode(Image.fromarray(DIGIT).convert("RGB"), "WEBP", exif=exif)
+
+
+def png_with_exif_profile(count: int) -> bytes:
+    """The digit as PNG carrying an EXIF block of `count` tags the old way: ImageMagick's hex text profile."""
+    from PIL import PngImagePlugin
+
+    block = exif_of_tags(count)
+    text = "\nexif\n" + f"{len(block):8d}\n" + block.hex()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", text, zip=True)
+    return encode(Image.fromarray(DIGIT), "PNG", pnginfo=info)
+
+
+def large_image(fmt: str, side: int = 4096, **save_args) -> bytes:
+    """A `side` x `side` digit-like image (one bar of ink) as `fmt`: tiny as lossless WebP or PNG, costly to decode."""
+    image = Image.new("L", (side, side), 0)
+    image.paste(255, (side // 3, side // 5, side // 2, 4 * side // 5))
+    return encode(image, fmt, **save_args)

@@ -248,3 +248,20 @@ def test_a_digit_the_model_is_sure_of_still_gets_a_map(tiny_model, digits):
     for method in (FEATURE_ABLATION, OCCLUSION):
         maps = explain(predict, x[:1], [label], method)
         assert np.count_nonzero(maps[0][images[0] > 0]) > 0.9 * np.count_nonzero(images[0]), method
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_gpu_predictor_explains_as_the_cpu_one(model_dirs, handlers_by_format, digits):
+    """TorchScript on the GPU (gradients there, Captum's inputs on the CPU): the CPU's maps, to float32
+    kernel differences."""
+    from digit_model import keep_fp32_exact, load_predictor
+
+    keep_fp32_exact()
+    _, x = digits
+    path = model_dirs["torchscript"] / "model.pt"
+    on_gpu = load_predictor(path, torch.device("cuda:0"))
+    for method in (INTEGRATED_GRADIENTS, FEATURE_ABLATION, OCCLUSION):
+        cpu = explain(handlers_by_format["torchscript"].model, x, [1] * 6, method)
+        gpu = explain(on_gpu, x, [1] * 6, method)
+        assert np.allclose(gpu, cpu, rtol=1e-3, atol=1e-4 * np.abs(cpu).max()), method

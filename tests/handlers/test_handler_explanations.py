@@ -255,6 +255,18 @@ def test_kserve_v1_refusals(handle, images) -> None:
     assert "the labels are" in answers[4].body["error"]
 
 
+def test_kserve_v1_images_share_one_decoding_budget(handlers_by_format, model_dirs) -> None:
+    """128 lossless 4096x4096 WebPs, each within the bounds of one image: the request's work is summed before
+    any is decoded (digit_budget.RequestBudget, as for OIP's BYTES) and refused naming the instance."""
+    from costly_images import large_image
+
+    image = base64.b64encode(large_image("WEBP", lossless=True)).decode()
+    rows = [{"body": {"instances": [{"data": image}] * 128}}]
+    answer = run_batch(handlers_by_format["onnx"], make_context(model_dirs["onnx"]), rows, [KSERVE])[0]
+    assert answer.status == 413 and answer.body["error"].startswith("instance "), answer.body
+    assert "in one request" in answer.body["error"]
+
+
 def test_a_prediction_batch_makes_no_explanation_call(handlers_by_format, model_dirs, images, monkeypatch) -> None:
     """/predictions, OIP without attributions, KServe v1 :predict: the engine is never called."""
     calls = []

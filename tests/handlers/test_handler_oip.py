@@ -249,3 +249,43 @@ def test_an_explain_route_is_answered_beside_an_inference(handle, mnist_test) ->
     assert explained.status == 200 and np.asarray(output(explained, "attributions")).size == 2 * 28 * 28
     assert output(explained, "label") == output(inferred, "label")
     assert inferred.status == 200 and [o["name"] for o in inferred.body["outputs"]] == ["probabilities", "label"]
+
+
+def test_an_answer_over_the_response_limit_is_refused_alone(handle, mnist_test) -> None:
+    """Round 3's case: an id of 1,750,000 "é" (3.5 MB of JSON) would be echoed as 10.5 MB, over TorchServe's
+    max_response_size, which drops the worker and its batch; it gets its own 413, its neighbours their answers."""
+    good = oip_body(mnist_test[0][:2], id="good")
+    hostile = oip_body(mnist_test[0][:1], id="é" * 1_750_000)
+    answers = handle([{"body": good}, {"body": hostile}, {"body": good}], [OIP, OIP, OIP])
+    assert [a.status for a in answers] == [200, 413, 200]
+    assert "6,553,500" in answers[1].body["error"] and "shorter id" in answers[1].body["error"]
+    assert answers[0].body["id"] == "good" and len(output(answers[2], "label")) == 2
+
+
+def test_the_response_limit_comes_from_model_config_and_holds_for_every_body(model_dirs, mnist_test) -> None:
+    """`handler: {max_response_size: B}` (what `digits serve` writes into config.properties): no body over it,
+    whatever the request asked (framed as JSON, many digits), and what fits is answered as before."""
+    from digit_handler import DigitHandler
+
+    context = make_context(model_dirs["onnx"])
+    context.model_yaml_config = {"handler": {"max_response_size": 20_000}}
+    handler = DigitHandler()
+    handler.initialize(context)
+    pixels = mnist_test[0][:8].astype(np.uint8)
+    rows = [
+        {"body": oip_body(pixels[:1], outputs=[{"name": "framed"}])},  # 28 x 28 levels as JSON: fits
+        {"body": oip_body(pixels, outputs=[{"name": "framed"}])},  # 8 of them: does not
+        {"body": oip_body(pixels, id="x" * 19_000)},
+        {"body": {"data": pixels[0].tolist()}},
+    ]
+    answers = run_batch(handler, context, rows, [OIP, OIP, OIP, PREDICTIONS])
+    assert [a.status for a in answers] == [200, 413, 413, 200], [a.body for a in answers]
+    assert "20,000" in answers[1].body["error"] and "'framed' in binary" in answers[1].body["error"]
+    assert "shorter id" in answers[2].body["error"]
+    assert output(answers[0], "framed") == pixels[0].ravel().tolist()
+    as_binary = oip_body(pixels, outputs=[{"name": "framed", "parameters": {"binary_data": True}}])
+    context.request_processor = [RequestProcessor(dict(OIP))]
+    (body,) = handler.handle([{"body": as_binary}], context)  # 8 x 784 bytes: fits, as the advice says
+    assert context.get_response_status(0)[0] in (None, 200) and len(body) <= 20_000
+    length = int(context.get_response_headers(0)["Inference-Header-Content-Length"])
+    assert np.array_equal(np.frombuffer(body[length:], np.uint8).reshape(8, 28, 28), pixels)

@@ -9,12 +9,14 @@ import struct
 import zlib
 from datetime import timedelta
 
+import digit_oip
 import numpy as np
 import pytest
+from digit_contract import TORCHSERVE_MAX_RESPONSE
 from digit_errors import RequestError
 from digit_imaging import MIN_CONTRAST
 from digit_inputs import read_request
-from digit_oip import read_oip, route
+from digit_oip import AnswerFrame, OipRequest, answer_bound, read_oip, route
 from handler_helpers import make_context, png_bytes, run_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,6 +27,7 @@ from PIL import Image
 pytestmark = pytest.mark.filterwarnings(r"ignore::UserWarning:PIL\.")
 
 SIZE = (28, 28)
+FRAME = AnswerFrame(("tiny", "1.0"), tuple("0123456789"), TORCHSERVE_MAX_RESPONSE)
 # "never hang": an example over the deadline fails (generous: these inputs take milliseconds, on a busy box too)
 FAST = settings(max_examples=150, deadline=timedelta(seconds=5), suppress_health_check=[HealthCheck.too_slow])
 
@@ -253,10 +256,34 @@ def test_pixel_tensors_are_refused_exactly_when_a_digit_is_blank(stack: np.ndarr
     seen = stack.astype(np.float32) * (255 if datatype == "FP32" and stack.max() <= 1 else 1)
     blank = [index for index, digit in enumerate(seen) if blank_by_reference(digit)]
     try:
-        request = read_oip(route(row, headers), SIZE)
+        request = read_oip(route(row, headers), SIZE, FRAME)
     except RequestError as err:
         assert blank and err.kind == "NoDigit" and err.message.startswith(f"digit {blank[0]}: no digit found"), err
         assert len(blank) == 1 or f"; {len(blank)} digits are blank: " in err.message
         return
     assert not blank
     np.testing.assert_array_equal(request.digits, seen)
+
+
+@FAST
+@given(
+    st.none() | st.text(max_size=200),
+    st.integers(1, 40),
+    st.dictionaries(st.sampled_from(["probabilities", "label", "framed"]), st.booleans(), min_size=1),
+    st.sampled_from([tuple("0123456789"), ("cat", "dog"), ("-9223372036854775808", "0", "é")]),
+    st.text(min_size=1, max_size=30),
+)
+def test_the_answer_bound_is_never_under_the_answer(
+    request_id: str | None, count: int, outputs: dict[str, bool], labels: tuple[str, ...], model_name: str
+) -> None:
+    """Whatever id (control characters, astral planes), outputs, labels and model name: `answer` never writes
+    more than `answer_bound` says, so a request within the limit is never dropped by TorchServe's frontend."""
+    rng = np.random.default_rng(count)
+    digits = rng.integers(0, 256, (count, *SIZE)).astype(np.float32)
+    probabilities = rng.dirichlet(np.full(len(labels), 0.05), count).astype(np.float32)
+    probabilities[0, 0] = np.float32(1e-45)  # the widest "{:.7g}" text a float32 has
+    request = OipRequest(request_id, digits, outputs)
+    frame = AnswerFrame((model_name, "1.0"), labels, TORCHSERVE_MAX_RESPONSE)
+    body, _ = digit_oip.answer(request, probabilities, labels, frame.model)
+    bound, _ = answer_bound(request, frame)
+    assert len(body) <= bound

@@ -5,7 +5,9 @@ import zipfile
 
 import pytest
 import yaml
-from digits.contract import CONFIG_FILE, META_FILE
+from digits.contract import CONFIG_FILE, META_FILE, TORCHSERVE_MAX_RESPONSE
+from digits.serving.config import Ports, render_config
+from digits.serving.kserve import render_kserve_config
 
 from digits.cli import main
 
@@ -27,7 +29,7 @@ def test_archive_holds_handler_model_metadata_and_settings(store):
         "batchSize": 8,
         "maxBatchDelay": 20,
         "responseTimeout": 120,
-        "handler": {"threads": 1},
+        "handler": {"threads": 1, "max_response_size": TORCHSERVE_MAX_RESPONSE},
     }
 
 
@@ -61,3 +63,34 @@ def test_archive_bad_settings_are_one_line(artifacts, tmp_path, capsys, extra, m
 def test_archive_of_an_unexported_model_names_the_command(tmp_path, capsys):
     assert main(["archive", "mlp", "--format", "torchscript", "--artifacts", str(tmp_path)]) == 2
     assert "run `digits export mlp` first" in capsys.readouterr().err
+
+
+def with_response_limit(mar, out, limit):
+    """A copy of archive `mar` whose model-config.yaml says `handler: {max_response_size: limit}`."""
+    with zipfile.ZipFile(mar) as source, zipfile.ZipFile(out, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == CONFIG_FILE:
+                settings = yaml.safe_load(data)
+                settings["handler"]["max_response_size"] = limit
+                data = yaml.safe_dump(settings).encode()
+            target.writestr(item, data)
+    return out
+
+
+def test_the_frontends_response_limit_is_the_archives(store, tmp_path):
+    """config.properties' max_response_size is what the handlers bound their answers by (model-config.yaml),
+    the largest of them, so that no handler builds an answer the frontend would drop with the worker."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with_response_limit(store / "cnn.mar", tmp_path / "a" / "cnn.mar", 1_000_000)
+    with_response_limit(store / "mlp.mar", tmp_path / "a" / "mlp.mar", 9_000_000)
+    with_response_limit(store / "cnn.mar", tmp_path / "b" / "cnn.mar", 2_000_000)
+    for folder, expected in (
+        (store, TORCHSERVE_MAX_RESPONSE),
+        (tmp_path / "a", 9_000_000),
+        (tmp_path / "b", 2_000_000),
+    ):
+        archives = sorted(folder.glob("*.mar"))
+        assert f"max_response_size={expected}\n" in render_config(folder, Ports())
+        assert f"max_response_size={expected}\n" in render_kserve_config(archives, Ports())

@@ -67,11 +67,13 @@ def test_bundle_layout(store, tmp_path) -> None:
     assert "inference_address=http://127.0.0.1:8085" in config and "metrics_address=http://0.0.0.0:8082" in config
 
 
+@pytest.mark.parametrize("protocol", ["v2", "v1"])
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
-def test_manifest_validates_against_the_crd(store, tmp_path, schema, gpu) -> None:
-    manifest = manifest_of(store, tmp_path, gpu=gpu)
+def test_manifest_validates_against_the_crd(store, tmp_path, schema, gpu, protocol) -> None:
+    manifest = manifest_of(store, tmp_path, gpu=gpu, protocol=protocol)
     assert validate_manifest(manifest, schema) == []
     assert ("nvidia.com/gpu" in manifest["spec"]["predictor"]["model"]["resources"]["limits"]) == gpu
+    assert manifest["spec"]["predictor"]["model"]["protocolVersion"] == protocol
 
 
 BREAKAGES = {
@@ -233,6 +235,27 @@ def test_started_as_kserve_does_it_answers_oip(kserve_pod, model, mnist, expecte
         timeout=30,
     )
     assert refused.status_code == 400 and "datatype" in refused.json()["error"]
+
+
+@pytest.mark.parametrize("model", ["cnn", "mlp"])
+def test_started_as_kserve_does_it_answers_kserve_v1_too(kserve_pod, model) -> None:
+    """pytorch/serve's v1 MNIST request, unchanged, where KServe's v1 wrapper may send it (TorchServe's v1
+    routes, or /predictions and /explanations): its predictions and explanations, whatever protocol the
+    InferenceService names (the handler reads each body's)."""
+    ports, *_ = kserve_pod
+    body = (Path(__file__).resolve().parent / "data" / "kserve_v1_mnist.json").read_bytes()
+    base, headers = f"http://127.0.0.1:{ports.inference}", {"Content-Type": "application/json"}
+    predictions = [
+        requests.post(f"{base}{path}", data=body, headers=headers, timeout=60)
+        for path in (f"/v1/models/{model}:predict", f"/predictions/{model}")
+    ]
+    assert [p.status_code for p in predictions] == [200, 200] and predictions[0].json() == predictions[1].json()
+    [label] = predictions[0].json()["predictions"]
+    for path in (f"/v1/models/{model}:explain", f"/explanations/{model}"):
+        response = requests.post(f"{base}{path}", data=body, headers=headers, timeout=120)
+        assert response.status_code == 200, response.text
+        [explanation] = response.json()["explanations"]
+        assert explanation["label"] == label and len(explanation["attributions"]) == 28
 
 
 def test_in_the_pod_what_listens_where(kserve_pod) -> None:

@@ -44,7 +44,7 @@ def test_metrics_parse_and_count_the_traffic(server, mnist) -> None:
     digits = np.asarray(mnist.test_images[:3], dtype=np.uint8).reshape(3, 28, 28)
     sent = [  # (path, body, protocol, status, error type, digits)
         *[("predictions", digit, "predictions", 200, "OK", 1)] * 5,
-        *[("predictions", {"inputs": []}, "predictions", 400, "BadJson", 0)] * 2,
+        *[("predictions", {"pixels": []}, "predictions", 400, "BadJson", 0)] * 2,
         *[("v2", oip("UINT8", digits), "oip", 200, "OK", 3)] * 4,
         *[("v2", oip("INT16", digits[:1]), "oip", 400, "BadDatatype", 0)] * 2,
         ("v2", oip("UINT8", digits[:1], outputs=[{"name": "logits"}]), "oip", 400, "UnknownOutput", 0),

@@ -172,7 +172,7 @@ BAD_REQUESTS = {
     "unknown output": ({"inputs": [tensor()], "outputs": [{"name": "logits"}]}, 400, "logits"),
     "two inputs": ({"inputs": [tensor(), tensor()]}, 400, "one input"),
     "no inputs": ({"inputs": []}, 400, "one input"),
-    "a KServe v1 body": ({"instances": [[0] * 784]}, 400, "/v2/models/NAME/infer"),
+    "a KServe v1 body of a blank digit": ({"instances": [[0] * 784]}, 400, "instance 0: no digit found"),
     "a blank digit": ({"inputs": [tensor(shape=(2, 784), data=[255] * 8 + [0] * 776 + [0] * 784)]}, 400, "digit 1:"),
     "UINT8 out of range": ({"inputs": [tensor(data=[256] * 784)]}, 400, "0..255"),
     "FP32 negative": ({"inputs": [tensor("FP32", data=[-1.0] * 784)]}, 400, "0..255"),
@@ -217,32 +217,35 @@ def test_a_blank_digit_fails_its_request_in_binary_too(client, server, digits) -
     assert refused.value.status() == "400"
 
 
-def test_the_kserve_v1_route_is_told_where_oip_is(server, digits) -> None:
-    """TorchServe hands POST /v1/models/NAME:predict to the handler as it hands OIP; v1 is not spoken, and a v1
-    body learns where OIP and /predictions are instead of "send exactly one input tensor"."""
+def test_the_kserve_v1_route_answers_v1(server, digits, expected) -> None:
+    """TorchServe hands POST /v1/models/NAME:predict to the handler as it hands OIP; a v1 body gets v1's
+    answer (tests/serving/test_explanations.py has the rest of v1)."""
     response = requests.post(
         f"{server.url}/v1/models/cnn:predict",
         json={"instances": [digits[0].tolist()]},
         headers=server.headers(),
         timeout=30,
     )
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert "KServe v1" in error and "/v2/models/NAME/infer" in error and "/predictions/NAME" in error
+    assert response.status_code == 200, response.text
+    assert response.json() == {"predictions": [int(expected["cnn"][0])]}
 
 
 @pytest.mark.parametrize("path", ["/v2/models/cnn/explain", "/v1/models/cnn:explain"])
-def test_kserves_explain_routes_are_refused_not_answered_as_inference(server, digits, expected, path) -> None:
-    """TorchServe hands KServe's explain routes to the handler too, marked `explain: True`; there is no
-    explainer, so they get a 4xx naming the route to use, while a client's own `explain` header changes nothing."""
+def test_kserves_explain_routes_answer_attributions_and_a_client_header_changes_nothing(
+    server, digits, expected, path
+) -> None:
+    """TorchServe hands KServe's explain routes to the handler too, marked `explain: True` by the frontend:
+    an OIP body there gets its outputs with `attributions`; a client's own `explain` header on /infer changes
+    nothing."""
     body = {"inputs": [tensor(shape=(1, 784), data=digits[0].ravel().tolist())]}
-    response = requests.post(f"{server.url}{path}", json=body, headers=server.headers(), timeout=30)
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert "no explainer" in error and "/v2/models/NAME/infer" in error
+    response = requests.post(f"{server.url}{path}", json=body, headers=server.headers(), timeout=60)
+    assert response.status_code == 200, response.text
+    outputs = {o["name"]: o for o in response.json()["outputs"]}
+    assert outputs["label"]["data"] == [int(expected["cnn"][0])] and outputs["attributions"]["shape"] == [1, 28, 28]
     headers = {**server.headers(), "explain": "True"}
     inferred = requests.post(f"{server.url}/v2/models/cnn/infer", json=body, headers=headers, timeout=30)
     assert inferred.status_code == 200, inferred.text
+    assert [o["name"] for o in inferred.json()["outputs"]] == ["probabilities", "label"]
     label = next(o for o in inferred.json()["outputs"] if o["name"] == "label")
     assert label["data"] == [int(expected["cnn"][0])]
 
