@@ -27,6 +27,7 @@ from urllib.parse import parse_qs
 
 import requests
 
+from ..contract import OIP_DEFAULT_OUTPUTS
 from .http11 import Limits, PageServer, Refusal, Request, Response, Route, Site, json_response
 from .server import ServeError, read_state, read_token, refresh_token
 
@@ -47,8 +48,10 @@ CSP = (
 REFUSED_KEY = "InvalidKeyException"  # TorchServe's answer to a wrong or expired key (status 400)
 TIMEOUT_S = 30
 RENEWING = threading.Lock()  # one key renewal at a time, for all the page server's threads
-OIP_OUTPUTS = ("probabilities", "label", "framed")
-ATTRIBUTIONS = "attributions"  # the OIP output of the why view: each framed pixel's share of the answer
+# The contract's OIP outputs the page asks for: the default ones and `framed` with every answer, and the why
+# view's `attributions` (each framed pixel's share of the answer) while it is open
+FRAMED, ATTRIBUTIONS = "framed", "attributions"  # names in the contract's OIP_OUTPUTS (a test pins them)
+OIP_OUTPUTS = (*OIP_DEFAULT_OUTPUTS, FRAMED)
 WHY_VALUES = {"": False, "0": False, "1": True}  # ?why=: the query parameter that asks for it
 
 
@@ -160,7 +163,7 @@ def ask_oip(link: TorchServeLink, model: str, image: bytes, why: bool = False) -
     answer = {
         "label": label,
         "probabilities": list(_flat(outputs["probabilities"]["data"])),
-        "framed": _rows(outputs["framed"]),  # (H, W) uint8
+        "framed": _rows(outputs[FRAMED]),  # (H, W) uint8
     }
     if why:
         answer["why"] = explanation(outputs[ATTRIBUTIONS], label)

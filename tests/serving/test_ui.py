@@ -184,6 +184,13 @@ def test_why_adds_the_models_own_attributions_of_the_label_it_answered(server, p
     assert "why" not in without and without["label"] == body["label"]
 
 
+def test_the_page_asks_only_for_outputs_the_contract_names():
+    from digits.contract import OIP_OUTPUTS
+    from digits.serving import ui
+
+    assert {*ui.OIP_OUTPUTS, ui.ATTRIBUTIONS} <= set(OIP_OUTPUTS)
+
+
 @pytest.mark.parametrize("query", ["why=yes", "why=2", "why=1&why=true"])
 def test_a_why_other_than_1_or_0_is_refused_in_words(page, mnist, query):
     response = requests.post(page + f"/api/classify?model=cnn&{query}", data=digit_png(mnist, 0), timeout=30)
