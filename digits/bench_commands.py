@@ -206,7 +206,7 @@ def add_explain(kinds: argparse._SubParsersAction) -> None:
         "explain",
         help="are the explanations faithful (a deletion test), and do the formats' maps agree",
         description="Explain MNIST test digits with every exported format and method through the handler's own "
-        "engine (in this process, on the predictor a worker loads), then delete the k%% most attributed ink "
+        "engine (in this process, on the predictor a worker loads), then delete the k% most attributed ink "
         "pixels and as many random ones (seeded) and compare the drops of the explained class's probability; "
         "also the stock TorchServe example's method (IG on the eager model, target 0) and the Spearman "
         "agreement of the formats' maps. Writes bench-explain.json, .md and .png to OUT.",
