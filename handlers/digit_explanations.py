@@ -51,8 +51,9 @@ class Ask:
     """What one request asks to explain, as sent; checked against the model by `resolve`."""
 
     method: Any = None  # a method's name; None: the format's default
-    target: Any = None  # a label for every digit, a list of labels (one a digit), or None: each digit's predicted
-    # a target is required for every digit when the list is given (KServe v1 instances); None in it: predicted
+    # a label for every digit; or a list of one per digit (KServe v1 instances), None in it for the predicted
+    # label; or None: each digit's predicted label
+    target: Any = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,16 @@ def ask_from_fields(row: Any, body: Any) -> Ask:
 
 
 @dataclass(frozen=True)
+class Planned:
+    """A request whose explanation was checked: what it will cost, and how it is to run."""
+
+    cost: int  # model rows (`digit_explain.work`)
+    index: int  # the request's index in its batch
+    method: str
+    targets: np.ndarray  # (N,) class indices
+
+
+@dataclass(frozen=True)
 class Job:
     """One request to explain: its digits as the model takes them and the classes it predicted for them."""
 
@@ -120,39 +131,38 @@ def explain_jobs(
             logger.info("request %d: explanation refused: %d %s: %s", index, err.code, err.kind, err.message)
             results[index] = err
             continue
-        cost = work(job.digits, method, mean=meta.mean, std=meta.std)
-        planned.append((cost, index, method, targets))
-    planned.sort(key=lambda item: item[:2])  # cheapest first, then in request order
+        planned.append(Planned(work(job.digits, method, mean=meta.mean, std=meta.std), index, method, targets))
+    planned.sort(key=lambda plan: (plan.cost, plan.index))  # cheapest first, then in request order
     for group in rounds(planned, jobs):
         results.update(run_round(group, jobs, predict, meta, deadline))
     return results
 
 
-def rounds(planned: list[tuple[int, int, str, np.ndarray]], jobs: Mapping[int, Job]) -> list[list[tuple]]:
+def rounds(planned: list[Planned], jobs: Mapping[int, Job]) -> list[list[Planned]]:
     """Consecutive requests of one method, up to GROUP_DIGITS digits together, attributed in one call."""
-    groups: list[list[tuple]] = []
-    for item in planned:
-        _, index, method, _ = item
+    groups: list[list[Planned]] = []
+    for plan in planned:
         last = groups[-1] if groups else None
+        digits = len(jobs[plan.index].digits)
         if (
             last
-            and last[0][2] == method
-            and sum(len(jobs[i].digits) for _, i, _, _ in last) + len(jobs[index].digits) <= GROUP_DIGITS
+            and last[0].method == plan.method
+            and sum(len(jobs[p.index].digits) for p in last) + digits <= GROUP_DIGITS
         ):
-            last.append(item)
+            last.append(plan)
         else:
-            groups.append([item])
+            groups.append([plan])
     return groups
 
 
 def run_round(
-    group: list[tuple], jobs: Mapping[int, Job], predict: Predictor, meta: DigitMeta, deadline: Deadline
+    group: list[Planned], jobs: Mapping[int, Job], predict: Predictor, meta: DigitMeta, deadline: Deadline
 ) -> dict[int, Explanation | RequestError]:
     """One call of the engine for the round's requests; its failure is theirs alone."""
-    indices = [index for _, index, _, _ in group]
-    method = group[0][2]
+    indices = [plan.index for plan in group]
+    method = group[0].method
     digits = torch.cat([jobs[index].digits for index in indices])
-    targets = np.concatenate([targets for _, _, _, targets in group])
+    targets = np.concatenate([plan.targets for plan in group])
     try:
         maps = attribute(predict, digits, targets, method, mean=meta.mean, std=meta.std, guard=deadline.guard)
         if not np.isfinite(maps).all():
@@ -166,9 +176,9 @@ def run_round(
         return dict.fromkeys(indices, failed(err))
     results: dict[int, Explanation | RequestError] = {}
     start = 0
-    for _, index, _, request_targets in group:
-        end = start + len(request_targets)
-        results[index] = Explanation(method, METHODS[method].settings, request_targets, maps[start:end])
+    for plan in group:
+        end = start + len(plan.targets)
+        results[plan.index] = Explanation(method, METHODS[method].settings, plan.targets, maps[start:end])
         start = end
     return results
 
