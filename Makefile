@@ -81,7 +81,7 @@ format: setup ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: setup ## benchmarks (offline with int8 and .pt2; over HTTP: PNG, drawings, OIP) into docs/performance.md (after make demo)
+bench: setup ## benchmarks (offline with int8 and .pt2; over HTTP: PNG, drawings, OIP binary and JSON; a rollout under load) into docs/performance.md (after make demo)
 	@for model in mlp cnn; do \
 	  test -f $(ARTIFACTS)/$$model/export.json || { echo "no $(ARTIFACTS)/$$model/export.json: run make demo first"; exit 1; }; \
 	  { grep -q onnx-int8 $(ARTIFACTS)/$$model/export.json && grep -q '"pt2"' $(ARTIFACTS)/$$model/export.json; } || \
@@ -98,7 +98,10 @@ bench: setup ## benchmarks (offline with int8 and .pt2; over HTTP: PNG, drawings
 	$(DIGITS) bench http --model cnn --format onnx --artifacts $(ARTIFACTS) $(BENCH_HTTP) \
 	  --input $(BENCH_OUT)/inputs/drawn-00000_label-7.png --out $(BENCH_OUT)/cnn-onnx-drawn-http
 	$(DIGITS) bench http --model cnn --format onnx --artifacts $(ARTIFACTS) $(BENCH_OIP) \
-	  --oip 64 --concurrency 4 --out $(BENCH_OUT)/cnn-onnx-oip-http
+	  --oip 64 --encoding binary --concurrency 4 --out $(BENCH_OUT)/cnn-onnx-oip-http
+	$(DIGITS) bench http --model cnn --format onnx --artifacts $(ARTIFACTS) $(BENCH_OIP) \
+	  --oip 64 --encoding json --concurrency 4 --out $(BENCH_OUT)/cnn-onnx-oip-json-http
+	$(DIGITS) bench switch --model cnn --format onnx --artifacts $(ARTIFACTS) --out $(BENCH_OUT)/cnn-onnx-switch
 	$(MAKE) --no-print-directory -o setup bench-explain
 	$(DIGITS) bench report --runs $(BENCH_OUT) --artifacts $(ARTIFACTS) --out $(REPORT) --readme README.md \
 	  $(foreach run,$(HEADLINE_RUNS),--headline $(run)) \

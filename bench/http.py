@@ -10,9 +10,11 @@ ts_log.log, where the frontend logs every metric line a worker writes (`result=[
 Prometheus mode (what `digits serve` runs) as in log mode.
 
 With `oip_digits` N, the body is instead an Open Inference Protocol request of N MNIST test digits (a UINT8
-[N,28,28] tensor in the binary extension, outputs binary too, as Triton's clients send by default), sent to
-/v2/models/MODEL/infer, and rows report digits per second beside requests per second; after the loads,
-with TorchServe stopped, the served file is timed offline at batch N on the workers' threads (`offline`).
+[N,28,28] tensor), sent to /v2/models/MODEL/infer, and rows report digits per second beside requests per
+second; after the loads, with TorchServe stopped, the served file is timed offline at batch N on the
+workers' threads (`offline`). `oip_encoding` says how the tensor travels: "binary", in the binary extension
+with outputs binary too, as Triton's clients send by default, or "json", its values in the JSON `data` list
+and the outputs in JSON, as hand-written clients send (`oip_body`).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class HttpPlan:
     settings: ServingSettings
     generator: str  # "ab" or "python"
     oip_digits: int = 0  # > 0: the body is an OIP request of this many digits (see oip_body)
+    oip_encoding: str = "binary"  # of that request: "binary" (the extension) or "json" (see oip_body)
 
 
 @dataclass
@@ -149,7 +152,10 @@ def run_http(plan: HttpPlan, run_dir: Path, log: Callable[[str], Any] = print) -
     report = HttpReport(plan, describe_body(plan.body), machine())
     with tempfile.TemporaryDirectory(prefix="digits-bench-store-") as store, serving(plan, Path(store), run_dir) as url:
         token = read_inference_token(run_dir)
-        targets = {name: target_for(url, name, token, plan.body, plan.oip_digits) for name in (NOOP, plan.model)}
+        targets = {
+            name: target_for(url, name, token, plan.body, plan.oip_digits, plan.oip_encoding)
+            for name in (NOOP, plan.model)
+        }
         check_answers(targets[plan.model])
         for target in targets.values():
             run_load(plan.generator, target, max(plan.concurrency), max(plan.warmup, max(plan.concurrency)))
@@ -237,7 +243,9 @@ def read_inference_token(run_dir: Path) -> str:
     return read_token(run_dir)
 
 
-def target_for(url: str, model: str, token: str, body: Path, oip_digits: int = 0) -> Target:
+def target_for(url: str, model: str, token: str, body: Path, oip_digits: int = 0, encoding: str = "binary") -> Target:
+    if oip_digits and encoding == "json":
+        return Target(f"{url}/v2/models/{model}/infer", token, body, JSON)
     if oip_digits:
         length = ("Inference-Header-Content-Length", oip_header_length(body))
         return Target(f"{url}/v2/models/{model}/infer", token, body, BINARY, (length,))
@@ -246,12 +254,26 @@ def target_for(url: str, model: str, token: str, body: Path, oip_digits: int = 0
 
 
 BINARY = "application/octet-stream"
-OIP_HEADER_SUFFIX = ".header-length"  # beside an OIP body: the length of its JSON part
+JSON = "application/json"
+OIP_ENCODINGS = ("binary", "json")
+OIP_HEADER_SUFFIX = ".header-length"  # beside an OIP body in the binary extension: the length of its JSON part
 
 
-def oip_body(digits: np.ndarray, path: Path) -> Path:
-    """Writes an OIP inference request of `digits` ((N, 28, 28) uint8) for the default outputs (see
-    oip_request_bytes); its JSON length goes beside it."""
+def oip_body(digits: np.ndarray, path: Path, encoding: str = "binary") -> Path:
+    """Writes an OIP inference request of `digits` ((N, 28, 28) uint8) to `path`.
+
+    "binary": in the binary tensor extension, as Triton's client sends it (see oip_request_bytes), outputs
+    asked binary; the JSON part's length goes beside it. "json": one compact JSON object, the tensor's values as
+    a flat `data` list (as Triton's and KServe's clients flatten them), outputs in JSON.
+    """
+    if encoding not in OIP_ENCODINGS:
+        raise BenchError(f"unknown OIP encoding {encoding!r}; known: {', '.join(OIP_ENCODINGS)}")
+    digits = np.ascontiguousarray(digits, dtype=np.uint8)
+    if encoding == "json":
+        tensor = {"name": "digits", "datatype": "UINT8", "shape": list(digits.shape), "data": digits.ravel().tolist()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"inputs": [tensor]}, separators=(",", ":")))
+        return path
     body, header_length = oip_request_bytes(digits, OIP_DEFAULT_OUTPUTS)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(body)

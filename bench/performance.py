@@ -389,3 +389,12 @@ def render_explain_http(run: Run, data: dict[str, Any], plots: Path) -> Section:
     }
     title = f"Explanations, cost over HTTP: {report.plan.model} (`{run.name}`)"
     return Section(title, lines, {report.plan.model: cells})
+
+
+@renderer("switch")
+def render_switch(run: Run, data: dict[str, Any], plots: Path) -> Section:
+    from .switch import plot_switch, switch_markdown
+
+    plot_switch(data, plots / f"{run.name}.png")
+    lines = [*run_lines(run, data, switch_markdown(data)), "", f"![{run.name}]({plots.name}/{run.name}.png)"]
+    return Section(f"Replacing a served model under load: {data['plan']['model']} (`{run.name}`)", lines)

@@ -181,12 +181,19 @@ def http_markdown(report: HttpReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+OIP_ENCODING_NAMES = {
+    "binary": "a UINT8 tensor in the binary extension, outputs binary",
+    "json": "a UINT8 tensor as a JSON data list, outputs in JSON",
+}
+
+
 def oip_lines(report: HttpReport) -> list[str]:
     """OIP runs: digits per second at each concurrency, against the served file's offline rate."""
     if not report.plan.oip_digits:
         return []
     rates = "; ".join(f"concurrency {row.concurrency}: {row.digits_per_s:,.0f}" for row in report.rows)
-    lines = ["", f"Digits per second ({report.plan.oip_digits} a request): {rates}."]
+    encoding = OIP_ENCODING_NAMES[report.plan.oip_encoding]
+    lines = ["", f"Digits per second ({report.plan.oip_digits} a request, {encoding}): {rates}."]
     if report.offline:
         offline = report.offline
         shares = "; ".join(f"concurrency {row.concurrency}: {report.offline_share(row):.0%}" for row in report.rows)

@@ -29,6 +29,8 @@ MANIFEST_FILE = "export.json"  # written only when parity passes: the archive st
 # Files inside a `.mar` beside the model file and the handler
 META_FILE = "digits_meta.json"
 CONFIG_FILE = "model-config.yaml"
+ARCHIVE_MANIFEST = "MAR-INF/MANIFEST.json"  # torch-model-archiver's: the model's name and version
+DEFAULT_VERSION = "1.0"  # what `digits archive` writes without --version (the archiver's own default)
 # model-config.yaml's section for the handler itself (TorchServe hands the file to it as
 # context.model_yaml_config), and its key for the intra-op threads of each worker
 HANDLER_SECTION = "handler"
@@ -50,6 +52,11 @@ PT2_REQUIRED_KEYS = ("torch_version", "device", "target", "min_batch", "max_batc
 # pixel's share of the explained label's log-probability (the handler's explanations, digit_explain.py).
 OIP_OUTPUTS = {"probabilities": "FP32", "label": "INT64", "framed": "UINT8", "attributions": "FP32"}
 OIP_DEFAULT_OUTPUTS = ("probabilities", "label")
+# Headers the handler puts on every answer, both protocols: the archive's version (which version answered,
+# for /predictions clients as OIP's `model_version` tells OIP ones), and a token of the worker process (random,
+# drawn when it loads), by which `digits rollout` knows that every worker of a version has finished its batch
+VERSION_HEADER = "Model-Version"
+WORKER_HEADER = "Digits-Worker"
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,9 @@ CARRIED_KEYS = ("model", *PREPROCESSING_KEYS, "test_accuracy")
 CHECKPOINT_KEYS = ("model", "model_args", *PREPROCESSING_KEYS)
 # digits_meta.json: the model file's runtime and digest, then the carried facts
 ARCHIVE_META_KEYS = ("format", "sha256", "model_file", *CARRIED_KEYS)
+# digits_meta.json's record of the export's parity verdict (passed, report file, its SHA-256): read by
+# `digits rollout` before it registers an archive, never by the handler
+PARITY_KEY = "parity"
 # of those, what the handler refuses to start without
 ARCHIVE_REQUIRED_KEYS = ("format", "sha256", *PREPROCESSING_KEYS)
 LAYOUTS = ("NCHW",)

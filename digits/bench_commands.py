@@ -47,6 +47,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     add_http(kinds)
     add_explain(kinds)
     add_explain_http(kinds)
+    add_switch(kinds)
     add_report(kinds)
 
 
@@ -118,9 +119,16 @@ def add_http(kinds: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="send Open Inference Protocol requests of N MNIST test digits each (a binary UINT8 tensor) to "
+        help="send Open Inference Protocol requests of N MNIST test digits each (a UINT8 tensor) to "
         "/v2/models/MODEL/infer instead of --input to /predictions; rows add digits/s and their share of the "
         "served file's offline rate at batch N on the workers' threads, timed after the loads",
+    )
+    p.add_argument(
+        "--encoding",
+        default="binary",
+        choices=["binary", "json"],  # bench.http.OIP_ENCODINGS, which is imported only when a bench runs
+        help="with --oip: the tensor in the binary extension, outputs binary (default; Triton's clients), or "
+        "json: its values in the JSON body, outputs in JSON (hand-written clients)",
     )
     p.add_argument("--concurrency", type=_int_list, default=(1, 4, 16, 64), help="default 1,4,16,64")
     p.add_argument("--requests", type=int, default=4000, help="requests per target and concurrency (default 4000)")
@@ -163,7 +171,9 @@ def run_http(args: argparse.Namespace) -> int:
     settings.validate()
     if not 0 <= args.oip <= 1024 or (args.oip and args.input):
         raise ValueError(f"--oip takes 1-1024 digits a request (the handler's limit), without --input; got {args.oip}")
-    body = oip_input(out, args.oip) if args.oip else args.input or default_input(out)
+    if args.encoding != "binary" and not args.oip:
+        raise ValueError(f"--encoding {args.encoding} is the encoding of OIP requests: give --oip N too")
+    body = oip_input(out, args.oip, args.encoding) if args.oip else args.input or default_input(out)
     plan = HttpPlan(
         model=args.model,
         fmt=args.format,
@@ -176,19 +186,21 @@ def run_http(args: argparse.Namespace) -> int:
         settings=settings,
         generator=args.load_generator,
         oip_digits=args.oip,
+        oip_encoding=args.encoding,
     )
     report = measure(plan, out / "torchserve")
     paths = write_http(report, out)
     return show(paths)
 
 
-def oip_input(out: Path, digits: int) -> Path:
-    """An OIP request of the first `digits` MNIST test digits, written into the output folder."""
+def oip_input(out: Path, digits: int, encoding: str) -> Path:
+    """An OIP request of the first `digits` MNIST test digits in `encoding`, written into the output folder."""
     from .bench.http import oip_body
     from .training.data import load_mnist
 
     data = load_mnist(log=lambda _: None)
-    return oip_body(data.test_images[:digits], out / f"oip-{digits}-digits.bin")
+    suffix = ".json" if encoding == "json" else ".bin"
+    return oip_body(data.test_images[:digits], out / f"oip-{digits}-digits{suffix}", encoding)
 
 
 def default_input(out: Path) -> Path:
@@ -312,6 +324,37 @@ def run_explain_http(args: argparse.Namespace) -> int:
     report = measure(plan, out / "torchserve")
     paths = write_explain_http(report, out)
     return show(paths)
+
+
+def add_switch(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser(
+        "switch",
+        help="latency and lost requests across `digits rollout` and `digits rollback` under load",
+        description="Serve MODEL as version 1.0 on a TorchServe of the run's own, load it with PNG and OIP "
+        "connections, roll version 2.0 (the same export) out and back, and report every request's fate and "
+        "p50/p99 latency per phase; writes bench-switch.json and .md to OUT.",
+    )
+    p.add_argument("--model", default="cnn", help="an exported model (default cnn)")
+    p.add_argument("--format", default=ONNX.name, choices=list(FORMATS), help=f"file to serve (default {ONNX.name})")
+    add_artifacts(p)
+    p.add_argument("--steady", type=float, default=20, help="seconds of load alone before, between, after (20)")
+    p.add_argument("--out", type=Path, help="output folder (default: runs/bench/MODEL-FORMAT-switch)")
+    p.set_defaults(func=run_switch)
+
+
+def run_switch(args: argparse.Namespace) -> int:
+    from .bench.switch import SwitchPlan, write_switch
+    from .bench.switch import run_switch as measure
+
+    if args.steady <= 0:
+        raise ValueError(f"--steady must be positive, got {args.steady}")
+    out = (args.out or DEFAULT_OUT / f"{args.model}-{args.format}-switch").resolve()
+    report = measure(SwitchPlan(args.model, args.format, args.artifacts, args.steady), out / "torchserve")
+    paths = write_switch(report, out)
+    print(paths[1].read_text(), end="")
+    print(f"wrote {', '.join(map(str, paths))}")
+    failed = report["summary"]["failed"] or report["summary"]["wrong"] or report["version_problems"]
+    return 1 if failed else 0
 
 
 def add_report(kinds: argparse._SubParsersAction) -> None:

@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from . import bench_commands, export_commands, serving_commands, training_commands
+from . import bench_commands, export_commands, rollout_commands, serving_commands, training_commands
 
 EXIT_USAGE = 2  # bad input of any kind: one line on stderr, no traceback
 
@@ -23,6 +23,7 @@ FAMILIES = [
     training_commands,
     export_commands,
     serving_commands,
+    rollout_commands,
     bench_commands,
 ]
 

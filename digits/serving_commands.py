@@ -88,6 +88,11 @@ def add_archive(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="model name in TorchServe and the URL (default: MODEL)")
     add_serving_settings(p)
     p.add_argument("--response-timeout", type=int, default=120, help="seconds (default 120)")
+    p.add_argument(
+        "--version",
+        default="1.0",
+        help="the model's version in TorchServe (default 1.0, written to NAME.mar; another to NAME-vVERSION.mar)",
+    )
     p.set_defaults(func=run_archive)
 
 
@@ -95,7 +100,7 @@ def run_archive(args: argparse.Namespace) -> int:
     from .serving.archive import ServingSettings, archive_model
 
     settings = ServingSettings(args.batch_size, args.max_batch_delay, args.workers, args.response_timeout, args.threads)
-    archive_model(args.model, args.format, args.artifacts, args.model_store, args.name, settings)
+    archive_model(args.model, args.format, args.artifacts, args.model_store, args.name, settings, version=args.version)
     return 0
 
 
@@ -104,7 +109,8 @@ def add_config(sub: argparse._SubParsersAction) -> None:
         "config",
         help="write TorchServe's config.properties for a model store",
         description="Write the config.properties `digits serve` uses, for running the plain "
-        "`torchserve --start` command yourself. Prints the file's path.",
+        "`torchserve --start` command yourself: one version per model, the one the run folder's ledger says is "
+        "live. Prints the file's path.",
     )
     p.add_argument("--model-store", type=Path, default=DEFAULT_STORE, help="default: model_store/")
     p.add_argument("--out", type=Path, help="file to write (default: RUN_DIR/config.properties)")
@@ -115,7 +121,9 @@ def add_config(sub: argparse._SubParsersAction) -> None:
 
 def run_config(args: argparse.Namespace) -> int:
     from .serving.config import render_config
+    from .serving.ledger import live_versions
     from .serving.metrics import write_metrics_config
+    from .serving.store import choose_archives
 
     _ports(args).validate()
     _warn_if_exposed(args.bind)
@@ -123,7 +131,9 @@ def run_config(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     metrics = write_metrics_config(out.with_name("metrics.yaml"))  # the handler's metrics, for Prometheus mode
     metrics.chmod(0o600)  # beside a config that may sit in the run folder, its owner's alone
-    out.write_text(render_config(args.model_store, _ports(args), args.bind, metrics_config=metrics))
+    store = args.model_store.resolve()
+    archives = [stored.path for stored in choose_archives(store, live_versions(_run_dir(args), store))]
+    out.write_text(render_config(store, _ports(args), args.bind, metrics_config=metrics, archives=archives))
     print(out)
     return 0
 
@@ -132,15 +142,21 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="start TorchServe on the model store and wait until every model answers",
-        description="Write config.properties, start TorchServe (token authorisation on, model "
-        "registration off, loopback only), wait until every model answers a "
-        "prediction, print the URLs. Runs in the background unless --foreground.",
+        description="Write config.properties, start TorchServe (token authorisation on, loopback only, model "
+        "registration admitting only the store's own archives, for `digits rollout`), one version per model: the "
+        "one the run folder's ledger says is live; wait until every model answers a prediction, print the URLs. "
+        "Runs in the background unless --foreground.",
     )
     p.add_argument("--model-store", type=Path, default=DEFAULT_STORE, help="default: model_store/")
     _add_run_dir(p)
     _add_ports(p)
     p.add_argument("--timeout", type=float, default=60, help="seconds to wait for the models (default 60)")
     p.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops TorchServe")
+    p.add_argument(
+        "--no-registration",
+        action="store_true",
+        help="keep TorchServe's model registration closed (enable_model_api=false): no `digits rollout` then",
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -150,7 +166,8 @@ def run_serve(args: argparse.Namespace) -> int:
     run_dir, ports = _run_dir(args), _ports(args)
     ports.validate()
     _warn_if_exposed(args.bind)
-    state, launcher = server.launch(args.model_store, run_dir, ports, args.bind, args.foreground)
+    registration = not args.no_registration
+    state, launcher = server.launch(args.model_store, run_dir, ports, args.bind, args.foreground, registration)
     try:
         server.wait_until_ready(state, run_dir, timeout=args.timeout)
     except server.ServeError:
@@ -376,6 +393,13 @@ def add_kserve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--gpu", action="store_true", help="ask for one NVIDIA GPU per replica")
     p.add_argument(
+        "--canary",
+        type=int,
+        metavar="PERCENT",
+        help="a canary rollout: this bundle's revision takes PERCENT of the traffic, the revision KServe last "
+        "rolled out the rest; also writes promote.yaml and rollback.yaml (docs/kserve.md)",
+    )
+    p.add_argument(
         "--protocol",
         choices=PROTOCOLS,
         default=defaults.protocol,
@@ -407,15 +431,17 @@ def run_kserve(args: argparse.Namespace) -> int:
         args.scale_metric,
         args.scale_target,
         args.gpu,
+        args.canary,
         args.protocol,
     )
     manifest = write_bundle(args.model_store, args.out, deployment, _ports(args), args.mount)
-    if args.check_against:
-        problems = validate_manifest(yaml.safe_load(manifest.read_text()), crd_schema(args.check_against))
+    manifests = [manifest, *(manifest.with_name(n) for n in ("promote.yaml", "rollback.yaml") if args.canary)]
+    for path in manifests if args.check_against else []:
+        problems = validate_manifest(yaml.safe_load(path.read_text()), crd_schema(args.check_against))
         if problems:
-            print(f"{manifest} does not validate against {args.check_against}:", *problems, sep="\n  ", file=sys.stderr)
+            print(f"{path} does not validate against {args.check_against}:", *problems, sep="\n  ", file=sys.stderr)
             return 1
-        print(f"{manifest} validates against {args.check_against}")
+        print(f"{path} validates against {args.check_against}")
     print(f"bundle in {args.out}; upload it to {args.storage_uri}, then: kubectl apply -f {manifest}")
     return 0
 

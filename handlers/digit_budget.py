@@ -64,9 +64,9 @@ EXIF_ENTRY = 12  # bytes of one IFD entry: tag, type, count, value or offset
 # cost (Pillow's plugins parse their headers in Python), whatever the image's size
 MIN_IMAGE_PIXELS = 64 * 64
 # What one request's images may hold in all, by kind of work (the names `check_decoding_work` counts under).
-# Each bound costs about what the largest legitimate image does (the README's Security section has the
-# measured costs); where a legitimate file always holds a few (segments, tags, chunks), the bound leaves room
-# for 1,024 such files, and each step of those costs microseconds.
+# Each bound costs about what the largest legitimate image does (docs/security.md, hostile input, has the
+# costs and the command that measures them); where a legitimate file always holds a few (segments, tags,
+# chunks), the bound leaves room for 1,024 such files, and each step of those costs microseconds.
 REQUEST_BOUNDS = {
     "pixels": MAX_PIXELS,  # one 4096x4096 image's worth, in as many images as the request holds
     "JPEG scan pixels": MAX_JPEG_SCAN_PIXELS,  # 16 progressive scans of that much

@@ -24,6 +24,8 @@ PT2_META_ENTRY = "extra/digits_meta.json"
 PT2_REQUIRED_KEYS = ("torch_version", "device", "target", "min_batch", "max_batch")
 OIP_OUTPUTS = {"probabilities": "FP32", "label": "INT64", "framed": "UINT8", "attributions": "FP32"}
 OIP_DEFAULT_OUTPUTS = ("probabilities", "label")
+VERSION_HEADER = "Model-Version"  # on every answer: the archive's version
+WORKER_HEADER = "Digits-Worker"  # on every answer: a random token of the worker process
 
 
 def normalise(

@@ -7,7 +7,6 @@ Shipped flat inside the archive next to `digit_handler.py` and imported as the t
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 
 BAD_REQUEST = 400  # malformed: bad JSON, wrong shape, bad pixel values, truncated or corrupt image
@@ -83,26 +82,3 @@ def unexpected(err: Exception) -> RequestError:
         f"the server failed while reading this request ({detail}); the other requests of its batch were "
         "answered; please report this",
     )
-
-
-# What TorchServe's worker logs, at WARNING and with a traceback, for each JSON or text body it cannot decode
-# (ts/protocol/otf_message_handler.py, `_retrieve_input_data`): a client's mistake, which the handler then
-# names in that request's answer
-CLIENT_DECODING_WARNINGS = ("Failed json decoding of input data", "Failed utf-8 decoding of input data")
-
-
-class ClientTracebackFilter(logging.Filter):
-    """Keeps TorchServe's line about a body it could not decode, drops its traceback: stack traces in the logs
-    are for the server's own faults, and any client could add one per request."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and str(record.msg).startswith(CLIENT_DECODING_WARNINGS):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def quiet_client_tracebacks() -> None:
-    """Installs ClientTracebackFilter once on the root logger, which TorchServe's protocol code logs through."""
-    root = logging.getLogger()
-    if not any(isinstance(existing, ClientTracebackFilter) for existing in root.filters):
-        root.addFilter(ClientTracebackFilter())

@@ -22,6 +22,7 @@ KServe's explain routes also get their explanations (`digit_explanations.py`, `d
 from __future__ import annotations
 
 import logging
+import secrets
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,15 @@ from digit_batch import (
     prediction_bodies,
     to_probabilities,
 )
-from digit_contract import HANDLER_SECTION, RESPONSE_LIMIT_KEY, THREADS_KEY, TORCHSERVE_MAX_RESPONSE
-from digit_errors import RequestError, quiet_client_tracebacks, too_large
+from digit_contract import (
+    HANDLER_SECTION,
+    RESPONSE_LIMIT_KEY,
+    THREADS_KEY,
+    TORCHSERVE_MAX_RESPONSE,
+    VERSION_HEADER,
+    WORKER_HEADER,
+)
+from digit_errors import RequestError, too_large
 from digit_explanations import (
     Deadline,
     Explanation,
@@ -46,6 +54,7 @@ from digit_explanations import (
     explanation_body,
     oip_parameters,
 )
+from digit_json import fast_json_available, take_over_decoding
 from digit_kserve import V1Request
 from digit_kserve import explanations_body as v1_explanations
 from digit_kserve import predictions_body as v1_predictions
@@ -91,7 +100,9 @@ class DigitHandler(BaseHandler):
         self.manifest = context.manifest
         self.device = choose_device(properties.get("gpu_id"))
         keep_fp32_exact()  # the import of BaseHandler switched Ampere+ GPUs to TF32
-        quiet_client_tracebacks()  # TorchServe logs one per JSON body it cannot parse
+        # JSON bodies reach the handler as bytes, parsed once where needed (digit_json.py); TorchServe's worker
+        # no longer parses them, nor logs a traceback for each one that does not parse
+        take_over_decoding()
         self.meta = read_metadata(model_dir)
         set_threads(context.model_yaml_config)  # before loading: onnxruntime sizes its pool from torch's count
         self.response_limit = response_limit(context.model_yaml_config)
@@ -100,15 +111,18 @@ class DigitHandler(BaseHandler):
         self.model_pt_path = str(model_path)
         self.model = load_predictor(model_path, self.device)
         check_predictor(self.model, self.meta)
+        # which worker answered, for `digits rollout`'s drain; random, so that it tells a client nothing else
+        self.worker_token = secrets.token_hex(8)
         self.explain_seconds = explain_seconds(context.model_yaml_config)
         self.initialized = True
         logger.info(
-            "digits handler: serving %s (%s, test accuracy %s) on %s; PNG decoding: %s",
+            "digits handler: serving %s (%s, test accuracy %s) on %s; PNG decoding: %s; JSON parsing: %s",
             self.meta.model or model_path.stem,
             self.meta.format,
             self.meta.test_accuracy,
             self.device,
             "libspng for plain 8-bit PNGs" if fast_png_available() else "Pillow only (pyspng is not installed)",
+            "msgspec, json where it refuses" if fast_json_available() else "json only (msgspec is not installed)",
         )
 
     def handle(self, data: list[Any], context: Any) -> list[bytes]:
@@ -133,6 +147,7 @@ class DigitHandler(BaseHandler):
                 explained = self.explain_batch(batch, kserve, deadline)
         with times.stage("PostprocessTime"):
             answers = self.postprocess(batch, kserve, explained, readings.digits)
+        stamp(context, batch.size, model_identity(context)[1], self.worker_token)
         times.count(batch.size, len(batch.rows), answer_counts(batch, kserve, explained))
         # the split, so that the next bottleneck shows (digit_metrics.py). No HandlerTime beside it, as
         # BaseHandler.handle would add, and no log line a batch: TorchServe's own PredictionTime already times
@@ -271,6 +286,13 @@ class DigitHandler(BaseHandler):
             self.context.set_response_content_type(index, BINARY_TYPE)
             self.context.set_response_header(index, "Inference-Header-Content-Length", str(header_length))
         return body
+
+
+def stamp(context: Any, size: int, version: str, worker: str) -> None:
+    """Puts the archive's version and the worker's token on every answer of the batch (digit_contract.py)."""
+    for index in range(size):
+        context.set_response_header(index, VERSION_HEADER, version)
+        context.set_response_header(index, WORKER_HEADER, worker)
 
 
 def row_positions(batch: Batch, kserve: OipBatch) -> dict[int, slice]:

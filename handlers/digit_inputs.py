@@ -20,7 +20,6 @@ import base64
 import binascii
 import codecs
 import io
-import json
 import math
 import re
 import warnings
@@ -38,6 +37,7 @@ from digit_budget import (
 )
 from digit_errors import RequestError, bad_request, too_large, unsupported
 from digit_imaging import frame_digit, require_ink, to_grayscale
+from digit_json import loads
 from digit_png import decode_plain_png
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -171,7 +171,7 @@ def without_bom(payload: bytes) -> bytes:
 def parse_json(text: bytes) -> Any:
     """Parses JSON text that TorchServe forwarded unparsed (sent as bytes, or too deep for it)."""
     try:
-        return json.loads(text)
+        return loads(text)
     except RecursionError:
         raise bad_request("BadJson", "JSON is nested too deeply; send at most [[[...]]]") from None
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError both are ValueErrors
@@ -243,15 +243,19 @@ def image_work(payload: bytes) -> dict[str, int]:
 
 def header_pixels(payload: bytes) -> int:
     """The pixels of an image as Pillow's header parse gives them (its size before any decoding); 0 for bytes
-    it cannot open, which the decoder then refuses by name."""
+    it cannot open, which the decoder then refuses by name.
+
+    Raises:
+        RequestError: 413 ImageTooLarge when opening alone trips Pillow's own pixel limit.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(io.BytesIO(payload), formats=IMAGE_FORMATS) as image:
                 width, height = image.size
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            return MAX_PIXELS + 1  # its own frame's placement enlarges it past Pillow's limit
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise pillow_bomb(err) from None  # a frame placed far outside its canvas enlarges it as it opens
         except Exception:  # noqa: BLE001 - unreadable here is unreadable to the decoder, which names why
             return 0
     return width * height

@@ -13,6 +13,7 @@ a cost the digits handler avoids, and the ratio model / no-op would be flattered
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 # A typical answer of the digits handler: each number to 7 significant digits, as `digit_batch` writes them
@@ -25,6 +26,9 @@ ANSWER = f'{{"label":7,"confidence":{max(_PROBABILITIES):.7g},"probabilities":[{
 def handle(data: list[Any] | None, context: Any) -> list[bytes] | None:
     """TorchServe's function entry point; it is called once with `data=None` when the worker starts."""
     if data is None:
+        # and it receives them as the digits handler does: TorchServe's worker hands bodies over unparsed
+        # (digit_json.take_over_decoding), rather than json.loads-ing each JSON body for nothing
+        os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
         return None
     for index in range(len(data)):
         context.set_response_content_type(index, "application/json")

@@ -4,16 +4,23 @@ The archive carries everything the worker needs and nothing from this repo's oth
   - the model file (`model.pt`, `model.onnx`, `model.int8.onnx` or `model.pt2`) as TorchServe's serialized file;
   - `handlers/digit_*.py` (the handler module plus its helper modules, flat in the model dir);
   - `digits_meta.json`: normalisation, labels, input shape and the model file's SHA-256, copied from
-    the export's `export.json`, for the handler to read;
+    the export's `export.json`, for the handler to read, and the export's parity verdict (`parity`: passed,
+    the report's file name and SHA-256), for `digits rollout` to check before it registers the archive;
   - `model-config.yaml`: batchSize, maxBatchDelay, workers and responseTimeout, which `digits serve`
     reads back to write the `models=` entry of config.properties, and the handler's own section
     (`handler: {threads: N, max_response_size: B}`: intra-op threads per worker, and the largest answer body
     the handler builds, which `digits serve` writes as TorchServe's max_response_size).
+
+The model's version is the manifest's (`--version`, default 1.0). The file is `<store>/NAME.mar` for the
+default version and `<store>/NAME-vVERSION.mar` for any other, so that versions of one model sit side by
+side in a store; what a file holds is read from its manifest, never from its name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import tempfile
 import zipfile
@@ -23,14 +30,17 @@ from pathlib import Path
 import yaml
 
 from ..contract import (
+    ARCHIVE_MANIFEST,
     ARCHIVE_META_KEYS,
     CARRIED_KEYS,
     CONFIG_FILE,
+    DEFAULT_VERSION,
     FORMATS,
     HANDLER_SECTION,
     MANIFEST_FILE,
     META_FILE,
     PARITY_JSON,
+    PARITY_KEY,
     RESPONSE_LIMIT_KEY,
     THREADS_KEY,
     TORCHSERVE_MAX_RESPONSE,
@@ -41,6 +51,8 @@ HANDLER_DIR = handler_dir()  # the installed package's files, or the checkout's
 HANDLER_MODULE = "digit_handler.py"
 NOOP_HANDLER = "noop_handler.py"  # the benchmarks' ceiling; archived alone, never inside a model's archive
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")  # the archiver's own rule for model names
+# a version is a path segment of /predictions/NAME/VERSION and part of a file name: no slash, no `..`
+VERSION_PATTERN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_\-]|\.(?!\.)){0,63}$")
 
 
 class ArchiveError(ValueError):
@@ -95,6 +107,20 @@ def read_export(model_dir: Path, model: str) -> dict:
     return json.loads(export_json.read_text())
 
 
+def parity_record(model_dir: Path, fmt: str) -> dict:
+    """digits_meta.json's `parity`: the verdict of the report that proves `fmt` (fp32 files: parity.json;
+    int8: its own), its file name and SHA-256, so that an archive carries its proof wherever it goes."""
+    report = model_dir / FORMATS[fmt].parity_json
+    if not report.is_file():
+        raise ArchiveError(
+            f"no parity report at {report}; run `digits export {model_dir.name} {FORMATS[fmt].export_flags}`"
+        )
+    verdict = json.loads(report.read_text()).get("passed") is True
+    if not verdict:
+        raise ArchiveError(f"{report} says parity FAILED; refusing to archive a model that is not proven")
+    return {"passed": True, "report": report.name, "sha256": hashlib.sha256(report.read_bytes()).hexdigest()}
+
+
 def handler_files() -> tuple[Path, list[Path]]:
     """The handler module and its sibling helper modules (`digit_*.py`), all shipped flat in the archive.
 
@@ -105,7 +131,7 @@ def handler_files() -> tuple[Path, list[Path]]:
     return handler, extras
 
 
-def build_meta(export: dict, fmt: str, model_file: Path) -> dict:
+def build_meta(export: dict, fmt: str, model_file: Path, parity: dict | None = None) -> dict:
     """digits_meta.json: the file's runtime (an int8 file is ONNX to the handler) and digest, and the facts
     the export carried from the checkpoint."""
     missing = [key for key in CARRIED_KEYS if key not in export]
@@ -119,7 +145,7 @@ def build_meta(export: dict, fmt: str, model_file: Path) -> dict:
         "model_file": model_file.name,
         **{key: export[key] for key in CARRIED_KEYS},
     }
-    return {key: meta[key] for key in ARCHIVE_META_KEYS}
+    return {**{key: meta[key] for key in ARCHIVE_META_KEYS}, **({PARITY_KEY: parity} if parity else {})}
 
 
 def archive_model(
@@ -130,14 +156,16 @@ def archive_model(
     name: str | None = None,
     settings: ServingSettings | None = None,
     log=print,
+    version: str = DEFAULT_VERSION,
 ) -> Path:
-    """Writes `<store>/<name>.mar` and returns its path."""
+    """Writes `<store>/<name>.mar` (`<name>-v<version>.mar` for a version other than 1.0); returns its path."""
     settings = settings or ServingSettings()
     settings.validate()
     name = name or model
     if fmt not in FORMATS:
         raise ArchiveError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     check_name(name)
+    check_version(version)
     export = read_export(Path(artifacts) / model, model)
     if fmt not in export["files"]:
         command = f"digits export {model} {FORMATS[fmt].export_flags}".rstrip()
@@ -148,10 +176,11 @@ def archive_model(
     handler, extras = handler_files()
     with tempfile.TemporaryDirectory(prefix="digits-archive-") as tmp:
         meta_path = Path(tmp) / META_FILE
-        meta_path.write_text(json.dumps(build_meta(export, fmt, model_file), indent=2) + "\n")
-        mar = package(name, handler, [*extras, meta_path], store, settings, serialized_file=model_file)
+        meta = build_meta(export, fmt, model_file, parity_record(Path(artifacts) / model, fmt))
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        mar = package(name, handler, [*extras, meta_path], store, settings, serialized_file=model_file, version=version)
     log(
-        f"wrote {mar} ({fmt}, {model_file.name}, batch {settings.batch_size}, "
+        f"wrote {mar} ({fmt}, {model_file.name}, version {version}, batch {settings.batch_size}, "
         f"delay {settings.max_batch_delay} ms, {settings.workers} worker(s))"
     )
     return mar
@@ -170,6 +199,19 @@ def check_name(name: str) -> None:
         raise ArchiveError(f"--name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit")
 
 
+def check_version(version: str) -> None:
+    if not VERSION_PATTERN.match(version):
+        raise ArchiveError(
+            f"--version {version!r}: use at most 64 letters, digits, '_', '-' and single '.', "
+            "starting with a letter or digit (it becomes part of a URL and a file name)"
+        )
+
+
+def archive_file_name(name: str, version: str) -> str:
+    """`NAME.mar` for the default version, `NAME-vVERSION.mar` for any other (see the module docstring)."""
+    return f"{name}.mar" if version == DEFAULT_VERSION else f"{name}-v{version}.mar"
+
+
 def package(
     name: str,
     handler: Path,
@@ -177,29 +219,36 @@ def package(
     store: Path,
     settings: ServingSettings,
     serialized_file: Path | None = None,
+    version: str = DEFAULT_VERSION,
 ) -> Path:
-    """Runs torch-model-archiver's packaging with the settings as model-config.yaml; returns the .mar path."""
+    """Runs torch-model-archiver's packaging with the settings as model-config.yaml; returns the .mar path.
+
+    The archiver writes into a hidden folder of the store, and the archive takes its place by a rename: a
+    server reading the store never sees half an archive.
+    """
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import package_model
     from model_archiver.model_packaging_utils import ModelExportUtils
 
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="digits-archive-") as tmp:
+    target = store / archive_file_name(name, version)
+    with tempfile.TemporaryDirectory(prefix=".digits-archive-", dir=store) as tmp:
         config_path = Path(tmp) / CONFIG_FILE
         config_path.write_text(yaml.safe_dump(settings.to_yaml(), sort_keys=False))
         config = ModelArchiverConfig(
             model_name=name,
             handler=str(handler),
-            version="1.0",
+            version=version,
             serialized_file=str(serialized_file) if serialized_file else None,
             extra_files=",".join(str(p) for p in extras) or None,
-            export_path=str(store),
+            export_path=tmp,
             force=True,
             config_file=str(config_path),
         )
         package_model(config, manifest=ModelExportUtils.generate_manifest_json(config))
-    return store / f"{name}.mar"
+        os.replace(Path(tmp) / f"{name}.mar", target)
+    return target
 
 
 def response_limit(settings: dict) -> int:
@@ -219,4 +268,24 @@ def read_archive_settings(mar: Path) -> dict:
     except KeyError:
         return {}  # an archive made elsewhere: TorchServe's defaults apply
     except zipfile.BadZipFile as err:
+        raise ArchiveError(f"{mar} is not a model archive: {err}") from None
+
+
+def read_manifest(mar: Path) -> dict:
+    """The archive's MAR-INF/MANIFEST.json (the archiver's: model name, version, handler, serialized file)."""
+    return json.loads(_read_entry(mar, ARCHIVE_MANIFEST, "it was not made by torch-model-archiver"))
+
+
+def read_archive_meta(mar: Path) -> dict:
+    """The archive's digits_meta.json (see the module docstring)."""
+    return json.loads(_read_entry(mar, META_FILE, "it is not a digits archive (`digits archive` writes one)"))
+
+
+def _read_entry(mar: Path, entry: str, missing: str) -> bytes:
+    try:
+        with zipfile.ZipFile(mar) as archive:
+            return archive.read(entry)
+    except KeyError:
+        raise ArchiveError(f"{mar} holds no {entry}: {missing}") from None
+    except (zipfile.BadZipFile, OSError) as err:
         raise ArchiveError(f"{mar} is not a model archive: {err}") from None

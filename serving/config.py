@@ -1,4 +1,8 @@
-"""The TorchServe `config.properties` that digits writes for a model store: closed by default."""
+"""The TorchServe `config.properties` that digits writes for a model store: closed by default.
+
+Registration is on (`enable_model_api=true`) because `digits rollout` registers a new version beside the live
+one; it stays closed to everything but the store's own archives (see `allowed_urls` and docs/security.md).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 
 from .archive import ArchiveError, read_archive_settings, response_limit
 from .metrics import write_metrics_config
+from .store import describe_archive, list_archives  # noqa: F401  (list_archives: kserve.py's, from here)
 
 MAX_REQUEST_BYTES = 10 * 1024 * 1024  # a 4096x4096 PNG fits; anything bigger is refused by the frontend
 
@@ -38,26 +43,23 @@ def default_run_dir() -> Path:
     return state / "digits" / "torchserve"
 
 
-def list_archives(store: Path) -> list[Path]:
-    store = Path(store)
-    if not store.is_dir():
-        raise ValueError(f"model store {store} does not exist; run `digits archive MODEL` first")
-    archives = sorted(store.glob("*.mar"))
-    if not archives:
-        raise ValueError(f"model store {store} holds no .mar archives; run `digits archive MODEL` first")
-    return archives
-
-
 def models_entry(archives: list[Path]) -> dict:
-    """config.properties' `models=` JSON: per-model batching and workers, from each archive's settings."""
+    """config.properties' `models=` JSON: per-model batching and workers, from each archive's settings, under
+    the model name and version of its manifest. One version per model (serving/store.py says why)."""
     entry = {}
     for mar in archives:
+        stored = describe_archive(mar)
+        if stored.model in entry:
+            raise ArchiveError(
+                f"{mar.name} is a second version of {stored.model}; serve one version per model (move the "
+                f"others out of the store) and put new ones live with `digits rollout {stored.model}`"
+            )
         settings = read_archive_settings(mar)
         version = {"defaultVersion": True, "marName": mar.name}
         for key in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout"):
             if key in settings:
                 version[key] = settings[key]
-        entry[mar.stem] = {"1.0": version}
+        entry[stored.model] = {stored.version: version}
     return entry
 
 
@@ -74,9 +76,16 @@ def max_response_size(archives: list[Path]) -> int:
         raise ValueError(str(err)) from None
 
 
+def load_models(entry: dict) -> str:
+    """config.properties' `load_models`: NAME=FILE.mar for each model of a `models_entry`, one version each."""
+    return ",".join(f"{model}={spec['marName']}" for model, versions in entry.items() for spec in versions.values())
+
+
 def allowed_urls(store: Path) -> str:
     """A Java regex admitting only `file://<store>/<name>.mar`: no other folder, no `..`, no other scheme.
 
+    Model registration (on, for `digits rollout`) and the workflow API check every URL against it; a bare
+    file name is not a URL and is looked up in the store (TorchServe's ModelArchive.downloadModel).
     `file://<store>/.*` would admit `file://<store>/../../etc/passwd`, and TorchServe 0.12.0's workflow API
     (which enable_model_api does not switch off) copies such a file into the store before it refuses the
     relative path. Characters of the store path other than letters, digits and `/_-` are matched literally
@@ -93,12 +102,31 @@ def allowed_urls(store: Path) -> str:
 
 LOG_CONFIG = Path(__file__).resolve().with_name("log4j2.xml")
 # What a run folder holds (serving/server.py): TorchServe's config, keys, logs and temp dir, and digits' state
-RUN_FILES = ("config.properties", "metrics.yaml", "key_file.json", "server.json", "logs", "logs.prev", "tmp")
+RUN_FILES = (
+    "config.properties",
+    "metrics.yaml",
+    "key_file.json",
+    "server.json",
+    "logs",
+    "logs.prev",
+    "tmp",
+    "ledger.jsonl",  # serving/ledger.py: every step of every rollout
+    "locks",  # serving/rollout.py: one lock file per model, held while a rollout or rollback runs
+)
 
 
-def render_config(store: Path, ports: Ports, host: str = "127.0.0.1", metrics_config: Path | None = None) -> str:
+def render_config(
+    store: Path,
+    ports: Ports,
+    host: str = "127.0.0.1",
+    metrics_config: Path | None = None,
+    archives: list[Path] | None = None,
+    registration: bool = True,
+) -> str:
+    """The config for serving `archives` (default: every archive of the store, one version per model);
+    `registration` False closes TorchServe's model API (no `digits rollout` then)."""
     store = Path(store).resolve()
-    archives = list_archives(store)
+    archives = list_archives(store) if archives is None else archives
     try:
         models = models_entry(archives)
     except ArchiveError as err:
@@ -112,9 +140,13 @@ def render_config(store: Path, ports: Ports, host: str = "127.0.0.1", metrics_co
             log_config=LOG_CONFIG.as_uri(),
             metrics_config=str(Path(metrics_config).resolve()) if metrics_config else None,
         ),
-        "load_models": "all",
+        # one version per model, named: never `all`, whose order would decide the default (serving/store.py)
+        "load_models": load_models(models),
         "models": json.dumps(models),
         "disable_token_authorization": "false",  # tokens on every API
+        # `digits rollout` registers versions: bare file names of the store, and no URL but those allowed_urls
+        # admits (the management API keeps its own key)
+        "enable_model_api": str(registration).lower(),
         # the handler's per-batch time split (handlers/digit_metrics.py) are custom metrics, which TorchServe
         # drops unless metrics.yaml names them or this is on; registering costs once, at the first batch
         "model_metrics_auto_detect": "true",
@@ -126,20 +158,13 @@ def render_config(store: Path, ports: Ports, host: str = "127.0.0.1", metrics_co
 
 
 def shared_properties(
-    store: str,
-    ports: Ports,
-    host: str,
-    archives: list[Path],
-    *,
-    log_config: str,
-    metrics_config: str | None,
-    metrics_host: str = "",
+    store: str, ports: Ports, host: str, archives: list[Path], *, log_config: str, metrics_config: str | None
 ) -> dict[str, str]:
     """The config.properties keys that `digits serve` and the KServe bundle (serving/kserve.py) share.
 
     Args:
         store: the model store as TorchServe will see it.
-        host: where the APIs listen; `metrics_host`, when given, for the metrics API alone.
+        host: where the APIs listen, the metrics API included.
         archives: the store's archives (their response limit is TorchServe's, `max_response_size`).
         log_config: URI of the log4j2.xml TorchServe's JVM reads.
         metrics_config: path of the metrics.yaml declaring the handler's metrics (serving/metrics.py), if any.
@@ -147,7 +172,7 @@ def shared_properties(
     return {
         "inference_address": f"http://{host}:{ports.inference}",
         "management_address": f"http://{host}:{ports.management}",
-        "metrics_address": f"http://{metrics_host or host}:{ports.metrics}",
+        "metrics_address": f"http://{host}:{ports.metrics}",
         "grpc_inference_address": host,
         "grpc_inference_port": str(ports.grpc_inference),
         "grpc_management_address": host,
@@ -175,13 +200,20 @@ def render_properties(header: str, lines: dict[str, str]) -> str:
     return header + "\n" + "".join(f"{k}={v}\n" for k, v in lines.items())
 
 
-def write_config(store: Path, run_dir: Path, ports: Ports, host: str = "127.0.0.1") -> Path:
+def write_config(
+    store: Path,
+    run_dir: Path,
+    ports: Ports,
+    host: str = "127.0.0.1",
+    archives: list[Path] | None = None,
+    registration: bool = True,
+) -> Path:
     ports.validate()
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = run_dir / "config.properties"
     metrics = write_metrics_config(run_dir / "metrics.yaml")
     metrics.chmod(0o600)  # the run folder is its owner's alone (make_private)
-    write_private(path, render_config(store, ports, host, metrics_config=metrics))
+    write_private(path, render_config(store, ports, host, metrics, archives, registration))
     return path
 
 

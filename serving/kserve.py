@@ -12,19 +12,23 @@ forwards OIP requests to TorchServe. The bundle:
     DIR/config/log4j2.xml          TorchServe's logging made affordable (serving/log4j2.xml)
     DIR/model-store/*.mar          the store's archives, unchanged
     DIR/inferenceservice.yaml      a v1beta1 InferenceService for KServe
+    DIR/promote.yaml, rollback.yaml   with a canary: the same, the canary promoted (all traffic to the new
+                                   revision), or rolled back (`canaryTrafficPercent: 0`: all traffic to the
+                                   revision KServe last rolled out, which it tracks itself)
 
 Security inside the pod (docs/kserve.md, docs/security.md): TorchServe's inference, management and gRPC APIs listen on
 127.0.0.1 only, for the wrapper; keys are off, since the wrapper sends none; the model API stays closed and
 `allowed_urls` admits only archives of the mounted store; `enable_envvars_config` stays off, so
 TS_SERVICE_ENVELOPE (whose `kservev2` envelope reads only the first request of a batch) and any other TS_*
-variable change nothing; the metrics port listens on every address, for Prometheus.
+variable change nothing; the metrics port listens on loopback too, scraped by KServe's queue-proxy, which
+Prometheus scrapes in turn (METRICS_ANNOTATIONS).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,15 @@ MOUNT = "/mnt/models"  # where KServe puts the storageUri's content
 # itself takes 8080 (HTTP) and 8081 (gRPC), and KServe's runtime scrapes 8082 (prometheus.kserve.io/port)
 KSERVE_PORTS = Ports(inference=8085, management=8086, metrics=8082, grpc_inference=7070, grpc_management=7071)
 SCALE_METRICS = ("concurrency", "rps", "cpu", "memory")
+# TorchServe's metrics port answers any method and any Host, without a key (PrometheusMetricsRequestHandler),
+# so it listens on the pod's loopback only. KServe's queue-proxy extension (qpext, serverless mode) scrapes it
+# there (GET http://localhost:PORT/PATH, from the runtime's prometheus.kserve.io annotations), merges it with
+# its own metrics on its aggregate port (9088), and KServe points the pod's prometheus.io annotations at that.
+METRICS_ANNOTATIONS = {
+    "serving.kserve.io/enable-metric-aggregation": "true",
+    "serving.kserve.io/enable-prometheus-scraping": "true",
+}
+
 # the InferenceService's protocolVersion: what KServe's model server in the pod speaks to clients. The archives
 # answer both, whichever it is (the handler reads the protocol from each body): v2 is the Open Inference
 # Protocol; v1 ({"instances": [...]}, :predict and :explain) is what TorchServe's own KServe MNIST example sends
@@ -58,6 +71,7 @@ class Deployment:
     scale_metric: str = "concurrency"
     scale_target: int = 8  # in-flight requests per replica (concurrency), or as scale_metric says
     gpu: bool = False
+    canary: int | None = None  # percent of traffic for this bundle's revision, the rest to the last rolled out
     protocol: str = "v2"  # PROTOCOLS
 
     def validate(self) -> None:
@@ -75,6 +89,8 @@ class Deployment:
             raise ValueError(f"--scale-metric must be one of {', '.join(SCALE_METRICS)}, got {self.scale_metric!r}")
         if self.scale_target < 1:
             raise ValueError(f"--scale-target must be at least 1, got {self.scale_target}")
+        if self.canary is not None and not 1 <= self.canary <= 99:
+            raise ValueError(f"--canary must be a percentage from 1 to 99, got {self.canary}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
 
@@ -105,6 +121,10 @@ def write_bundle(
     (out / "config" / "config.properties").write_text(render_kserve_config(archives, ports, mount))
     manifest_path = out / "inferenceservice.yaml"
     manifest_path.write_text(yaml.safe_dump(inference_service(deployment), sort_keys=False))
+    if deployment.canary is not None:
+        for name, percent in (("promote.yaml", None), ("rollback.yaml", 0)):
+            manifest = inference_service(replace(deployment, canary=percent))
+            (out / name).write_text(yaml.safe_dump(manifest, sort_keys=False))
     return manifest_path
 
 
@@ -117,12 +137,12 @@ def render_kserve_config(archives: list[Path], ports: Ports, mount: str = MOUNT)
     store = f"{mount}/model-store"
     snapshot = {"name": "startup.cfg", "modelCount": len(models), "models": models}
     lines = {
+        # every API on the pod's loopback, metrics too: KServe's queue-proxy scrapes them there (METRICS_ANNOTATIONS)
         **shared_properties(
             store,
             ports,
             "127.0.0.1",
             archives,
-            metrics_host="0.0.0.0",
             log_config=f"file://{mount}/config/{LOG_CONFIG.name}",
             metrics_config=f"{mount}/config/metrics.yaml",
         ),
@@ -142,12 +162,14 @@ def inference_service(deployment: Deployment) -> dict[str, Any]:
     resources = {"cpu": deployment.cpu, "memory": deployment.memory}
     if deployment.gpu:
         resources["nvidia.com/gpu"] = "1"
+    canary = {} if deployment.canary is None else {"canaryTrafficPercent": deployment.canary}
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
-        "metadata": {"name": deployment.name},
+        "metadata": {"name": deployment.name, "annotations": dict(METRICS_ANNOTATIONS)},
         "spec": {
             "predictor": {
+                **canary,
                 "minReplicas": deployment.min_replicas,
                 "maxReplicas": deployment.max_replicas,
                 "scaleMetric": deployment.scale_metric,

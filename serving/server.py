@@ -22,7 +22,10 @@ from pathlib import Path
 import psutil
 import requests
 
-from .config import Ports, list_archives, make_private, write_config, write_private
+from ..export.metadata import sha256_file
+from .config import Ports, make_private, write_config, write_private
+from .ledger import ABANDONED, interrupted, live_versions, read_events, record
+from .store import StoredArchive, choose_archives
 
 READY_TIMEOUT_S = 60
 TS_PROCESS = "org.pytorch.serve.ModelServer"  # in the command line of TorchServe's Java process
@@ -144,30 +147,27 @@ def _environment(run_dir: Path, java: str) -> dict:
 
 
 def torchserve_command(store: Path, config: Path, foreground: bool) -> list[str]:
+    """The models to load are the config's `load_models` (one version each: serving/store.py)."""
     torchserve = Path(sys.executable).parent / "torchserve"
-    cmd = [
-        str(torchserve),
-        "--start",
-        "--ncs",
-        "--model-store",
-        str(store),
-        "--models",
-        "all",
-        "--ts-config",
-        str(config),
-    ]
+    cmd = [str(torchserve), "--start", "--ncs", "--model-store", str(store), "--ts-config", str(config)]
     return [*cmd, "--foreground"] if foreground else cmd
 
 
-def launch(store: Path, run_dir: Path, ports: Ports, host: str, foreground: bool) -> tuple[ServerState, object]:
-    """Writes the config and starts TorchServe; returns its state and the launcher process."""
+def launch(
+    store: Path, run_dir: Path, ports: Ports, host: str, foreground: bool, registration: bool = True
+) -> tuple[ServerState, object]:
+    """Writes the config and starts TorchServe; returns its state and the launcher process.
+
+    `registration`: TorchServe's model API (`enable_model_api`), which `digits rollout` needs.
+    """
     java = find_java()
     check_not_running(run_dir)
     check_ports_free(host, ports)
     store = Path(store).resolve()
-    models = [mar.stem for mar in list_archives(store)]
     make_private(run_dir)  # before anything is written: keys and logs are its owner's alone
-    config = write_config(store, run_dir, ports, host)
+    chosen = archives_to_serve(store, run_dir)
+    models = [stored.model for stored in chosen]
+    config = write_config(store, run_dir, ports, host, [stored.path for stored in chosen], registration)
     (run_dir / "key_file.json").unlink(missing_ok=True)
     _rotate_logs(run_dir)
     console = os.open(run_dir / "logs" / "torchserve.out", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -185,6 +185,26 @@ def launch(store: Path, run_dir: Path, ports: Ports, host: str, foreground: bool
     state = ServerState(pid=pid, host=host, ports=asdict(ports), store=str(store), config=str(config), models=models)
     write_private(run_dir / "server.json", json.dumps(asdict(state), indent=2) + "\n")
     return state, launcher
+
+
+def archives_to_serve(store: Path, run_dir: Path) -> list[StoredArchive]:
+    """One archive per model: the version the run folder's ledger says is live (checked against the SHA-256
+    the ledger recorded for it), else the model's only one. Rollouts the ledger shows unfinished are marked
+    abandoned: the TorchServe about to start has none of their candidates registered."""
+    events = read_events(run_dir, store)
+    chosen = choose_archives(store, live_versions(run_dir, store))
+    for stored in chosen:
+        recorded = [e.get("archive_sha256") for e in events if e.model == stored.model and e.version == stored.version]
+        recorded = [digest for digest in recorded if digest]
+        if recorded and sha256_file(stored.path) != recorded[-1]:
+            raise ServeError(
+                f"{stored.path} is not the archive the ledger recorded for {stored.model} {stored.version} "
+                f"(SHA-256 {recorded[-1][:12]}...): put the original back, or roll a new version out"
+            )
+    for model in {event.model for event in events}:
+        for version in interrupted([e for e in events if e.model == model]):
+            record(run_dir, store, model, version, ABANDONED, reason="`digits serve` started without it")
+    return chosen
 
 
 def check_not_running(run_dir: Path) -> None:

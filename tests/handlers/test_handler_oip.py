@@ -86,9 +86,10 @@ def test_client_headers_change_nothing(handle) -> None:
 @pytest.mark.parametrize("value", ["\u00b2", "9" * 5000, "+12", "-1", "1 2", "0x10", "\u0661\u0662", "", "12.0"])
 def test_a_malformed_binary_header_length_is_a_400_naming_it(handle, value) -> None:
     """`str.isdigit` admits "²" and Arabic-Indic digits, which `int` refuses: a 400 naming the header, never a 500."""
-    header = json.dumps({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1, 784], "data": [0] * 784}]})
-    answer = handle([{"body": header.encode()}], [{**OIP, "Inference-Header-Content-Length": value}])[0]
-    assert answer.status == 400 and "Inference-Header-Content-Length" in answer.body["error"], answer.body
+    request = {"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1, 784], "data": [0] * 784}]}
+    for body in (json.dumps(request).encode(), request):  # as bytes, or as JSON the frontend parsed
+        answer = handle([{"body": body}], [{**OIP, "Inference-Header-Content-Length": value}])[0]
+        assert answer.status == 400 and "Inference-Header-Content-Length" in answer.body["error"], answer.body
 
 
 def binary_request(pixels: np.ndarray, outputs: list[dict]) -> tuple[bytes, dict]:
@@ -289,3 +290,20 @@ def test_the_response_limit_comes_from_model_config_and_holds_for_every_body(mod
     assert context.get_response_status(0)[0] in (None, 200) and len(body) <= 20_000
     length = int(context.get_response_headers(0)["Inference-Header-Content-Length"])
     assert np.array_equal(np.frombuffer(body[length:], np.uint8).reshape(8, 28, 28), pixels)
+
+
+def test_any_body_over_the_limit_is_replaced_by_its_413(model_dirs, mnist_test) -> None:
+    """The last guard, behind the bounds checked before building: whatever the protocol, a body over the limit
+    never reaches TorchServe's frontend (which would drop the worker with its batch)."""
+    from digit_handler import DigitHandler
+
+    context = make_context(model_dirs["onnx"])
+    context.model_yaml_config = {"handler": {"max_response_size": 150}}  # under any /predictions answer
+    handler = DigitHandler()
+    handler.initialize(context)
+    rows = [{"body": {"data": mnist_test[0][0].tolist()}}, {"body": oip_body(mnist_test[0][:1])}]
+    context.request_processor = [RequestProcessor(dict(PREDICTIONS)), RequestProcessor(dict(OIP))]
+    bodies = handler.handle(rows, context)
+    assert all(len(body) <= 150 for body in bodies), [len(body) for body in bodies]
+    assert [context.get_response_status(index)[0] for index in range(2)] == [413, 413]
+    assert json.loads(bodies[0])["type"] == "AnswerTooLarge" and "150" in json.loads(bodies[1])["error"]

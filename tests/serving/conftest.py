@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +9,9 @@ import onnxruntime as ort
 import pytest
 from digits.export.convert import export_model
 from digits.serving.archive import ServingSettings, archive_model
-from digits.serving.server import read_state, read_token
 from digits.training.data import load_mnist
 from digits.training.train import TrainConfig, normalise, train
-from serving_helpers import PORT_FLAGS, free_ports, port_flags
-
-from digits.cli import main
+from serving_helpers import PORT_FLAGS, free_ports, serving
 
 ARCHIVED = {"cnn": "onnx", "mlp": "torchscript"}  # what `make demo` serves
 
@@ -62,31 +58,7 @@ def expected_labels(artifacts, mnist) -> dict[str, np.ndarray]:
     return labels
 
 
-@dataclass
-class Server:
-    url: str
-    management_url: str
-    metrics_url: str
-    run_dir: Path
-    token: str
-    management_token: str
-
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-
 @pytest.fixture(scope="session")
 def server(store, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run")
-    argv = ["--run-dir", str(run_dir)]
-    assert main(["serve", "--model-store", str(store), *argv, *port_flags(free_ports(len(PORT_FLAGS)))]) == 0
-    state = read_state(run_dir)
-    yield Server(
-        state.inference_url,
-        state.management_url,
-        state.metrics_url,
-        run_dir,
-        read_token(run_dir),
-        read_token(run_dir, "management"),
-    )
-    assert main(["stop", *argv]) == 0
+    with serving(store, tmp_path_factory.mktemp("run")) as started:
+        yield started

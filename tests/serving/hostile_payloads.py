@@ -28,11 +28,15 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "handlers"))
 from costly_images import (  # noqa: E402
     bmp_rle8,
+    exif_declaring,
+    exif_of_tags,
     gif_with_blocks,
     gif_with_frame_at,
     jpeg_with_stray_bytes,
+    large_image,
     png_with_chunks,
     png_with_exif,
+    png_with_exif_block,
     progressive_jpeg,
     tiff,
     webp_with_chunks,
@@ -55,8 +59,9 @@ class Hostile:
     name: str
     request: dict[str, Any]  # keyword arguments of requests.post
     status: int
-    kind: str | None  # the handler's error type, or None when TorchServe itself answers
+    kind: str | None  # the handler's error type, or None when TorchServe itself answers (or for OIP's `error`)
     words: tuple[str, ...] = field(default=())  # the message must name the problem with these
+    path: str = "/predictions/cnn"
 
 
 def encode(image: Image.Image, fmt: str, **save_args: Any) -> bytes:
@@ -341,3 +346,155 @@ UNUSUAL_BUT_VALID: dict[str, Callable[[np.ndarray], bytes]] = {
         Image.fromarray(digit), "PNG", save_all=True, append_images=[Image.fromarray(digit.T.copy())] * 3
     ),
 }
+
+
+# ---- round 3: OIP requests that multiplied a per-image cost, answers past TorchServe's response limit ----
+
+INFER = "/v2/models/cnn/infer"
+
+
+def oip_images(images: list[bytes], binary: bool = True, **envelope: Any) -> dict[str, Any]:
+    """An OIP BYTES request of `images` as `requests.post` arguments: the binary extension or base64 JSON."""
+    if not binary:
+        data = [base64.b64encode(image).decode() for image in images]
+        tensor = {"name": "i", "datatype": "BYTES", "shape": [len(images)], "data": data}
+        return {"data": json.dumps({"inputs": [tensor], **envelope}), "headers": JSON}
+    data = b"".join(struct.pack("<I", len(image)) + image for image in images)
+    tensor = {"name": "i", "datatype": "BYTES", "shape": [len(images)], "parameters": {"binary_data_size": len(data)}}
+    header = json.dumps({"inputs": [tensor], **envelope}, ensure_ascii=False).encode()
+    assert len(header) + len(data) <= MAX_REQUEST_BYTES, "TorchServe would refuse it before the handler sees it"
+    return {"data": header + data, "headers": {**BINARY, "Inference-Header-Content-Length": str(len(header))}}
+
+
+def oip_digits(count: int = 1, **envelope: Any) -> dict[str, Any]:
+    """An OIP UINT8 request of `count` copies of the corpus's digit, as JSON (UTF-8, non-ASCII unescaped:
+    1,750,000 "é" are 3.5 MB, as the issue sent them)."""
+    tensor = {"name": "x", "datatype": "UINT8", "shape": [count, 784], "data": np.tile(DIGIT.ravel(), count).tolist()}
+    body = json.dumps({"inputs": [tensor], **envelope}, ensure_ascii=False).encode()
+    assert len(body) <= MAX_REQUEST_BYTES, "TorchServe would refuse it before the handler sees it"
+    return {"data": body, "headers": JSON}
+
+
+def with_header_length(value: str | bytes, content_type: dict[str, str] = BINARY) -> dict[str, Any]:
+    """A valid OIP JSON request whose Inference-Header-Content-Length is `value` (a str goes out as Latin-1,
+    as HTTP/1.1 header bytes; TorchServe's Netty reads them back the same way), sent as the binary extension
+    is (octet-stream) or as JSON, which TorchServe parses before the handler sees it."""
+    request = oip_digits()
+    return {**request, "headers": {**content_type, "Inference-Header-Content-Length": value}}
+
+
+def answer_size_corpus() -> list[Hostile]:
+    """Requests whose answer would exceed TorchServe's max_response_size (6,553,500 bytes): each its own 413."""
+    limit = ("max_response_size",)
+    framed_json = [{"name": "framed"}, {"name": "probabilities"}]
+    return [
+        Hostile("id-of-1750000-e-acute", oip_digits(id="é" * 1_750_000), 413, None, (*limit, "shorter id"), INFER),
+        Hostile("id-of-control-characters", oip_digits(id="\x01" * 1_100_000), 413, None, limit, INFER),
+        Hostile("id-of-astral-characters", oip_digits(id="\U0001f600" * 600_000), 413, None, limit, INFER),
+        Hostile(
+            "framed-as-json-and-a-long-id",
+            oip_digits(1024, id="x" * 3_500_000, outputs=framed_json),
+            413,
+            None,
+            (*limit, "'framed' in binary"),
+            INFER,
+        ),
+        Hostile(
+            "e-acute-id-in-binary-extension",
+            oip_images([encode(Image.fromarray(DIGIT), "PNG")], id="é" * 1_750_000),
+            413,
+            None,
+            limit,
+            INFER,
+        ),
+    ]
+
+
+def request_budget_corpus() -> list[Hostile]:
+    """Images each within the bounds of one image, summed over a request past one large image's worth."""
+    webp, png = large_image("WEBP", lossless=True), large_image("PNG", compress_level=9)  # 512 fit in 10 MiB
+    pixels = ("16,777,216", "in one request")
+    return [
+        Hostile("1024-lossless-4096-webps-binary", oip_images([webp] * 1024), 413, None, pixels, INFER),
+        Hostile("128-lossless-4096-webps-json", oip_images([webp] * 128, binary=False), 413, None, pixels, INFER),
+        Hostile("512-4096-pngs-binary", oip_images([png] * 512), 413, None, pixels, INFER),
+        Hostile("64-pngs-of-2000-chunks", oip_images([png_with_chunks(2_000)] * 64), 413, None, ("PNG chunks",), INFER),
+        Hostile(
+            "20-pngs-of-1000-exif-tags",
+            oip_images([png_with_exif_block(exif_of_tags(1_000))] * 20),
+            413,
+            None,
+            ("EXIF tags", "in one request"),
+            INFER,
+        ),
+        Hostile(
+            "100-pngs-of-text-chunks",
+            oip_images([png_claiming(28, 28, text_bombs(1))] * 100),
+            413,
+            None,
+            ("compressed text chunks",),
+            INFER,
+        ),
+    ]
+
+
+def header_and_route_corpus() -> list[Hostile]:
+    """Malformed binary-extension headers; route confusions a client's headers or body used to cause."""
+    name = ("Inference-Header-Content-Length",)
+    header = [
+        Hostile(f"header-length-{label}", with_header_length(value), 400, None, name, INFER)
+        for label, value in [
+            ("superscript-two", "\u00b2"),
+            ("5000-digits", "9" * 5_000),
+            ("superscripts", "\u00b3\u00b9"),
+            ("arabic-indic-digits-as-utf8", "\u0661\u0662".encode()),
+            ("plus-sign", "+12"),
+            ("minus-sign", "-1"),
+            ("inner-space", "1 2"),
+            ("hex", "0x10"),
+            ("past-the-body", "999999"),
+        ]
+    ]
+    v1 = {"json": {"instances": [DIGIT.tolist()]}}
+    as_json = with_header_length("\u00b2", JSON)
+    return [
+        *header,
+        Hostile("header-length-superscript-two-on-json", as_json, 400, None, name, INFER),
+        Hostile("kserve-v1-body-on-predictions", v1, 400, None, ("KServe v1",)),
+        Hostile("oip-body-on-explanations", oip_digits(), 400, None, ("no explainer",), "/explanations/cnn"),
+        Hostile(
+            "oip-on-v2-explain-with-url-path",
+            {**oip_digits(), "headers": {**JSON, "url_path": ""}},
+            400,
+            None,
+            ("no explainer",),
+            "/v2/models/cnn/explain",
+        ),
+    ]
+
+
+def round3_corpus() -> list[Hostile]:
+    entries = answer_size_corpus() + request_budget_corpus() + header_and_route_corpus()
+    names = [entry.name for entry in entries + corpus()]
+    assert len(set(names)) == len(names), "corpus names must be unique"
+    return entries
+
+
+def exif_declaring_more(fmt: str) -> Callable[[np.ndarray], bytes]:
+    """The digit as `fmt` whose EXIF block declares 65,535 tags and holds one (junk metadata, a valid image)."""
+    exif = exif_declaring(65_535, 1)
+
+    def make(digit: np.ndarray) -> bytes:
+        if fmt == "PNG":
+            plain = encode(Image.fromarray(digit), "PNG")
+            return plain[:33] + png_chunk(b"eXIf", exif[6:]) + plain[33:]  # after IHDR
+        if fmt == "WEBP":
+            return encode(Image.fromarray(digit).convert("RGB"), "WEBP", lossless=True, exif=exif)
+        return encode(Image.fromarray(digit), "JPEG", quality=100, exif=exif)
+
+    return make
+
+
+UNUSUAL_BUT_VALID.update(
+    {f"{fmt.lower()}-exif-declaring-65535-tags": exif_declaring_more(fmt) for fmt in ("JPEG", "PNG", "WEBP")}
+)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 
 def free_ports(count: int) -> list[int]:
@@ -41,3 +44,39 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"waited {timeout:.0f} s for {what}")
         time.sleep(0.05)
+
+
+@dataclass
+class Server:
+    url: str
+    management_url: str
+    metrics_url: str
+    run_dir: Path
+    token: str
+    management_token: str
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@contextlib.contextmanager
+def serving(store: Path, run_dir: Path) -> Iterator[Server]:
+    """A real TorchServe started by `digits serve` for `store` on free ports, stopped by `digits stop`."""
+    from digits.serving.server import read_state, read_token
+
+    from digits.cli import main
+
+    argv = ["--run-dir", str(run_dir)]
+    assert main(["serve", "--model-store", str(store), *argv, *port_flags(free_ports(len(PORT_FLAGS)))]) == 0
+    state = read_state(run_dir)
+    try:
+        yield Server(
+            state.inference_url,
+            state.management_url,
+            state.metrics_url,
+            run_dir,
+            read_token(run_dir),
+            read_token(run_dir, "management"),
+        )
+    finally:
+        assert main(["stop", *argv]) == 0

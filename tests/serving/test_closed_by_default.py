@@ -1,5 +1,6 @@
 """Closed by default: a token on every inference and management API (HTTP and gRPC), the management API on its
-own port only, model registration off, archives only from the local store, every listener on loopback.
+own port only, model registration (on, for `digits rollout`) refusing every URL and every file outside the
+store, archives only from the local store, every listener on loopback.
 
 What TorchServe 0.12.0 leaves open without a token, on loopback only: the metrics API and the OpenAPI
 description (`OPTIONS /`). The README's Security section says so.
@@ -93,14 +94,35 @@ def test_management_api_answers_on_its_own_port_only(server) -> None:
                 assert "modelName" not in response.text and "models" not in response.text
 
 
-def test_model_registration_is_off_and_urls_stop_at_the_store(server, tmp_path) -> None:
+def test_registration_takes_nothing_from_outside_the_store(server, tmp_path) -> None:
+    """TorchServe itself refuses, with the management key: URLs allowed_urls does not admit (every scheme, the
+    store's own folder through `..`), relative paths, and archive files outside the store."""
     headers = {"Authorization": f"Bearer {server.management_token}"}
-    register = requests.post(f"{server.management_url}/models", params={"url": "cnn.mar"}, headers=headers)
-    assert register.status_code == 405 and error_type(register) == "MethodNotAllowedException"
+    store = read_state(server.run_dir).store
+    outside = tmp_path / "outside.mar"
+    shutil.copy(Path(store) / "cnn.mar", outside)
+    refusals = {
+        f"file://{outside}": "does not match any allowed URL",
+        "http://169.254.169.254/x.mar": "does not match any allowed URL",
+        "https://example.com/cnn.mar": "does not match any allowed URL",
+        f"file://{store}/../{outside.name}": "Relative path is not allowed",
+        f"../{tmp_path.name}/{outside.name}": "Relative path is not allowed",
+        str(outside): "Model not found at",
+    }
+    for url, message in refusals.items():
+        params = {"url": url, "model_name": "outsider"}
+        response = requests.post(f"{server.management_url}/models", params=params, headers=headers, timeout=30)
+        assert response.status_code == 404 and message in response.text, (url, response.text)
+    listed = requests.get(f"{server.management_url}/models", headers=headers, timeout=10).json()["models"]
+    assert "outsider" not in {model["modelName"] for model in listed}
+    assert not (Path(store) / outside.name).exists()
+
+
+def test_urls_stop_at_the_store_for_workflows_too(server, tmp_path) -> None:
+    headers = {"Authorization": f"Bearer {server.management_token}"}
     store = read_state(server.run_dir).store
     secret = tmp_path / "secret.txt"
     secret.write_text("not for the model store")
-    # the workflow API stays on with enable_model_api=false: allowed_urls is what stops it
     for url in (
         f"file://{store}/{'../' * 12}{str(secret).lstrip('/')}",
         f"file://{secret}",
@@ -125,7 +147,8 @@ def test_config_is_closed_by_default(store) -> None:
     config = dict(line.split("=", 1) for line in render_config(store, Ports()).splitlines() if "=" in line)
     addresses = [config[k] for k in config if k.endswith("_address")]
     assert len(addresses) == 5 and all(re.fullmatch(r"(http://)?127\.0\.0\.1(:\d+)?", a) for a in addresses)
-    assert config["disable_token_authorization"] == "false" and config["enable_model_api"] == "false"
+    assert config["disable_token_authorization"] == "false" and config["enable_model_api"] == "true"
+    assert config["load_models"] == "cnn=cnn.mar,mlp=mlp.mar"  # one version each, named: never `all`
     assert config["install_py_dep_per_model"] == "false"
     allowed = config["allowed_urls"]  # a Java regex; Python's re reads this one the same way
     root = store.resolve()
@@ -183,10 +206,17 @@ def test_grpc_apis_refuse_a_missing_or_wrong_key(server) -> None:
         assert grpc_call(port, method, right) == (0, ""), method
 
 
+def test_no_registration_closes_the_model_api(store) -> None:
+    config = dict(
+        line.split("=", 1) for line in render_config(store, Ports(), registration=False).splitlines() if "=" in line
+    )
+    assert config["enable_model_api"] == "false"
+
+
 @needs_curl
-def test_grpc_model_registration_is_off(server) -> None:
-    url = b"cnn.mar"
+def test_grpc_model_registration_stops_at_the_store_too(server) -> None:
+    url = b"http://169.254.169.254/x.mar"
     register = b"\x4a" + bytes([len(url)]) + url  # RegisterModelRequest, field 9 (url), length-delimited
     port = read_state(server.run_dir).ports["grpc_management"]
     status, message = grpc_call(port, f"{GRPC_MANAGEMENT}/RegisterModel", server.management_token, register)
-    assert status != 0 and "Model API disabled" in message
+    assert status != 0 and "does not match any allowed URL" in message, message

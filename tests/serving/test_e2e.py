@@ -134,13 +134,15 @@ def test_requests_without_the_right_token_are_refused(server, mnist, header):
         assert "Token Authorization failed" in response.json()["message"]
 
 
-def test_management_api_is_not_on_the_inference_port_and_registration_is_off(server):
+def test_management_api_is_not_on_the_inference_port_and_a_served_version_cannot_be_registered_again(server):
     for token in (server.token, server.management_token):  # neither key opens management on this port
         response = requests.get(f"{server.url}/models", headers={"Authorization": f"Bearer {token}"})
         assert response.status_code in (400, 404) and "modelName" not in response.text
     headers = {"Authorization": f"Bearer {server.management_token}"}
     register = requests.post(f"{server.management_url}/models?url=cnn.mar", headers=headers)
-    assert register.status_code == 405
+    assert register.status_code == 409 and "already registered" in register.text  # what rollouts rely on
+    versions = requests.get(f"{server.management_url}/models/cnn/all", headers=headers).json()
+    assert [v["modelVersion"] for v in versions] == ["1.0"]
 
 
 def test_predict_command_prints_label_and_confidence(server, mnist, tmp_path, capsys):

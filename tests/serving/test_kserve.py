@@ -64,7 +64,12 @@ def test_bundle_layout(store, tmp_path) -> None:
     config = (bundle / "config" / "config.properties").read_text()
     for line in ("disable_token_authorization=true", "enable_model_api=false", "enable_envvars_config=false"):
         assert line in config.splitlines()
-    assert "inference_address=http://127.0.0.1:8085" in config and "metrics_address=http://0.0.0.0:8082" in config
+    assert "inference_address=http://127.0.0.1:8085" in config and "metrics_address=http://127.0.0.1:8082" in config
+    # the metrics port answers any method and Host: loopback, for KServe's queue-proxy to scrape and aggregate
+    assert manifest["metadata"]["annotations"] == {
+        "serving.kserve.io/enable-metric-aggregation": "true",
+        "serving.kserve.io/enable-prometheus-scraping": "true",
+    }
 
 
 @pytest.mark.parametrize("protocol", ["v2", "v1"])
@@ -98,6 +103,31 @@ def test_cli_writes_and_checks_the_bundle(store, tmp_path, capsys) -> None:
     argv = ["kserve", "--model-store", str(store), "--out", str(tmp_path / "b"), "--storage-uri", "pvc://c/digits"]
     assert main([*argv, "--check-against", str(CRD)]) == 0
     assert "validates against" in capsys.readouterr().out
+
+
+@needs_shared
+def test_a_canary_rollout_its_promotion_and_its_rollback_validate(store, tmp_path, schema, capsys) -> None:
+    """`--canary 10`: the new bundle's revision takes 10% of the traffic; promote.yaml drops the field (all
+    traffic to it), rollback.yaml sets 0 (all traffic back to the revision KServe last rolled out)."""
+    out = tmp_path / "b"
+    argv = ["kserve", "--model-store", str(store), "--out", str(out), "--storage-uri", "s3://bucket/digits-v2"]
+    assert main([*argv, "--canary", "10", "--check-against", str(CRD)]) == 0
+    assert capsys.readouterr().out.count("validates against") == 3
+    manifests = {
+        name: yaml.safe_load((out / name).read_text())
+        for name in ("inferenceservice.yaml", "promote.yaml", "rollback.yaml")
+    }
+    percents = {name: m["spec"]["predictor"].get("canaryTrafficPercent") for name, m in manifests.items()}
+    assert percents == {"inferenceservice.yaml": 10, "promote.yaml": None, "rollback.yaml": 0}
+    for manifest in manifests.values():
+        assert validate_manifest(manifest, schema) == []
+        assert manifest["spec"]["predictor"]["model"]["storageUri"] == "s3://bucket/digits-v2"
+    broken = copy.deepcopy(manifests["inferenceservice.yaml"])
+    broken["spec"]["predictor"]["canaryTrafficPercent"] = "ten"
+    assert any("canaryTrafficPercent" in problem for problem in validate_manifest(broken, schema))
+    for percent in ("0", "100"):
+        with pytest.raises(ValueError, match="--canary must be a percentage from 1 to 99"):
+            write_bundle(store, tmp_path / percent, Deployment(storage_uri="s3://b/d", canary=int(percent)))
 
 
 def test_cli_refuses_a_storage_uri_that_is_not_one(store, tmp_path) -> None:
@@ -259,16 +289,15 @@ def test_started_as_kserve_does_it_answers_kserve_v1_too(kserve_pod, model) -> N
 
 
 def test_in_the_pod_what_listens_where(kserve_pod) -> None:
-    """Inference, management and gRPC on loopback only (for KServe's wrapper); metrics on every address."""
+    """Inference, management and gRPC on loopback only (for KServe's wrapper), metrics too (for its queue-proxy)."""
     ports, *_ = kserve_pod
     listening = {
         c.laddr.port: c.laddr.ip.removeprefix("::ffff:")
         for c in psutil.net_connections("tcp")
         if c.status == psutil.CONN_LISTEN and c.laddr
     }
-    for port in (ports.inference, ports.management, ports.grpc_inference, ports.grpc_management):
+    for port in (ports.inference, ports.management, ports.grpc_inference, ports.grpc_management, ports.metrics):
         assert listening.get(port) == "127.0.0.1", (port, listening.get(port))
-    assert listening.get(ports.metrics) in ("0.0.0.0", "::")
 
 
 def test_in_the_pod_torchserve_runs_as_non_root(kserve_pod) -> None:

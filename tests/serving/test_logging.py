@@ -64,7 +64,8 @@ def test_clients_cannot_write_stack_traces_or_errors_to_the_console(server):
 
 
 def test_a_json_body_torchserve_cannot_parse_leaves_one_line(server):
-    """TorchServe's worker logged a traceback for each; the handler keeps its line and names the problem."""
+    """TorchServe's worker logged a traceback for each; the handler parses JSON bodies itself (digit_json.py)
+    and logs one line for each refusal, naming the problem."""
     model_log = server.run_dir / "logs" / "model_log.log"
     before = model_log.stat().st_size
     json_headers = {"Content-Type": "application/json", **server.headers()}
@@ -74,7 +75,7 @@ def test_a_json_body_torchserve_cannot_parse_leaves_one_line(server):
             log.seek(before)
             return log.read().decode(errors="replace")
 
-    line = "Failed json decoding"
+    line = "refused: 400 BadJson"
     for sent in (1, 2):
         body = b'{"data": [1, 2,'
         response = requests.post(f"{server.url}/predictions/cnn", data=body, headers=json_headers, timeout=30)

@@ -3,8 +3,10 @@ prometheus_client's parser: each metric present, and counts equal to the traffic
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,3 +83,54 @@ def test_metrics_parse_and_count_the_traffic(server, mnist) -> None:
     assert 1 <= batches <= len(sent)
     for stage in HANDLER_METRICS[:4]:
         assert delta(f"{stage}_count", ModelName=MODEL) == batches and delta(f"{stage}_sum", ModelName=MODEL) > 0
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
+PROMQL_NAME = re.compile(r"\b([A-Za-z_:][A-Za-z0-9_:]*)\s*[{\[]")  # a series selector: name{...} or name[5m]
+
+
+def documented_metric_names() -> tuple[dict[str, str], set[str]]:
+    """docs/serving.md's Prometheus table (metric name -> the type its row gives) and the metric names its
+    PromQL queries select."""
+    text = DOCS.read_text()
+    table = {
+        name: line.split("|")[2].split()[0]
+        for line in text.splitlines()
+        if line.startswith("| `")
+        for name in re.findall(r"`([A-Za-z_:][A-Za-z0-9_:]*)`", line.split("|")[1])
+    }
+    queries = {name for block in re.findall(r"```promql\n(.*?)```", text, re.S) for name in PROMQL_NAME.findall(block)}
+    return table, queries
+
+
+def exported_names(server) -> tuple[dict[str, str], set[str]]:
+    """(family -> type from `# TYPE` lines, sample names) of a raw scrape: what a Prometheus query can select."""
+    text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+    families = {line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE ")}
+    samples = {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line and line[0] != "#"}
+    return families, samples
+
+
+def test_every_metric_name_in_the_docs_is_exported(server, mnist) -> None:
+    """The docs' table and queries against a real scrape (round 3: they said `Answers_total`, the port exports
+    `Answers`, and the queries returned nothing). Fails when the docs or the port drift."""
+    requests.post(  # the handler's metrics appear with the first batch
+        f"{server.url}/predictions/{MODEL}",
+        json={"data": np.asarray(mnist.test_images[0]).tolist()},
+        headers=server.headers(),
+        timeout=30,
+    )
+    table, queries = documented_metric_names()
+    assert {"Answers", "DecodeTime", "ts_inference_requests_total"} <= set(table) and len(queries) >= 3
+    deadline = time.monotonic() + 15  # the frontend reads the worker's metric lines asynchronously
+    while True:
+        families, samples = exported_names(server)
+        missing_table = sorted(set(table) - set(families) - samples)
+        missing_queries = sorted(queries - samples)
+        if not (missing_table or missing_queries) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not missing_table, f"docs/serving.md's table names {missing_table}; the port exports {sorted(samples)}"
+    assert not missing_queries, f"docs/serving.md's PromQL selects {missing_queries}, which the port does not export"
+    wrong_types = {name: (kind, families[name]) for name, kind in table.items() if families.get(name, kind) != kind}
+    assert not wrong_types, f"docs/serving.md's table gives these types, the port others: {wrong_types}"

@@ -16,7 +16,7 @@ from serving_helpers import port_flags
 from digits.cli import main
 
 SERVING_DOC = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
-PLAIN = "torchserve --start --ncs --model-store model_store --models all --ts-config torchserve.properties"
+PLAIN = "torchserve --start --ncs --model-store model_store --ts-config torchserve.properties"
 
 
 def test_the_serving_page_shows_the_plain_command():

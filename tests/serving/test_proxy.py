@@ -27,12 +27,14 @@ pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (D
 TIMEOUT_S = 10  # the recipe's client_header_timeout and client_body_timeout
 
 
-def recipe_for(listen: int, inference_url: str, log: Path) -> str:
+def recipe_for(listen: int, inference_url: str, log: Path, metrics_listen: int, metrics_url: str) -> str:
     """The recipe with its addresses replaced, as a user edits it."""
     text = RECIPE.read_text()
     for default, actual in [
         ("server 127.0.0.1:8080;", f"server {inference_url.removeprefix('http://')};"),
         ("listen 127.0.0.1:8000;", f"listen 127.0.0.1:{listen};"),
+        ("server 127.0.0.1:8082;", f"server {metrics_url.removeprefix('http://')};"),
+        ("listen 127.0.0.1:9082", f"listen 127.0.0.1:{metrics_listen}"),
         ("/var/log/nginx/digits.log", str(log)),
     ]:
         assert default in text, default
@@ -44,8 +46,10 @@ def recipe_for(listen: int, inference_url: str, log: Path) -> str:
 def proxy(server, tmp_path_factory):
     """nginx with the recipe included in a minimal main config (what Debian's /etc/nginx/nginx.conf provides)."""
     root = tmp_path_factory.mktemp("nginx")
-    [port] = free_ports(1)
-    (root / "digits.conf").write_text(recipe_for(port, server.url, root / "digits.log"))
+    port, metrics_port = free_ports(2)
+    (root / "digits.conf").write_text(
+        recipe_for(port, server.url, root / "digits.log", metrics_port, server.metrics_url)
+    )
     temp = {name: root / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
     for folder in temp.values():
         folder.mkdir()
@@ -72,7 +76,7 @@ def proxy(server, tmp_path_factory):
             time.sleep(0.1)
     if process.poll() is not None:
         pytest.fail(f"nginx did not start: {process.stdout.read().decode(errors='replace')}")
-    yield url, port, root
+    yield url, port, root, metrics_port
     process.terminate()
     process.wait(timeout=10)
 
@@ -111,14 +115,14 @@ def statuses(raw: bytes) -> list[int]:
 
 
 def test_predictions_pass_through(proxy, server, mnist, expected_labels) -> None:
-    url, _, _ = proxy
+    url, _, _, _ = proxy
     response = requests.post(f"{url}/predictions/cnn", data=png_of(mnist.test_images[0]), headers=server.headers())
     assert response.status_code == 200 and response.json()["label"] == expected_labels["cnn"][0]
 
 
 def test_pipelined_requests_are_answered_in_order(proxy, server, mnist) -> None:
     """A slow cnn request, then a fast mlp one that is refused: TorchServe alone answered the second first."""
-    _, port, _ = proxy
+    _, port, _, _ = proxy
     blank = png_of(mnist.test_images[0] * 0)
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.sendall(
@@ -131,7 +135,7 @@ def test_pipelined_requests_are_answered_in_order(proxy, server, mnist) -> None:
 
 @pytest.mark.parametrize(("version", "extra"), [("HTTP/1.1", "Connection: close\r\n"), ("HTTP/1.0", "")])
 def test_connection_close_and_http_1_0_are_honoured(proxy, server, mnist, version: str, extra: str) -> None:
-    _, port, _ = proxy
+    _, port, _, _ = proxy
     with socket.create_connection(("127.0.0.1", port)) as sock:
         digit = png_of(mnist.test_images[0])
         sock.sendall(raw_request("POST", "/predictions/cnn", server.token, digit, version, extra))
@@ -140,7 +144,7 @@ def test_connection_close_and_http_1_0_are_honoured(proxy, server, mnist, versio
 
 
 def test_idle_and_half_sent_connections_are_closed(proxy, server) -> None:
-    _, port, _ = proxy
+    _, port, _, _ = proxy
     half_head = f"POST /predictions/cnn HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {server.token}\r\n"
     half_body = half_head + "Content-Length: 1000\r\n\r\n" + "x" * 10
     sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
@@ -176,7 +180,7 @@ def oip_binary(digits: np.ndarray) -> tuple[bytes, dict[str, str]]:
 
 def test_oip_passes_through_as_json_and_binary(proxy, server, mnist, expected_labels) -> None:
     """OIP inference through the recipe, both encodings: the binary extension's headers pass both ways."""
-    url, _, _ = proxy
+    url, _, _, _ = proxy
     digits = np.asarray(mnist.test_images[:7], dtype=np.uint8).reshape(7, 28, 28)
     answer = requests.post(f"{url}/v2/models/cnn/infer", json=oip_json(digits), headers=server.headers(), timeout=30)
     assert answer.status_code == 200, answer.text
@@ -197,7 +201,7 @@ PREDICTING_PATHS = ["/predictions/cnn", "/v2/models/cnn/infer"]
 @pytest.mark.parametrize("path", PREDICTING_PATHS)
 @pytest.mark.parametrize("method", ["PUT", "PATCH", "DELETE", "TRACE", "GET", "OPTIONS"])
 def test_only_post_predicts(proxy, server, mnist, method: str, path: str) -> None:
-    url, _, _ = proxy
+    url, _, _, _ = proxy
     digit = np.asarray(mnist.test_images[:1], dtype=np.uint8).reshape(1, 28, 28)
     body = png_of(digit[0]) if path.startswith("/predictions") else json.dumps(oip_json(digit))
     response = requests.request(method, f"{url}{path}", data=body, headers=server.headers(), timeout=10)
@@ -218,14 +222,14 @@ def test_only_post_predicts(proxy, server, mnist, method: str, path: str) -> Non
     ],
 )
 def test_nothing_but_predictions_oip_inference_and_ping_is_reachable(proxy, server, method: str, path: str) -> None:
-    url, _, _ = proxy
+    url, _, _, _ = proxy
     response = requests.request(method, f"{url}{path}", json={"inputs": []}, headers=server.headers(), timeout=10)
     assert response.status_code == 404
 
 
 @pytest.mark.parametrize("path", PREDICTING_PATHS)
 def test_query_strings_reach_no_log(proxy, server, mnist, path: str) -> None:
-    url, _, root = proxy
+    url, _, root, _ = proxy
     secret = "not-a-real-key-9876543210"
     logs = {"nginx": root / "digits.log", "TorchServe": server.run_dir / "logs" / "access_log.log"}
     lines = {name: _request_lines(log, path) for name, log in logs.items()}
@@ -240,3 +244,30 @@ def test_query_strings_reach_no_log(proxy, server, mnist, path: str) -> None:
 
 def _request_lines(log: Path, path: str) -> int:
     return log.read_text(errors="replace").count(path) if log.is_file() else 0
+
+
+def metrics_request(port: int, method: str, host: str | None) -> tuple[int, bytes]:
+    """A raw request to the recipe's metrics server (raw, so that the Host header is exactly `host`)."""
+    head = f"{method} /metrics HTTP/1.1\r\n" + (f"Host: {host}\r\n" if host is not None else "")
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall((head + "Content-Length: 0\r\nConnection: close\r\n\r\n").encode())
+        received, _ = read_until_closed(sock, 10)
+    head, _, body = received.partition(b"\r\n\r\n")
+    return statuses(head)[0], body
+
+
+def test_the_metrics_server_answers_get_for_its_own_names_only(proxy, server) -> None:
+    """TorchServe's metrics port answers any method and any Host; through the recipe, only a GET naming this
+    host gets the metrics: a page rebound to 127.0.0.1 sends its own name, and a POST is no scrape."""
+    *_, metrics_port = proxy
+    direct = requests.post(f"{server.metrics_url}/metrics", headers={"Host": "evil.example"}, timeout=10)
+    assert direct.status_code == 200 and "# TYPE" in direct.text  # what TorchServe alone does
+    for host in ("localhost", f"localhost:{metrics_port}", "127.0.0.1", f"127.0.0.1:{metrics_port}"):
+        status, body = metrics_request(metrics_port, "GET", host)
+        assert status == 200 and b"# TYPE ts_inference_requests_total counter" in body, (host, status)
+    for host in ("evil.example", f"evil.example:{metrics_port}", "localhost.evil.example", None):
+        status, body = metrics_request(metrics_port, "GET", host)
+        assert status in (400, 421) and b"# TYPE" not in body, (host, status)
+    for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"):
+        status, body = metrics_request(metrics_port, method, "localhost")
+        assert status in (403, 405) and b"# TYPE" not in body, (method, status)
