@@ -22,10 +22,10 @@ REPORT ?= docs/performance.md
 HEADLINE_RUNS ?= cnn-onnx-http mlp-torchscript-http
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-slow lint format bench clean
+.PHONY: help setup demo test test-slow lint format bench bench-explain clean
 
 help: ## list the make targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed ## create .venv with digits installed editable, with the dev extras
 
@@ -102,9 +102,15 @@ bench: setup ## benchmarks (offline with int8 and .pt2; over HTTP: PNG, drawings
 	$(DIGITS) bench http --model cnn --format onnx --artifacts $(ARTIFACTS) $(BENCH_OIP) \
 	  --oip 64 --encoding json --concurrency 4 --out $(BENCH_OUT)/cnn-onnx-oip-json-http
 	$(DIGITS) bench switch --model cnn --format onnx --artifacts $(ARTIFACTS) --out $(BENCH_OUT)/cnn-onnx-switch
+	$(MAKE) --no-print-directory -o setup bench-explain
 	$(DIGITS) bench report --runs $(BENCH_OUT) --artifacts $(ARTIFACTS) --out $(REPORT) --readme README.md \
 	  $(foreach run,$(HEADLINE_RUNS),--headline $(run)) \
 	  --command "make bench ARTIFACTS=$(ARTIFACTS) BENCH_OUT=$(BENCH_OUT) BENCH_HTTP='$(BENCH_HTTP)' BENCH_OIP='$(BENCH_OIP)'"
+
+bench-explain: setup ## explanations of cnn: deletion test and agreement of every format (1,000 digits), cost over HTTP
+	@test -f $(ARTIFACTS)/cnn/export.json || { echo "no $(ARTIFACTS)/cnn/export.json: run make demo first"; exit 1; }
+	$(DIGITS) bench explain cnn --artifacts $(ARTIFACTS) --out $(BENCH_OUT)/cnn-explain
+	$(DIGITS) bench explain-http --model cnn --artifacts $(ARTIFACTS) --out $(BENCH_OUT)/cnn-explain-http
 
 clean: ## remove generated artifacts, archives and run folders (keeps .venv and the MNIST cache)
 	rm -rf $(ARTIFACTS) runs samples

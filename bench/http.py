@@ -26,7 +26,7 @@ import re
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -200,12 +200,21 @@ def measure_level(plan: HttpPlan, targets: dict[str, Target], concurrency: int) 
 @contextmanager
 def serving(plan: HttpPlan, store: Path, run_dir: Path) -> Iterator[str]:
     """The model's and the no-op's archives in `store`, served by a TorchServe of our own; yields its URL."""
-    from ..serving import server
     from ..serving.archive import archive_model, archive_noop
-    from ..serving.config import Ports
 
     archive_model(plan.model, plan.fmt, plan.artifacts, store, settings=plan.settings, log=lambda _: None)
     archive_noop(store, NOOP, plan.settings)
+    with torchserve(store, run_dir) as url:
+        yield url
+
+
+@contextmanager
+def torchserve(store: Path, run_dir: Path) -> Iterator[str]:
+    """A TorchServe of our own serving every archive in `store`, on free loopback ports, its logs in
+    `run_dir`; yields its inference URL once every model is ready, and stops it in every case."""
+    from ..serving import server
+    from ..serving.config import Ports
+
     ports = Ports(*free_ports(5))
     run_dir.mkdir(parents=True, exist_ok=True)
     state, _ = server.launch(store, run_dir, ports, HOST, foreground=False)
@@ -253,9 +262,9 @@ OIP_HEADER_SUFFIX = ".header-length"  # beside an OIP body in the binary extensi
 def oip_body(digits: np.ndarray, path: Path, encoding: str = "binary") -> Path:
     """Writes an OIP inference request of `digits` ((N, 28, 28) uint8) to `path`.
 
-    "binary": in the binary tensor extension, as Triton's client sends it: the JSON part, then the tensor's
-    bytes, outputs asked binary; the JSON part's length goes beside it. "json": one compact JSON object, the
-    tensor's values as a flat `data` list (as Triton's and KServe's clients flatten them), outputs in JSON.
+    "binary": in the binary tensor extension, as Triton's client sends it (see oip_request_bytes), outputs
+    asked binary; the JSON part's length goes beside it. "json": one compact JSON object, the tensor's values as
+    a flat `data` list (as Triton's and KServe's clients flatten them), outputs in JSON.
     """
     if encoding not in OIP_ENCODINGS:
         raise BenchError(f"unknown OIP encoding {encoding!r}; known: {', '.join(OIP_ENCODINGS)}")
@@ -265,23 +274,35 @@ def oip_body(digits: np.ndarray, path: Path, encoding: str = "binary") -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"inputs": [tensor]}, separators=(",", ":")))
         return path
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "digits",
-                    "datatype": "UINT8",
-                    "shape": list(digits.shape),
-                    "parameters": {"binary_data_size": digits.nbytes},
-                }
-            ],
-            "outputs": [{"name": name, "parameters": {"binary_data": True}} for name in OIP_DEFAULT_OUTPUTS],
-        }
-    ).encode()
+    body, header_length = oip_request_bytes(digits, OIP_DEFAULT_OUTPUTS)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(header + digits.tobytes())
-    path.with_name(path.name + OIP_HEADER_SUFFIX).write_text(str(len(header)))
+    path.write_bytes(body)
+    path.with_name(path.name + OIP_HEADER_SUFFIX).write_text(str(header_length))
     return path
+
+
+def oip_request_bytes(
+    digits: np.ndarray, outputs: Sequence[str], parameters: dict[str, Any] | None = None
+) -> tuple[bytes, int]:
+    """An OIP inference request of `digits` ((N, 28, 28) uint8) in the binary tensor extension, as Triton's
+    client sends it: the JSON part, then the tensor's bytes, the outputs asked for in binary too, and the
+    request `parameters` if any. Returns the body and the length of its JSON part."""
+    digits = np.ascontiguousarray(digits, dtype=np.uint8)
+    envelope = {
+        "inputs": [
+            {
+                "name": "digits",
+                "datatype": "UINT8",
+                "shape": list(digits.shape),
+                "parameters": {"binary_data_size": digits.nbytes},
+            }
+        ],
+        "outputs": [{"name": name, "parameters": {"binary_data": True}} for name in outputs],
+    }
+    if parameters:
+        envelope["parameters"] = parameters
+    header = json.dumps(envelope).encode()
+    return header + digits.tobytes(), len(header)
 
 
 def oip_header_length(body: Path) -> str:
@@ -345,9 +366,9 @@ def _rollover_index(path: Path) -> int:
     return int(path.name.split(".")[1])
 
 
-def handler_summary(metrics_log: str, model: str) -> dict[str, Any]:
+def handler_summary(metrics_log: str, model: str, stages: Sequence[str] = STAGES) -> dict[str, Any]:
     """Per stage: mean, p50 and p99 ms per batch; the number of batches and their mean size."""
-    values: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    values: dict[str, list[float]] = {stage: [] for stage in stages}
     for name, value, model_name in METRIC_LINE.findall(metrics_log):
         if model_name == model and name in values:
             values[name].append(float(value))

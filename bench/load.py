@@ -159,6 +159,27 @@ def run_python(target: Target, concurrency: int, requests: int) -> LoadResult:
     return LoadResult(len(statuses), errors, seconds, Latency.of(latencies), tuple(latencies))
 
 
+def run_sequence(
+    url: str, token: str, bodies: list[bytes], content_type: str, requests: int, headers: dict[str, str] | None = None
+) -> LoadResult:
+    """`requests` POSTs one after the other on one keep-alive connection, cycling through `bodies`: the latency
+    of one client alone, over bodies whose cost differs (ab sends a single body)."""
+    url_parts = urlsplit(url)
+    sent = {"Authorization": f"Bearer {token}", "Content-Type": content_type, **(headers or {})}
+    connection = http.client.HTTPConnection(url_parts.hostname, url_parts.port, timeout=AB_TIMEOUT_S)
+    path = url_parts.path + (f"?{url_parts.query}" if url_parts.query else "")
+    statuses, latencies = [], []
+    start = time.perf_counter()
+    for body in itertools.islice(itertools.cycle(bodies), requests):
+        status, ms = _post(connection, path, body, sent)
+        statuses.append(status)
+        latencies.append(ms)
+    seconds = time.perf_counter() - start
+    connection.close()
+    errors = sum(not 200 <= s < 300 for s in statuses)
+    return LoadResult(len(statuses), errors, seconds, Latency.of(latencies), tuple(latencies))
+
+
 def _post(connection: http.client.HTTPConnection, path: str, body: bytes, headers: dict) -> tuple[int, float]:
     """One request on a kept-alive connection: (status, ms); status 0 for a transport failure."""
     start = time.perf_counter()

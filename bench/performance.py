@@ -357,6 +357,40 @@ def render_http(run: Run, data: dict[str, Any], plots: Path) -> Section:
     return Section(f"Over HTTP: {plan.model} ({plan.fmt}, `{run.name}`)", lines, {plan.model: cells})
 
 
+@renderer("explain")
+def render_explain(run: Run, data: dict[str, Any], plots: Path) -> Section:
+    from .explain import STOCK, TARGET_K, ExplainReport
+    from .report import explain_markdown, plot_explain
+
+    report = ExplainReport.from_dict(data)
+    plot_explain(report, plots / f"{run.name}.png")
+    lines = [*run_lines(run, data, explain_markdown(report)), "", f"![{run.name}]({plots.name}/{run.name}.png)"]
+    defaults = [row for row in report.deletions if row.default and row.source != STOCK]
+    lowest = min(defaults, key=lambda row: row.win_share[TARGET_K], default=None)
+    cells = {}
+    if lowest is not None:
+        column = f"explanations: deletion test wins at k={TARGET_K} (lowest default)"
+        cells[column] = f"{lowest.win_share[TARGET_K]:.1%} ({lowest.source}, {lowest.method})"
+    return Section(f"Explanations, faithfulness: {report.model} (`{run.name}`)", lines, {report.model: cells})
+
+
+@renderer("explain-http")
+def render_explain_http(run: Run, data: dict[str, Any], plots: Path) -> Section:
+    from .explain_http import CostReport
+    from .report import explain_http_markdown, plot_explain_http
+
+    report = CostReport.from_dict(data)
+    plot_explain_http(report, plots / f"{run.name}.png")
+    lines = [*run_lines(run, data, explain_http_markdown(report)), "", f"![{run.name}]({plots.name}/{run.name}.png)"]
+    cells = {
+        f"explain one digit, p50 ({row.format}, {row.method})": f"{row.single.latency.p50_ms:.1f} ms"
+        for row in report.rows
+        if row.default and row.format == "onnx"
+    }
+    title = f"Explanations, cost over HTTP: {report.plan.model} (`{run.name}`)"
+    return Section(title, lines, {report.plan.model: cells})
+
+
 @renderer("switch")
 def render_switch(run: Run, data: dict[str, Any], plots: Path) -> Section:
     from .switch import plot_switch, switch_markdown

@@ -1,5 +1,6 @@
 """Each benchmark run as three files: JSON (every figure), a markdown table (for people and the README),
-and a PNG plot. Written to the run's output folder under fixed names, `bench-offline.*` and `bench-http.*`."""
+and a PNG plot. Written to the run's output folder under fixed names: `bench-offline.*`, `bench-http.*`,
+`bench-explain.*` and `bench-explain-http.*`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, also on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .explain import STOCK, TARGET_K, TARGET_WIN_SHARE, ExplainReport  # noqa: E402
+from .explain_http import CostReport, CostRow  # noqa: E402
 from .http import STAGES, HttpReport  # noqa: E402
 from .offline import OfflineReport  # noqa: E402
 
@@ -34,6 +37,14 @@ def _write(out: Path, stem: str, data: dict, markdown: str, plot) -> list[Path]:
     paths[1].write_text(markdown)
     plot(paths[2])
     return paths
+
+
+def save(figure, path: Path, title: str) -> None:
+    """Titles a finished figure, writes it as PNG and frees it."""
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -229,7 +240,221 @@ def plot_http(report: HttpReport, path: Path) -> None:
         axes.set_xticks(levels, [str(n) for n in levels])
         axes.grid(True, which="both", alpha=0.3)
         axes.legend(fontsize=8)
-    figure.suptitle(f"{report.plan.model} over HTTP against the no-op ceiling ({report.machine['cpu']})", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save(figure, path, f"{report.plan.model} over HTTP against the no-op ceiling ({report.machine['cpu']})")
+
+
+# --- explain -----------------------------------------------------------------------------------------
+
+
+def write_explain(report: ExplainReport, out: Path) -> list[Path]:
+    """bench-explain.json, .md and .png in `out`; returns their paths."""
+    return _write(
+        out, "bench-explain", report.to_dict(), explain_markdown(report), lambda path: plot_explain(report, path)
+    )
+
+
+def explain_markdown(report: ExplainReport) -> str:
+    ks = list(report.ks)
+    header = [
+        "format",
+        "method",
+        "explained class",
+        *(f"wins at k={k}" for k in ks),
+        f"mean drop at k={TARGET_K}: attributed / random",
+        "AOPC: attributed / random",
+        "seconds",
+    ]
+    rows = [
+        [
+            row.source,
+            f"**{row.method}** (default)" if row.default and row.source != STOCK else row.method,
+            row.explained,
+            *(f"{row.win_share[k]:.1%}" for k in ks),
+            f"{row.mean_drop[TARGET_K]:.3f} / {row.mean_random_drop[TARGET_K]:.3f}",
+            f"{row.aopc:.3f} / {row.random_aopc:.3f}",
+            f"{row.seconds:.1f}",
+        ]
+        for row in report.deletions
+    ]
+    settings = "; ".join(
+        f"{name}: {', '.join(f'{key} {value}' for key, value in chosen.items())}"
+        for name, chosen in report.settings.items()
+    )
+    lines = [
+        f"# Explanations of {report.model}: faithfulness and agreement across formats",
+        "",
+        f"Deletion test on the first {report.digits:,} MNIST test digits: for each digit, format and method, the "
+        f"k% most attributed pixels are set to the background, and separately as many of the digit's ink pixels "
+        f"chosen at random (seed {report.seed}, the same pixels for every format and method); each row gives the "
+        "share of digits whose attributed deletion dropped the explained class's probability more than the random "
+        f"one ('wins'), and the mean drops. k counts the digit's ink pixels. The target: wins >= "
+        f"{TARGET_WIN_SHARE:.0%} at k={TARGET_K} for each format's default method. AOPC: the mean drop over "
+        f"k = {', '.join(map(str, report.curve_ks))}. Attributions come from the handler's engine on each "
+        "format's predictor, loaded as a worker loads it; the explained class is the predicted one, except "
+        "where the stock example explains class 0.",
+        "",
+        f"Methods' settings: {settings}. The stock example's method: Captum IntegratedGradients on the eager model's "
+        "log-probabilities, target 0 for every digit, 15 steps, baseline 0 in normalised space (TorchServe 0.12.0 "
+        "`vision_handler.get_insights`).",
+        "",
+        machine_line(report.machine, f"{report.machine['torch_threads']} intra-op thread(s)"),
+        "",
+        *table(header, rows),
+        "",
+        target_line(report),
+        "",
+        "Accuracy on these digits: " + ", ".join(f"{fmt} {share:.1%}" for fmt, share in report.accuracy.items()) + ".",
+    ]
+    if report.agreements:
+        lines += [
+            "",
+            "Agreement across formats: Spearman's rank correlation of two formats' maps of the same digit, over the "
+            "pixels either map scores, per digit:",
+            "",
+            *table(
+                ["method", "formats", "median", "10th percentile", "mean", "digits"],
+                [_agreement_row(agreement) for agreement in report.agreements],
+            ),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _agreement_row(a) -> list[str]:
+    return [a.method, f"{a.first} vs {a.second}", f"{a.median:.4f}", f"{a.p10:.4f}", f"{a.mean:.4f}", str(a.digits)]
+
+
+def target_line(report: ExplainReport) -> str:
+    """Whether each format's default method wins often enough at k = TARGET_K."""
+    defaults = [row for row in report.deletions if row.default and row.source != STOCK]
+    missed = [f"{row.source} ({row.method}: {row.win_share[TARGET_K]:.1%})" for row in defaults if not row.meets_target]
+    if not defaults:
+        return "No format's default method ran in this run."
+    if missed:
+        return f"Target missed at k={TARGET_K} by: {', '.join(missed)}."
+    return (
+        f"Target met: every default method's deletion wins on at least {TARGET_WIN_SHARE:.0%} of digits at "
+        f"k={TARGET_K}."
+    )
+
+
+def plot_explain(report: ExplainReport, path: Path) -> None:
+    """The mean drop over k (an AOPC-style curve) per method, one panel per format and one for the stock example."""
+    sources = list(dict.fromkeys(row.source for row in report.deletions))
+    colors = {method: f"C{index}" for index, method in enumerate(report.settings)}
+    figure, panels = plt.subplots(1, len(sources), figsize=(3.2 * len(sources), 3.4), sharey=True, squeeze=False)
+    for axes, source in zip(panels[0], sources, strict=True):
+        rows = [row for row in report.deletions if row.source == source]
+        for index, row in enumerate(rows):
+            label = row.method.split(",")[0] + (f" ({row.explained})" if source == STOCK else "")
+            drops = [row.mean_drop[k] for k in report.curve_ks]
+            color = colors.get(row.method, f"C{len(colors) + index}")  # a method has one colour in every panel
+            axes.plot(report.curve_ks, drops, marker="o", markersize=3, label=label, color=color)
+        # the random deletion is the same for every method of a source: one line per explained class
+        randoms = {row.explained: row for row in rows}
+        for (explained, row), style in zip(randoms.items(), ("k--", "k:"), strict=False):
+            label = "random ink" + (f" ({explained})" if len(randoms) > 1 else "")
+            axes.plot(report.curve_ks, [row.mean_random_drop[k] for k in report.curve_ks], style, label=label)
+        axes.set(title=source, xlabel="% of the ink deleted")
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=7)
+    panels[0][0].set_ylabel("mean drop of the explained class's probability")
+    save(figure, path, f"{report.model}: deletion curves ({report.digits:,} MNIST test digits)")
+
+
+# --- explain-http ------------------------------------------------------------------------------------
+
+
+def write_explain_http(report: CostReport, out: Path) -> list[Path]:
+    """bench-explain-http.json, .md and .png in `out`; returns their paths."""
+    return _write(
+        out,
+        "bench-explain-http",
+        report.to_dict(),
+        explain_http_markdown(report),
+        lambda path: plot_explain_http(report, path),
+    )
+
+
+def explain_http_markdown(report: CostReport) -> str:
+    plan, settings = report.plan, report.plan.settings
+    header = [
+        "format",
+        "method",
+        "one digit: p50 / p90 / p99 ms",
+        "p50 x prediction",
+        "handler ms a digit: inference / explanation (mean)",
+        f"{plan.oip_digits} a request over OIP: digits/s",
+        "digits/s x prediction",
+    ]
+    lines = [
+        f"# Explanation cost over HTTP: {plan.model}",
+        "",
+        f"One client alone, one request at a time on a keep-alive connection. One digit a request: "
+        f"{plan.requests} requests cycling through the first {plan.digits} MNIST test digits as 28x28 PNGs, to "
+        '`/predictions/NAME` (the prediction rows) or `/explanations/NAME` with `{"data": BASE64_PNG, '
+        f'"method": METHOD}}`. Over OIP: {plan.oip_requests} requests of {plan.oip_digits} digits (a binary UINT8 '
+        "tensor) to `/v2/models/NAME/infer`, asking for `attributions` (with the request parameter `method`) "
+        f"beside the probabilities and labels. Every archive: batch size {settings.batch_size}, max batch delay "
+        f"{settings.max_batch_delay} ms, {settings.workers} worker(s) of {settings.threads} intra-op thread(s). "
+        "The handler's times come from its metrics (InferenceTime, ExplainTime; mean ms per batch, one digit a "
+        "batch here).",
+        "",
+        machine_line(report.machine),
+        "",
+        *table(header, [_cost_row(report, row) for row in report.rows]),
+        "",
+        cost_target_line(report),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+COST_TARGET_MS = 30  # issue 22: the default method explains one cnn digit under this p50, on one thread
+
+
+def cost_target_line(report: CostReport) -> str:
+    defaults = [row for row in report.rows if row.default]
+    timed = ", ".join(f"{row.format} ({row.method}) {row.single.latency.p50_ms:.1f} ms" for row in defaults)
+    missed = [row.format for row in defaults if row.single.latency.p50_ms >= COST_TARGET_MS]
+    verdict = f"over {COST_TARGET_MS} ms: {', '.join(missed)}" if missed else f"all under {COST_TARGET_MS} ms"
+    return f"Each format's default method, one digit, p50: {timed}; {verdict}."
+
+
+def _cost_row(report: CostReport, row: CostRow) -> list[str]:
+    latency, prediction = row.single.latency, report.prediction(row.format)
+    single = row.handler.get("single", {})
+
+    def mean(stage: str) -> str:
+        return f"{single[stage]['mean_ms']:.1f}" if single.get(stage) else "-"
+
+    method = row.method if not row.default else f"**{row.method}** (default)"
+    return [
+        row.format,
+        method,
+        f"{latency.p50_ms:.1f} / {latency.p90_ms:.1f} / {latency.p99_ms:.1f}",
+        f"{latency.p50_ms / prediction.single.latency.p50_ms:.1f}" if prediction else "-",
+        f"{mean('InferenceTime')} / {mean('ExplainTime')}",
+        f"{row.digits_per_s:,.0f}",
+        f"{row.digits_per_s / prediction.digits_per_s:.3f}" if prediction else "-",
+    ]
+
+
+def plot_explain_http(report: CostReport, path: Path) -> None:
+    """Per format, each method's one-digit p50 and its digits per second over OIP, the prediction's beside."""
+    formats = list(dict.fromkeys(row.format for row in report.rows))
+    methods = list(dict.fromkeys(row.method for row in report.rows))
+    figure, (latency, rate) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / len(methods)
+    for index, method in enumerate(methods):
+        rows = {row.format: row for row in report.rows if row.method == method}
+        positions = [i + (index - (len(methods) - 1) / 2) * width for i, fmt in enumerate(formats) if fmt in rows]
+        present = [fmt for fmt in formats if fmt in rows]
+        latency.bar(positions, [rows[f].single.latency.p50_ms for f in present], width, label=method)
+        rate.bar(positions, [rows[f].digits_per_s for f in present], width, label=method)
+    latency.axhline(COST_TARGET_MS, color="grey", linestyle="--", label=f"target for the default ({COST_TARGET_MS} ms)")
+    latency.set(ylabel="ms, p50", title="one digit a request, one client")
+    rate.set(yscale="log", ylabel="digits per second", title=f"{report.plan.oip_digits} digits a request over OIP")
+    for axes in (latency, rate):
+        axes.set_xticks(range(len(formats)), formats)
+        axes.grid(True, axis="y", alpha=0.3)
+        axes.legend(fontsize=7)
+    save(figure, path, f"{report.plan.model}: explanations against predictions ({report.machine['cpu']})")

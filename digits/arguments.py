@@ -16,11 +16,12 @@ def add_artifacts(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_serving_settings(p: argparse.ArgumentParser, *, of: str = "") -> None:
-    """--batch-size, --max-batch-delay, --workers and --threads, their defaults from serving.ServingSettings."""
+def add_serving_settings(p: argparse.ArgumentParser, *, of: str = "", default=None) -> None:
+    """--batch-size, --max-batch-delay, --workers and --threads, their defaults from `default` (a
+    serving.ServingSettings), else from ServingSettings' own."""
     from .serving.archive import ServingSettings
 
-    default = ServingSettings()
+    default = default or ServingSettings()
     p.add_argument(
         "--batch-size",
         type=int,

@@ -1,14 +1,29 @@
-"""`digits bench offline` and `digits bench http`: the benchmarks, each writing JSON, markdown and a plot."""
+"""`digits bench offline`, `http`, `explain` and `explain-http`: the benchmarks, each writing JSON, markdown and
+a plot."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .arguments import add_artifacts, add_serving_settings
+from .arguments import add_artifacts, add_data_dir, add_serving_settings
 from .contract import FORMATS, ONNX
 
 DEFAULT_OUT = Path("runs") / "bench"
+
+
+def show(paths: list[Path]) -> int:
+    """Prints a bench run's markdown table and where its files went; the command's exit status."""
+    print(paths[1].read_text(), end="")
+    print(f"wrote {', '.join(map(str, paths))}")
+    return 0
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -30,6 +45,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     kinds = p.add_subparsers(dest="bench", required=True, metavar="KIND")
     add_offline(kinds)
     add_http(kinds)
+    add_explain(kinds)
+    add_explain_http(kinds)
     add_switch(kinds)
     add_report(kinds)
 
@@ -83,9 +100,7 @@ def run_offline(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     paths = write_offline(report, args.out or DEFAULT_OUT / f"{args.model}-offline")
-    print(paths[1].read_text(), end="")
-    print(f"wrote {', '.join(map(str, paths))}")
-    return 0
+    return show(paths)
 
 
 def add_http(kinds: argparse._SubParsersAction) -> None:
@@ -175,9 +190,7 @@ def run_http(args: argparse.Namespace) -> int:
     )
     report = measure(plan, out / "torchserve")
     paths = write_http(report, out)
-    print(paths[1].read_text(), end="")
-    print(f"wrote {', '.join(map(str, paths))}")
-    return 0
+    return show(paths)
 
 
 def oip_input(out: Path, digits: int, encoding: str) -> Path:
@@ -198,6 +211,119 @@ def default_input(out: Path) -> Path:
     data = load_mnist(log=lambda _: None)
     [path] = write_samples(data.test_images, data.test_labels, out, 1, drawn=False)
     return path
+
+
+def add_explain(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser(
+        "explain",
+        help="are the explanations faithful (a deletion test), and do the formats' maps agree",
+        description="Explain MNIST test digits with every exported format and method through the handler's own "
+        "engine (in this process, on the predictor a worker loads), then delete the k% most attributed ink "
+        "pixels and as many random ones (seeded) and compare the drops of the explained class's probability; "
+        "also the stock TorchServe example's method (IG on the eager model, target 0) and the Spearman "
+        "agreement of the formats' maps. Writes bench-explain.json, .md and .png to OUT.",
+    )
+    p.add_argument("model", metavar="MODEL", help="an exported model (see `digits export`)")
+    add_artifacts(p)
+    p.add_argument("--digits", type=int, default=1000, help="MNIST test digits explained (default 1000)")
+    add_data_dir(p)
+    p.add_argument(
+        "--formats",
+        type=_name_list,
+        help=f"comma-separated formats (default: every exported one of {', '.join(FORMATS)})",
+    )
+    p.add_argument("--methods", type=_name_list, help="comma-separated methods (default: every one a format runs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random deletions (default 0)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: torch's); 1 as a served worker has")
+    p.add_argument("--no-stock", action="store_true", help="leave out the stock TorchServe example's method")
+    p.add_argument("--out", type=Path, help="output folder (default: runs/bench/MODEL-explain)")
+    p.set_defaults(func=run_explain)
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from .bench.explain import run_explain as measure
+    from .bench.report import write_explain
+
+    report = measure(
+        args.artifacts,
+        args.model,
+        digits=args.digits,
+        formats=args.formats,
+        methods=args.methods,
+        seed=args.seed,
+        threads=args.threads,
+        stock=not args.no_stock,
+        data_dir=args.data_dir,
+    )
+    paths = write_explain(report, args.out or DEFAULT_OUT / f"{args.model}-explain")
+    return show(paths)
+
+
+def add_explain_http(kinds: argparse._SubParsersAction) -> None:
+    from .bench.explain_http import DIGITS, OIP_DIGITS, OIP_REQUESTS, REQUESTS, SETTINGS
+
+    p = kinds.add_parser(
+        "explain-http",
+        help="what an explanation costs over HTTP, per format and method, beside a prediction",
+        description="Archive MODEL once per exported format, serve them from one TorchServe, and time one client "
+        "alone: one digit a request to /predictions and, per method, /explanations (latency percentiles), and N "
+        "digits a request over OIP, predictions and attributions (digits per second). Writes "
+        "bench-explain-http.json, .md and .png to OUT.",
+    )
+    p.add_argument("--model", default="cnn", help="an exported model (default cnn)")
+    add_artifacts(p)
+    p.add_argument("--formats", type=_name_list, help="comma-separated formats (default: every exported one)")
+    p.add_argument("--methods", type=_name_list, help="comma-separated methods (default: every one a format runs)")
+    p.add_argument(
+        "--digits",
+        type=int,
+        default=DIGITS,
+        help=f"distinct digits the one-digit requests cycle through (default {DIGITS})",
+    )
+    p.add_argument(
+        "--requests", type=int, default=REQUESTS, help=f"one-digit requests per format and method (default {REQUESTS})"
+    )
+    p.add_argument(
+        "--oip", type=int, default=OIP_DIGITS, metavar="N", help=f"digits an OIP request (default {OIP_DIGITS})"
+    )
+    p.add_argument(
+        "--oip-requests",
+        type=int,
+        default=OIP_REQUESTS,
+        help=f"OIP requests per format and method (default {OIP_REQUESTS})",
+    )
+    # batch size 1: one client alone never fills a batch, and a larger one makes TorchServe hold each request
+    # for the batch delay first
+    add_serving_settings(p, of=" of every archive", default=SETTINGS)
+    p.add_argument("--out", type=Path, help="output folder (default: runs/bench/MODEL-explain-http)")
+    p.set_defaults(func=run_explain_http)
+
+
+def run_explain_http(args: argparse.Namespace) -> int:
+    from .bench.explain_http import CostPlan, parse_formats
+    from .bench.explain_http import run_explain_http as measure
+    from .bench.report import write_explain_http
+    from .serving.archive import ServingSettings
+
+    settings = ServingSettings(
+        batch_size=args.batch_size, max_batch_delay=args.max_batch_delay, workers=args.workers, threads=args.threads
+    )
+    settings.validate()
+    out = (args.out or DEFAULT_OUT / f"{args.model}-explain-http").resolve()
+    plan = CostPlan(
+        model=args.model,
+        artifacts=args.artifacts,
+        formats=parse_formats(args.formats, args.artifacts, args.model),
+        methods=args.methods,
+        settings=settings,
+        digits=args.digits,
+        requests=args.requests,
+        oip_digits=args.oip,
+        oip_requests=args.oip_requests,
+    )
+    report = measure(plan, out / "torchserve")
+    paths = write_explain_http(report, out)
+    return show(paths)
 
 
 def add_switch(kinds: argparse._SubParsersAction) -> None:

@@ -8,7 +8,8 @@ what it forwards at MAX_IMAGE_BYTES and sends a Content-Security-Policy that adm
 
 Routes: `GET /` (and the page's files, PAGES), and the JSON API (API): `GET /api/models` (the served models
 and whether each has a worker ready), `POST /api/classify?model=NAME` (body: the image's bytes) answering
-`{"model", "label", "probabilities", "framed", "torchserve_ms"}`; any refusal is `{"error"}` with a 4xx/5xx.
+`{"model", "label", "probabilities", "framed", "torchserve_ms"}`, and with `&why=1` also
+`"why": {"label", "method", "attributions"}` (the page's why view); any refusal is `{"error"}` with a 4xx/5xx.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from urllib.parse import parse_qs
 
 import requests
 
+from ..contract import OIP_DEFAULT_OUTPUTS
 from .http11 import Limits, PageServer, Refusal, Request, Response, Route, Site, json_response
 from .server import ServeError, read_state, read_token, refresh_token
 
@@ -46,7 +48,11 @@ CSP = (
 REFUSED_KEY = "InvalidKeyException"  # TorchServe's answer to a wrong or expired key (status 400)
 TIMEOUT_S = 30
 RENEWING = threading.Lock()  # one key renewal at a time, for all the page server's threads
-OIP_OUTPUTS = ("probabilities", "label", "framed")
+# The contract's OIP outputs the page asks for: the default ones and `framed` with every answer, and the why
+# view's `attributions` (each framed pixel's share of the answer) while it is open
+FRAMED, ATTRIBUTIONS = "framed", "attributions"  # names in the contract's OIP_OUTPUTS (a test pins them)
+OIP_OUTPUTS = (*OIP_DEFAULT_OUTPUTS, FRAMED)
+WHY_VALUES = {"": False, "0": False, "1": True}  # ?why=: the query parameter that asks for it
 
 
 @dataclass(frozen=True)
@@ -128,36 +134,62 @@ def _management_json(link: TorchServeLink, path: str):
     return response.json()
 
 
-def classify(link: TorchServeLink, model: str, image: bytes) -> dict:
-    """Sends one image to `model` and returns what the page shows; TorchServe's refusals become Refusal."""
+def classify(link: TorchServeLink, model: str, image: bytes, why: bool = False) -> dict:
+    """Sends one image to `model` and returns what the page shows (with `why`, the explanation too);
+    TorchServe's refusals become Refusal."""
     start = time.perf_counter()
-    answer = ask_oip(link, model, image)
+    answer = ask_oip(link, model, image, why)
     answer["torchserve_ms"] = round((time.perf_counter() - start) * 1000, 1)
     return {"model": model, **answer}
 
 
-def ask_oip(link: TorchServeLink, model: str, image: bytes) -> dict:
+def ask_oip(link: TorchServeLink, model: str, image: bytes, why: bool = False) -> dict:
     """The Open Inference Protocol: the image as one BYTES element (base64 in JSON, as OIP says), asking for
-    the outputs `probabilities`, `label` and `framed` (the 28x28 image the model saw, white on black)."""
+    the outputs `probabilities`, `label` and `framed` (the 28x28 image the model saw, white on black) and,
+    with `why`, `attributions` (the model's default method, for the predicted label)."""
+    wanted = (*OIP_OUTPUTS, ATTRIBUTIONS) if why else OIP_OUTPUTS
     request = {
         "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(image).decode()]}],
-        "outputs": [{"name": name} for name in OIP_OUTPUTS],
+        "outputs": [{"name": name} for name in wanted],
     }
     response = link.request("inference", "POST", f"/v2/models/{model}/infer", json=request)
     if response.status_code != HTTPStatus.OK:
         raise Refusal(response.status_code, _refusal_message(model, response))
     outputs = {output["name"]: output for output in response.json()["outputs"]}
-    missing = [name for name in OIP_OUTPUTS if name not in outputs]
+    missing = [name for name in wanted if name not in outputs]
     if missing:
         raise Refusal(HTTPStatus.BAD_GATEWAY, f"model {model} answered without the output(s) {', '.join(missing)}")
-    framed = outputs["framed"]
-    width = framed["shape"][-1]
-    pixels = list(_flat(framed["data"]))
-    return {
-        "label": list(_flat(outputs["label"]["data"]))[0],
+    label = list(_flat(outputs["label"]["data"]))[0]
+    answer = {
+        "label": label,
         "probabilities": list(_flat(outputs["probabilities"]["data"])),
-        "framed": [pixels[row : row + width] for row in range(0, len(pixels), width)],  # (H, W) uint8 rows
+        "framed": _rows(outputs[FRAMED]),  # (H, W) uint8
     }
+    if why:
+        answer["why"] = explanation(outputs[ATTRIBUTIONS], label)
+    return answer
+
+
+def explanation(output: dict, label) -> dict:
+    """The page's why view from the `attributions` output: the label explained (the predicted one: the page
+    names no target), the method, and the (H, W) map."""
+    parameters = output.get("parameters") or {}
+    return {"label": label, "method": parameters.get("method", "the model's default"), "attributions": _rows(output)}
+
+
+def _rows(output: dict) -> list[list]:
+    """An OIP output of shape [1, H, W] as H rows of W values."""
+    width = output["shape"][-1]
+    values = list(_flat(output["data"]))
+    return [values[row : row + width] for row in range(0, len(values), width)]
+
+
+def wants_why(query: str) -> bool:
+    """The query parameter `why`: 1 asks for the explanation too, 0 or none does not."""
+    value = parse_qs(query, keep_blank_values=True).get("why", [""])[-1]
+    if value not in WHY_VALUES:
+        raise Refusal(HTTPStatus.BAD_REQUEST, f"why must be 1 or 0, not {value[:20]!r}")
+    return WHY_VALUES[value]
 
 
 def _flat(data):
@@ -211,7 +243,7 @@ def models_answer(link: TorchServeLink, request: Request) -> dict:
 def classify_answer(link: TorchServeLink, request: Request) -> dict:
     if not request.body:
         raise Refusal(HTTPStatus.BAD_REQUEST, "the image is empty")
-    return classify(link, model_name(request.query), request.body)
+    return classify(link, model_name(request.query), request.body, wants_why(request.query))
 
 
 def model_name(query: str) -> str:

@@ -7,8 +7,14 @@ const pen = pad.getContext("2d");
 const picker = document.getElementById("model");
 const answer = document.getElementById("answer");
 const framed = document.getElementById("framed");
+const whyBox = document.getElementById("why");
+const whyView = document.getElementById("why-view");
+const attribution = document.getElementById("attribution");
 const bars = Array.from(document.querySelectorAll("#bars li"));
 const STROKE = 18; // px on the 280 px pad: about an MNIST pen stroke once the digit is framed to 20 px
+const RAISE = [214, 39, 40]; // the tint of a pixel that raised the explained label's score (red)
+const LOWER = [31, 119, 180]; // and of one that lowered it (blue)
+const INK_SHADE = 0.6; // the framed digit under the tint: dark gray ink on white, so that both tints read
 
 let version = 0; // drawings and files since the page loaded; each answer names the version it answers
 let hasInk = false;
@@ -131,7 +137,8 @@ async function classify(body, asked) {
   let response;
   let reply;
   try {
-    response = await fetch("/api/classify?model=" + encodeURIComponent(model), {
+    const why = whyBox.checked ? "&why=1" : "";
+    response = await fetch("/api/classify?model=" + encodeURIComponent(model) + why, {
       method: "POST",
       body,
       headers: { "Content-Type": body.type || "application/octet-stream" },
@@ -163,6 +170,7 @@ function showAnswer(asked, reply, milliseconds) {
     bar.querySelector(".value").textContent = p >= 0.005 ? `${Math.round(p * 100)}%` : "";
   });
   showFramed(reply.framed);
+  showWhy(reply.framed, reply.why || null);
   document.getElementById("error").textContent = "";
   settle(asked, "answered");
 }
@@ -180,6 +188,32 @@ function showFramed(rows) {
   paint.putImageData(pixels, 0, 0);
 }
 
+function showWhy(rows, why) {
+  // why: {label, method, attributions: 28 rows of 28 scores} for the framed image `rows`, or null to show none.
+  // Each pixel of the framed digit is tinted by its score over the map's largest magnitude: red raised the
+  // explained label's score, blue lowered it; the map's own scale differs by method, so only its shape is shown.
+  const paint = attribution.getContext("2d");
+  paint.clearRect(0, 0, attribution.width, attribution.height);
+  whyView.hidden = !whyBox.checked;
+  attribution.dataset.shown = String(why !== null);
+  document.getElementById("why-caption").textContent = why
+    ? `why ${why.label} (${why.method}):`
+    : whyBox.checked
+      ? "why: draw a digit"
+      : "";
+  if (why === null) return;
+  const scores = why.attributions.flat();
+  const peak = Math.max(...scores.map(Math.abs));
+  const pixels = paint.createImageData(attribution.width, attribution.height);
+  rows.flat().forEach((value, i) => {
+    const gray = 255 - value * INK_SHADE;
+    const share = peak > 0 ? Math.abs(scores[i]) / peak : 0;
+    const tint = scores[i] >= 0 ? RAISE : LOWER;
+    pixels.data.set([...tint.map((c) => Math.round(gray * (1 - share) + c * share)), 255], i * 4);
+  });
+  paint.putImageData(pixels, 0, 0);
+}
+
 function showError(asked, message) {
   document.getElementById("label").textContent = "?";
   document.getElementById("confidence").textContent = "";
@@ -191,6 +225,7 @@ function showError(asked, message) {
     bar.querySelector(".value").textContent = "";
   });
   showFramed(null);
+  showWhy(null, null);
   document.getElementById("error").textContent = message;
   settle(asked, "error");
 }
@@ -238,6 +273,13 @@ picker.addEventListener("change", () => {
   if (!hasInk) return;
   newVersion();
   askAboutPad();
+});
+
+whyBox.addEventListener("change", () => {
+  showWhy(null, null);
+  if (!hasInk) return;
+  newVersion();
+  askAboutPad(); // ask again, with or without the explanation
 });
 
 document.getElementById("file").addEventListener("change", (event) => {

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import socket
 import threading
 
+import numpy as np
 import pytest
 import requests
 from digits.serving.server import read_token
@@ -148,6 +150,52 @@ def test_an_image_is_forwarded_and_answered_as_torchserve_answers(server, page, 
         assert body["torchserve_ms"] > 0
         framed = body["framed"]  # the 28x28 image the model saw: an MNIST digit passes through as it is
         assert framed == mnist.test_images[index].tolist()
+
+
+def oip_attributions(server, model: str, image: bytes) -> tuple[np.ndarray, dict]:
+    """TorchServe's own `attributions` output for `image`, asked directly over OIP: the (28, 28) map and its
+    parameters."""
+    request = {
+        "inputs": [{"name": "digit", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(image).decode()]}],
+        "outputs": [{"name": "attributions"}],
+    }
+    response = requests.post(
+        f"{server.url}/v2/models/{model}/infer", json=request, headers=server.headers(), timeout=60
+    )
+    assert response.status_code == 200, response.text
+    [output] = response.json()["outputs"]
+    return np.asarray(output["data"], dtype=np.float32).reshape(28, 28), output["parameters"]
+
+
+@pytest.mark.parametrize(("model", "method"), [("cnn", "feature-ablation"), ("mlp", "integrated-gradients")])
+def test_why_adds_the_models_own_attributions_of_the_label_it_answered(server, page, mnist, model, method):
+    image = digit_png(mnist, 3)
+    response = requests.post(page + f"/api/classify?model={model}&why=1", data=image, timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    why = body["why"]
+    assert why["label"] == body["label"] and why["method"] == method  # the format's default method
+    attributions = np.asarray(why["attributions"], dtype=np.float32)
+    truth, parameters = oip_attributions(server, model, image)
+    assert parameters["method"] == method and parameters["target"] == "predicted"
+    assert attributions.shape == (28, 28) and np.abs(attributions).max() > 0
+    np.testing.assert_allclose(attributions, truth, rtol=1e-3, atol=1e-6 * np.abs(truth).max())
+    without = requests.post(page + f"/api/classify?model={model}&why=0", data=image, timeout=60).json()
+    assert "why" not in without and without["label"] == body["label"]
+
+
+def test_the_page_asks_only_for_outputs_the_contract_names():
+    from digits.contract import OIP_OUTPUTS
+    from digits.serving import ui
+
+    assert {*ui.OIP_OUTPUTS, ui.ATTRIBUTIONS} <= set(OIP_OUTPUTS)
+
+
+@pytest.mark.parametrize("query", ["why=yes", "why=2", "why=1&why=true"])
+def test_a_why_other_than_1_or_0_is_refused_in_words(page, mnist, query):
+    response = requests.post(page + f"/api/classify?model=cnn&{query}", data=digit_png(mnist, 0), timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("why must be 1 or 0")
 
 
 def test_a_refused_image_and_an_unknown_model_are_said_in_words(page):

@@ -248,23 +248,60 @@ def page_text(driver) -> str:
     return driver.find_element(By.TAG_NAME, "body").text
 
 
-def ask_torchserve(run_dir: Path, model: str, image: bytes) -> dict:
+def ask_torchserve(run_dir: Path, model: str, image: bytes, why: bool = False) -> dict:
     """TorchServe's own answer to `image`, asked directly over the Open Inference Protocol, as the page's server
-    asks it."""
+    asks it (with `why`, the attributions too)."""
     state, headers = read_state(run_dir), {"Authorization": f"Bearer {read_token(run_dir)}"}
+    outputs = ["probabilities", "label", "framed", *(["attributions"] if why else [])]
     request = {
         "inputs": [{"name": "digit", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(image).decode()]}],
-        "outputs": [{"name": "probabilities"}, {"name": "label"}, {"name": "framed"}],
+        "outputs": [{"name": name} for name in outputs],
     }
     url = f"{state.inference_url}/v2/models/{model}/infer"
     response = requests.post(url, json=request, headers=headers, timeout=30)
     assert response.status_code == 200, response.text
-    outputs = {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in response.json()["outputs"]}
-    return {
+    answer = response.json()["outputs"]
+    outputs = {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in answer}
+    found = {
         "label": int(outputs["label"][0]),
         "probabilities": outputs["probabilities"][0].tolist(),
         "framed": outputs["framed"][0].reshape(-1).tolist(),
     }
+    if why:
+        found["attributions"] = outputs["attributions"][0]
+        found["method"] = next(o["parameters"]["method"] for o in answer if o["name"] == "attributions")
+    return found
+
+
+# the why view's colours, as app.js mixes them: each framed pixel as dark ink on white, tinted by its score
+RAISE, LOWER, INK_SHADE = np.array([214, 39, 40]), np.array([31, 119, 180]), 0.6
+
+
+def why_colours(framed: list[int], attributions: np.ndarray) -> np.ndarray:
+    """(784, 3) the RGB the why view must show for a framed digit and its map."""
+    gray = 255 - np.asarray(framed, dtype=np.float64) * INK_SHADE
+    scores = attributions.reshape(-1).astype(np.float64)
+    peak = np.abs(scores).max()
+    share = np.abs(scores) / peak if peak > 0 else np.zeros_like(scores)
+    tint = np.where(scores[:, None] >= 0, RAISE, LOWER)
+    return np.floor(gray[:, None] * (1 - share[:, None]) + tint * share[:, None] + 0.5)
+
+
+def why_shown(driver) -> dict:
+    """The why view: whether it is open, its caption, and its canvas (whether it shows a map, its RGB)."""
+    return driver.execute_script(
+        "const c = document.getElementById('attribution');"
+        "const rgba = Array.from(c.getContext('2d').getImageData(0, 0, 28, 28).data);"
+        "return {open: !document.getElementById('why-view').hidden,"
+        " caption: document.getElementById('why-caption').textContent, shown: c.dataset.shown === 'true',"
+        " rgb: rgba.filter((_, i) => i % 4 !== 3)};"
+    )
+
+
+def set_why(driver, on: bool) -> None:
+    box = driver.find_element(By.ID, "why")
+    if box.is_selected() != on:
+        box.click()
 
 
 def choose_file(driver, path: Path) -> str:
@@ -307,17 +344,47 @@ def test_drawn_digits_are_read_as_torchserve_reads_the_pad(browser, torchserve, 
     assert right >= 0.9 * len(drawings), f"{right}/{len(drawings)} right; {wrong}"
 
 
-def test_a_screenshot_of_a_drawn_three(browser, mnist, confident_digits, tmp_path):
+def test_the_why_view_tints_each_framed_pixel_by_the_models_own_attribution(
+    browser, torchserve, mnist, confident_digits
+):
+    clear(browser)
+    set_why(browser, True)
+    assert why_shown(browser)["open"] and not why_shown(browser)["shown"]  # open, waiting for a drawing
+    for model, method in (("cnn", "feature-ablation"), ("mlp", "integrated-gradients")):
+        Select(browser.find_element(By.ID, "model")).select_by_value(model)
+        clear(browser)
+        draw(browser, strokes_of(mnist.test_images[confident_digits[5]]))
+        assert wait_for_answer(browser) == "answered", page_text(browser)
+        page, why = shown(browser), why_shown(browser)
+        truth = ask_torchserve(torchserve, model, pad_png(browser), why=True)  # the very image on the pad
+        assert truth["method"] == method  # the served format's default
+        assert why["open"] and why["shown"] and why["caption"] == f"why {truth['label']} ({method}):"
+        assert page["framed"] == truth["framed"]
+        rgb = np.asarray(why["rgb"], dtype=np.float64).reshape(-1, 3)
+        expected = why_colours(truth["framed"], truth["attributions"])
+        assert np.abs(rgb - expected).max() <= 2, model  # a pixel's tint, within rounding of the map's floats
+        assert (rgb[:, 0] - rgb[:, 2] > 60).sum() >= 10, model  # not a blank map: ink that raised the label
+    Select(browser.find_element(By.ID, "model")).select_by_value("cnn")
+    assert wait_for_answer(browser) == "answered"  # changing the model asks again
+    set_why(browser, False)  # closing the view asks again, without the explanation
+    assert wait_for_answer(browser) == "answered"
+    assert not why_shown(browser)["open"] and not why_shown(browser)["shown"]
+
+
+def test_a_screenshot_of_a_drawn_three_and_why(browser, mnist, confident_digits, tmp_path):
     three = next(i for i in confident_digits if mnist.test_labels[i] == 3)
     clear(browser)
+    set_why(browser, True)
     draw(browser, strokes_of(mnist.test_images[three]))
     assert wait_for_answer(browser) == "answered"
-    assert shown(browser)["label"] == "3"
+    assert shown(browser)["label"] == "3" and why_shown(browser)["shown"]
     path = tmp_path / "ui.png"
     assert browser.save_screenshot(str(path))
     assert Image.open(path).size[0] >= 800
     if os.environ.get(SCREENSHOT_ENV):
         shutil.copyfile(path, os.environ[SCREENSHOT_ENV])
+    set_why(browser, False)
+    assert wait_for_answer(browser) == "answered"
 
 
 def test_a_chosen_image_file_is_classified(browser, mnist, confident_digits, tmp_path):
