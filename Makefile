@@ -19,7 +19,7 @@ BENCH_OIP ?= --workers $(OIP_WORKERS) --batch-size $(shell echo $$((4 / $(OIP_WO
 # the report of a bench run, written whole (its plots in docs/performance/), and the README's headline from it
 REPORT ?= docs/performance.md
 # the runs whose serving figures join the headline table (folders of BENCH_OUT)
-HEADLINE_RUNS ?= cnn-onnx-http mlp-torchscript-http
+HEADLINE_RUNS ?= cnn-onnx-http mlp-torchscript-http cnn-onnx-oip-http cnn-onnx-oip-json-http cnn-explain-http
 
 .DEFAULT_GOAL := help
 .PHONY: help setup demo test test-slow lint format bench bench-explain clean

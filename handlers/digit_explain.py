@@ -126,7 +126,7 @@ def attribute(
     """
     spec = method_named(method)
     chosen = {**spec.settings, **(settings or {})}
-    targets = torch.from_numpy(np.array(targets, dtype=np.int64))  # a copy: the caller's may be read-only
+    targets = torch.as_tensor(targets, dtype=torch.int64).clone()  # a copy: the caller's may be read-only
     if targets.shape != (len(digits),):
         raise ValueError(f"{len(digits)} digits need {len(digits)} targets, got shape {tuple(targets.shape)}")
     forward = model_function(predict, spec, guard)
