@@ -351,9 +351,12 @@ def render_http(run: Run, data: dict[str, Any], plots: Path) -> Section:
     lines = [*run_lines(run, data, http_markdown(report)), "", f"![{run.name}]({plots.name}/{run.name}.png)"]
     plan = report.plan
     top = max(report.rows, key=lambda row: row.concurrency)
-    unit = f"{top.digits_per_s:,.0f} digits/s" if plan.oip_digits else f"{top.model.requests_per_s:,.0f} req/s"
-    column = "served over HTTP (at the highest concurrency; model / no-op)"
-    cells = {column: f"{plan.fmt}: {unit} at {top.concurrency} ({top.ratio:.2f})"}
+    if plan.oip_digits:  # one column per body kind, so that runs of one model do not overwrite each other
+        column = f"OIP, {plan.oip_digits} digits a request, {plan.oip_encoding}: digits/s"
+        cells = {column: f"{plan.fmt}: {top.digits_per_s:,.0f} (c{top.concurrency})"}
+    else:
+        column = "/predictions, one PNG a request: req/s (model / no-op)"
+        cells = {column: f"{plan.fmt}: {top.model.requests_per_s:,.0f} at c{top.concurrency} ({top.ratio:.2f})"}
     return Section(f"Over HTTP: {plan.model} ({plan.fmt}, `{run.name}`)", lines, {plan.model: cells})
 
 

@@ -85,15 +85,25 @@ def test_training_and_export_figures_come_from_the_files_those_steps_wrote(run):
 
 
 def test_the_readme_headline_is_the_report_s_with_machine_and_date(run):
-    assert report(run, "--headline", "mlp-torchscript-http") == 0
+    assert report(run, "--headline", "mlp-torchscript-http", "--headline", "mlp-onnx-oip-http") == 0
     text, readme = run["out"].read_text(), run["readme"].read_text()
     assert table_after(readme, HEADLINE_BEGIN) == table_after(text, "## Headline")
-    rows = json.loads((run["runs"] / "mlp-torchscript-http" / "bench-http.json").read_text())["rows"]
-    top = max(rows, key=lambda row: row["concurrency"])
-    served = f"torchscript: {top['model']['requests_per_s']:,.0f} req/s at {top['concurrency']} ({top['ratio']:.2f})"
-    assert served in table_after(readme, HEADLINE_BEGIN)[2]
+    header, _, row = table_after(readme, HEADLINE_BEGIN)
+    cells = dict(zip((c.strip() for c in header.split("|")), (c.strip() for c in row.split("|")), strict=True))
+    png, oip = (top_row(run, name) for name in ("mlp-torchscript-http", "mlp-onnx-oip-http"))
+    # one column per body kind: the PNG run and the OIP run of one model both stand in the table
+    served = f"torchscript: {png['model']['requests_per_s']:,.0f} at c{png['concurrency']} ({png['ratio']:.2f})"
+    assert cells["/predictions, one PNG a request: req/s (model / no-op)"] == served
+    plan = json.loads((run["runs"] / "mlp-onnx-oip-http" / "bench-http.json").read_text())["plan"]
+    column = f"OIP, {plan['oip_digits']} digits a request, {plan.get('oip_encoding', 'binary')}: digits/s"
+    assert cells[column] == f"onnx: {oip['digits_per_s']:,.0f} (c{oip['concurrency']})"
     assert "Measured on " in readme and "[performance.md](docs/performance.md)" in readme
     assert readme.startswith("# digits\n") and readme.endswith(f"{HEADLINE_END}\n\nmore\n")  # the rest untouched
+
+
+def top_row(paths: dict[str, Path], name: str) -> dict:
+    rows = json.loads((paths["runs"] / name / "bench-http.json").read_text())["rows"]
+    return max(rows, key=lambda row: row["concurrency"])
 
 
 def test_a_second_run_replaces_the_report_and_its_plots_whole(run):
