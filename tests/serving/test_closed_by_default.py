@@ -3,7 +3,7 @@ own port only, model registration (on, for `digits rollout`) refusing every URL 
 store, archives only from the local store, every listener on loopback.
 
 What TorchServe 0.12.0 leaves open without a token, on loopback only: the metrics API and the OpenAPI
-description (`OPTIONS /`). The README's Security section says so.
+description (`OPTIONS /`). docs/security.md says so.
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ def test_unambiguous_requests_once_refused_are_read(server, mnist, expected_labe
 
 
 def test_the_costliest_jpeg_within_the_bounds_is_answered(server) -> None:
-    """4096x4096 and 16 progressive scans: about what the largest legitimate image costs (see the README)."""
+    """4096x4096 and 16 progressive scans: about what the largest legitimate image costs (docs/security.md)."""
     response, _ = send(server, {"data": LARGEST_PROGRESSIVE_JPEG})
     assert response.status_code == 200, response.text
 
