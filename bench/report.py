@@ -254,28 +254,6 @@ def write_explain(report: ExplainReport, out: Path) -> list[Path]:
 
 
 def explain_markdown(report: ExplainReport) -> str:
-    ks = list(report.ks)
-    header = [
-        "format",
-        "method",
-        "explained class",
-        *(f"wins at k={k}" for k in ks),
-        f"mean drop at k={TARGET_K}: attributed / random",
-        "AOPC: attributed / random",
-        "seconds",
-    ]
-    rows = [
-        [
-            row.source,
-            f"**{row.method}** (default)" if row.default and row.source != STOCK else row.method,
-            row.explained,
-            *(f"{row.win_share[k]:.1%}" for k in ks),
-            f"{row.mean_drop[TARGET_K]:.3f} / {row.mean_random_drop[TARGET_K]:.3f}",
-            f"{row.aopc:.3f} / {row.random_aopc:.3f}",
-            f"{row.seconds:.1f}",
-        ]
-        for row in report.deletions
-    ]
     settings = "; ".join(
         f"{name}: {', '.join(f'{key} {value}' for key, value in chosen.items())}"
         for name, chosen in report.settings.items()
@@ -299,24 +277,55 @@ def explain_markdown(report: ExplainReport) -> str:
         "",
         machine_line(report.machine, f"{report.machine['torch_threads']} intra-op thread(s)"),
         "",
-        *table(header, rows),
+        *_deletion_table(report),
         "",
         target_line(report),
         "",
         "Accuracy on these digits: " + ", ".join(f"{fmt} {share:.1%}" for fmt, share in report.accuracy.items()) + ".",
+        *_agreement_lines(report),
     ]
-    if report.agreements:
-        lines += [
-            "",
-            "Agreement across formats: Spearman's rank correlation of two formats' maps of the same digit, over the "
-            "pixels either map scores, per digit:",
-            "",
-            *table(
-                ["method", "formats", "median", "10th percentile", "mean", "digits"],
-                [_agreement_row(agreement) for agreement in report.agreements],
-            ),
-        ]
     return "\n".join(lines) + "\n"
+
+
+def _deletion_table(report: ExplainReport) -> list[str]:
+    ks = list(report.ks)
+    header = [
+        "format",
+        "method",
+        "explained class",
+        *(f"wins at k={k}" for k in ks),
+        f"mean drop at k={TARGET_K}: attributed / random",
+        "AOPC: attributed / random",
+        "seconds",
+    ]
+    rows = [
+        [
+            row.source,
+            f"**{row.method}** (default)" if row.default and row.source != STOCK else row.method,
+            row.explained,
+            *(f"{row.win_share[k]:.1%}" for k in ks),
+            f"{row.mean_drop[TARGET_K]:.3f} / {row.mean_random_drop[TARGET_K]:.3f}",
+            f"{row.aopc:.3f} / {row.random_aopc:.3f}",
+            f"{row.seconds:.1f}",
+        ]
+        for row in report.deletions
+    ]
+    return table(header, rows)
+
+
+def _agreement_lines(report: ExplainReport) -> list[str]:
+    if not report.agreements:
+        return []
+    return [
+        "",
+        "Agreement across formats: Spearman's rank correlation of two formats' maps of the same digit, over the "
+        "pixels either map scores, per digit:",
+        "",
+        *table(
+            ["method", "formats", "median", "10th percentile", "mean", "digits"],
+            [_agreement_row(agreement) for agreement in report.agreements],
+        ),
+    ]
 
 
 def _agreement_row(a) -> list[str]:

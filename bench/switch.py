@@ -27,7 +27,7 @@ import json
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -296,17 +296,11 @@ def run_switch(plan: SwitchPlan, run_dir: Path, log=print) -> dict:
         try:
             server.wait_until_ready(state, run_dir)
             load = start_load(plan, state.inference_url, server.read_token(run_dir))
-            marks = {"load": time.time()}
-            time.sleep(plan.steady_s)
-            marks["rollout"] = time.time()
-            rollout(run_dir, plan.model, Candidate(archive=candidate), log=log)
-            marks["between"] = time.time()
-            time.sleep(plan.steady_s)
-            marks["rollback"] = time.time()
-            rollback(run_dir, plan.model, log=log)
-            marks["after"] = time.time()
-            time.sleep(plan.steady_s)
-            marks["end"] = time.time()
+            marks = out_and_back(
+                plan,
+                lambda: rollout(run_dir, plan.model, Candidate(archive=candidate), log=log),
+                lambda: rollback(run_dir, plan.model, log=log),
+            )
             answers = load.stop()
             switches = switches_from_ledger(read_events(run_dir, store.resolve(), plan.model))
         finally:
@@ -327,6 +321,22 @@ def run_switch(plan: SwitchPlan, run_dir: Path, log=print) -> dict:
         timeline=timeline(answers, marks["load"]),
     )
     return report
+
+
+def out_and_back(plan: SwitchPlan, roll_out: Callable[[], object], roll_back: Callable[[], object]) -> dict:
+    """Under the load already running: steady, the rollout, steady, the rollback, steady; the time each began."""
+    marks = {"load": time.time()}
+    time.sleep(plan.steady_s)
+    marks["rollout"] = time.time()
+    roll_out()
+    marks["between"] = time.time()
+    time.sleep(plan.steady_s)
+    marks["rollback"] = time.time()
+    roll_back()
+    marks["after"] = time.time()
+    time.sleep(plan.steady_s)
+    marks["end"] = time.time()
+    return marks
 
 
 TIMELINE_POINTS = 5_000  # the plot's points: every k-th answer of a longer run, and every outlier
