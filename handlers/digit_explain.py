@@ -87,6 +87,14 @@ DEFAULT_METHODS = MappingProxyType(
 Guard = Callable[[int], None]
 
 
+def target_tensor(targets: torch.Tensor | np.ndarray | list[int]) -> torch.Tensor:
+    """The targets as a new int64 tensor: a copy, since the caller's may be read-only (a numpy view of a
+    request's bytes), which torch warns about when it wraps one."""
+    if isinstance(targets, torch.Tensor):
+        return targets.to(torch.int64).clone()
+    return torch.from_numpy(np.array(targets, dtype=np.int64))
+
+
 def methods_for(predict: Predictor) -> tuple[str, ...]:
     """The methods this predictor can run: all of them with gradients, the forward-only ones without."""
     can_differentiate = gradients_of(predict) is not None
@@ -126,7 +134,7 @@ def attribute(
     """
     spec = method_named(method)
     chosen = {**spec.settings, **(settings or {})}
-    targets = torch.as_tensor(targets, dtype=torch.int64).clone()  # a copy: the caller's may be read-only
+    targets = target_tensor(targets)
     if targets.shape != (len(digits),):
         raise ValueError(f"{len(digits)} digits need {len(digits)} targets, got shape {tuple(targets.shape)}")
     forward = model_function(predict, spec, guard)
