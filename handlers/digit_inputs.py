@@ -23,7 +23,7 @@ import io
 import math
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,7 @@ from digit_budget import (
     check_decoding_work,
     check_exif,
 )
-from digit_errors import RequestError, bad_request, too_large, unsupported
+from digit_errors import RequestError, bad_request, prefixed, too_large, unsupported
 from digit_imaging import frame_digit, require_ink, to_grayscale
 from digit_json import loads
 from digit_png import decode_plain_png
@@ -221,6 +221,22 @@ def read_image(
     if gray is None:
         gray = to_grayscale(decode_image(payload, encoded=encoded, budget=budget))
     return frame_digit(gray, size)
+
+
+def charged_budget(payloads: Sequence[Any], item: str) -> RequestBudget:
+    """A request's decoding budget, charged with the work of each of its images (`image_work`) before any is
+    decoded: the image files among `payloads` (bytes); other items (JSON pixels) are not decoded as images.
+
+    Raises:
+        RequestError: 413 naming the item ("`item` INDEX") whose image is over a bound of one image, or at
+            which the request's total passed its bound.
+    """
+    budget = RequestBudget()
+    for index, payload in enumerate(payloads):
+        if isinstance(payload, bytes):
+            with prefixed(f"{item} {index}"):
+                budget.charge(image_work(payload))
+    return budget
 
 
 def image_work(payload: bytes) -> dict[str, int]:

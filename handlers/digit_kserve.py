@@ -26,13 +26,12 @@ from typing import Any
 
 import numpy as np
 from digit_batch import label_value
-from digit_budget import RequestBudget
 from digit_errors import bad_request, prefixed, too_large
 from digit_explanations import MAX_EXPLAINED, Ask
 from digit_inputs import (
+    charged_budget,
     decode_base64,
     decode_data_url,
-    image_work,
     read_image,
     read_json,
     text_bytes,
@@ -73,11 +72,7 @@ def read_v1(body: Any, explain: bool, size: tuple[int, int]) -> V1Request:
         with prefixed(f"instance {index}"):
             payloads.append(instance_payload(instance))
     # the images' decoding work bounded for the request as a whole, as OIP's BYTES (digit_budget.RequestBudget)
-    budget = RequestBudget()
-    for index, payload in enumerate(payloads):
-        if isinstance(payload, bytes):
-            with prefixed(f"instance {index}"):
-                budget.charge(image_work(payload))
+    budget = charged_budget(payloads, "instance")
     digits = np.empty((len(instances), *size), dtype=np.float32)
     for index, payload in enumerate(payloads):
         with prefixed(f"instance {index}"):

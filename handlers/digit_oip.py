@@ -40,15 +40,14 @@ from typing import Any
 
 import numpy as np
 from digit_batch import Readings, content_types, label_value, read_batch, read_guarded
-from digit_budget import RequestBudget
 from digit_contract import OIP_DEFAULT_OUTPUTS, OIP_OUTPUTS, TORCHSERVE_MAX_RESPONSE
 from digit_errors import RequestError, bad_request, prefixed, too_large
 from digit_explanations import MAX_EXPLAINED, Ask, ask_from_fields
 from digit_imaging import require_ink, to_uint8
 from digit_inputs import (
     MAX_BODY_BYTES,
+    charged_budget,
     decode_base64,
-    image_work,
     parse_json,
     read_image,
     sniff_format,
@@ -529,10 +528,7 @@ def read_images(elements: list[str] | list[bytes], shape: list[int], size: tuple
         raise bad_request("ElementCount", "the BYTES input holds no elements; send at least one image")
     check_count(len(elements))
     payloads = [element_image(index, element) for index, element in enumerate(elements)]
-    budget = RequestBudget()
-    for index, (payload, _) in enumerate(payloads):
-        with named_element(index):
-            budget.charge(image_work(payload))
+    budget = charged_budget([payload for payload, _ in payloads], "BYTES element")
     digits = np.empty((len(elements), *size), dtype=np.float32)
     for index, (payload, encoded) in enumerate(payloads):
         with named_element(index):
