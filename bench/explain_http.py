@@ -22,7 +22,6 @@ would add that delay to every figure here. `--batch-size 16` measures what `make
 from __future__ import annotations
 
 import base64
-import io
 import json
 import tempfile
 import time
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..serving.archive import ServingSettings
+from ..serving.samples import png_bytes
 from . import BenchError
 from .explain import FORMATS, check_choices, handler_module, handler_modules, load_formats, mnist_digits
 from .http import (
@@ -145,7 +145,7 @@ def run_explain_http(plan: CostPlan, run_dir: Path, log: Callable[[str], Any] = 
     check_plan(plan)
     report = CostReport(plan, machine())
     images = mnist_digits(max(plan.digits, plan.oip_digits), None)[0]
-    pngs = [png(image) for image in images[: plan.digits]]
+    pngs = [png_bytes(image) for image in images[: plan.digits]]
     oip_tensor = images[: plan.oip_digits]
     _, engine = handler_modules()
     methods = methods_by_format(plan)
@@ -201,15 +201,6 @@ def archive_formats(plan: CostPlan, store: Path) -> dict[str, str]:
         names[fmt] = f"{plan.model}-{fmt}"
         archive_model(plan.model, fmt, plan.artifacts, store, names[fmt], plan.settings, log=lambda _: None)
     return names
-
-
-def png(image: np.ndarray) -> bytes:
-    """A 28x28 digit as the PNG a client sends."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image, mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class Client:

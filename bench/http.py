@@ -270,15 +270,22 @@ def oip_body(digits: np.ndarray, path: Path, encoding: str = "binary") -> Path:
         raise BenchError(f"unknown OIP encoding {encoding!r}; known: {', '.join(OIP_ENCODINGS)}")
     digits = np.ascontiguousarray(digits, dtype=np.uint8)
     if encoding == "json":
-        tensor = {"name": "digits", "datatype": "UINT8", "shape": list(digits.shape), "data": digits.ravel().tolist()}
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"inputs": [tensor]}, separators=(",", ":")))
+        path.write_bytes(oip_json_bytes(digits))
         return path
     body, header_length = oip_request_bytes(digits, OIP_DEFAULT_OUTPUTS)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(body)
     path.with_name(path.name + OIP_HEADER_SUFFIX).write_text(str(header_length))
     return path
+
+
+def oip_json_bytes(digits: np.ndarray) -> bytes:
+    """An OIP inference request of `digits` ((N, 28, 28) uint8) as one compact JSON object, the tensor's values
+    as a flat `data` list (as Triton's and KServe's clients flatten them); outputs: the default ones, in JSON."""
+    digits = np.ascontiguousarray(digits, dtype=np.uint8)
+    tensor = {"name": "digits", "datatype": "UINT8", "shape": list(digits.shape), "data": digits.ravel().tolist()}
+    return json.dumps({"inputs": [tensor]}, separators=(",", ":")).encode()
 
 
 def oip_request_bytes(

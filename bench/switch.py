@@ -21,7 +21,6 @@ before, during the rollout command, during the rollback command, steady after).
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import tempfile
@@ -33,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from PIL import Image
 
 from ..contract import VERSION_HEADER
 from ..serving.ledger import GATED, LIVE, Event
+from ..serving.samples import png_bytes
+from .http import oip_json_bytes
 
 OIP_DIGITS = 64
 PNG_CONNECTIONS, OIP_CONNECTIONS = 16, 2
@@ -69,18 +69,6 @@ class Switch:
     ended: float  # the `live` line of `new`: everything that arrived after reached `new`
 
 
-def png_bytes(digit: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(digit, mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def oip_body(digits: np.ndarray) -> bytes:
-    """A JSON OIP request of N 28x28 UINT8 digits."""
-    tensor = {"name": "digits", "shape": list(digits.shape), "datatype": "UINT8", "data": digits.ravel().tolist()}
-    return json.dumps({"inputs": [tensor]}).encode()
-
-
 @dataclass
 class MixedLoad:
     """PNG and OIP connections against one model until `stop()`; see the module docstring."""
@@ -99,7 +87,7 @@ class MixedLoad:
     def __post_init__(self) -> None:
         self._stop, self._threads, self._counter = threading.Event(), [], itertools.count()
         self._payloads = [png_bytes(d) for d in self.digits]
-        self._oip = oip_body(self.digits[: self.oip_digits])
+        self._oip = oip_json_bytes(self.digits[: self.oip_digits])
 
     def start(self) -> MixedLoad:
         for connection in range(self.png + self.oip):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .arguments import add_artifacts, add_data_dir, add_serving_settings
-from .contract import FORMATS
+from .contract import DEFAULT_VERSION, FORMATS
 
 DEFAULT_STORE = Path("model_store")
 
@@ -90,8 +90,9 @@ def add_archive(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--response-timeout", type=int, default=120, help="seconds (default 120)")
     p.add_argument(
         "--version",
-        default="1.0",
-        help="the model's version in TorchServe (default 1.0, written to NAME.mar; another to NAME-vVERSION.mar)",
+        default=DEFAULT_VERSION,
+        help=f"the model's version in TorchServe (default {DEFAULT_VERSION}, written to NAME.mar; another to "
+        "NAME-vVERSION.mar)",
     )
     p.set_defaults(func=run_archive)
 
@@ -333,26 +334,20 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    import io
     import time
 
     import numpy as np
-    from PIL import Image
 
     from .serving.client import classify_many, resolve_endpoint
-    from .serving.samples import drawn_large
+    from .serving.samples import drawn_large, png_bytes
     from .training.data import load_mnist
 
     if not 1 <= args.count <= 10_000 or args.concurrency < 1:
         raise ValueError(f"--count must be 1-10000 and --concurrency positive, got {args.count}, {args.concurrency}")
     url, token = resolve_endpoint(_run_dir(args), args.url, None)
     data, rng = load_mnist(args.data_dir, log=lambda _: None), np.random.default_rng(0)
-    payloads = []
-    for digit in data.test_images[: args.count]:
-        image = drawn_large(digit, rng) if args.drawn else Image.fromarray(digit, mode="L")
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        payloads.append(buffer.getvalue())
+    digits = data.test_images[: args.count]
+    payloads = [png_bytes(drawn_large(digit, rng) if args.drawn else digit) for digit in digits]
     start = time.perf_counter()
     results = classify_many(payloads, url, args.model, token, args.concurrency)
     seconds = time.perf_counter() - start

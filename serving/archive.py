@@ -18,7 +18,6 @@ side in a store; what a file holds is read from its manifest, never from its nam
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -45,6 +44,7 @@ from ..contract import (
     THREADS_KEY,
     TORCHSERVE_MAX_RESPONSE,
 )
+from ..export.metadata import sha256_file
 from ..handlers import handler_dir
 
 HANDLER_DIR = handler_dir()  # the installed package's files, or the checkout's
@@ -93,32 +93,42 @@ class ServingSettings:
             HANDLER_SECTION: {THREADS_KEY: self.threads, RESPONSE_LIMIT_KEY: TORCHSERVE_MAX_RESPONSE},
         }
 
+    @classmethod
+    def from_yaml(cls, raw: dict) -> ServingSettings:
+        """The settings a model-config.yaml holds (`to_yaml`'s keys; a key left out takes the default)."""
+        default = cls()
+        return cls(
+            raw.get("batchSize", default.batch_size),
+            raw.get("maxBatchDelay", default.max_batch_delay),
+            raw.get("minWorkers", default.workers),
+            raw.get("responseTimeout", default.response_timeout),
+            (raw.get(HANDLER_SECTION) or {}).get(THREADS_KEY, default.threads),
+        )
+
 
 def read_export(model_dir: Path, model: str) -> dict:
     """The export's metadata, refusing a model whose parity report is missing or failed."""
     export_json, parity_json = model_dir / MANIFEST_FILE, model_dir / PARITY_JSON
     if not export_json.is_file():
         raise ArchiveError(f"no export at {export_json}; run `digits export {model}` first")
-    if not parity_json.is_file():
-        raise ArchiveError(f"no parity report at {parity_json}; run `digits export {model}` (or `digits verify`)")
-    parity = json.loads(parity_json.read_text())
-    if parity.get("passed") is not True:
-        raise ArchiveError(f"{parity_json} says parity FAILED; refusing to archive a model that is not proven")
+    check_proven(parity_json, f"run `digits export {model}` (or `digits verify`)")
     return json.loads(export_json.read_text())
+
+
+def check_proven(report: Path, remedy: str) -> None:
+    """Refuses a model whose parity report is missing (saying how to write it, `remedy`) or failed."""
+    if not report.is_file():
+        raise ArchiveError(f"no parity report at {report}; {remedy}")
+    if json.loads(report.read_text()).get("passed") is not True:
+        raise ArchiveError(f"{report} says parity FAILED; refusing to archive a model that is not proven")
 
 
 def parity_record(model_dir: Path, fmt: str) -> dict:
     """digits_meta.json's `parity`: the verdict of the report that proves `fmt` (fp32 files: parity.json;
     int8: its own), its file name and SHA-256, so that an archive carries its proof wherever it goes."""
     report = model_dir / FORMATS[fmt].parity_json
-    if not report.is_file():
-        raise ArchiveError(
-            f"no parity report at {report}; run `digits export {model_dir.name} {FORMATS[fmt].export_flags}`"
-        )
-    verdict = json.loads(report.read_text()).get("passed") is True
-    if not verdict:
-        raise ArchiveError(f"{report} says parity FAILED; refusing to archive a model that is not proven")
-    return {"passed": True, "report": report.name, "sha256": hashlib.sha256(report.read_bytes()).hexdigest()}
+    check_proven(report, f"run `digits export {model_dir.name} {FORMATS[fmt].export_flags}`")
+    return {"passed": True, "report": report.name, "sha256": sha256_file(report)}
 
 
 def handler_files() -> tuple[Path, list[Path]]:

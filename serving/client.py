@@ -33,13 +33,24 @@ def send(name: str, payload: bytes, content: str, url: str, model: str, token: s
     """One POST to /predictions/MODEL; a refusal comes back as the status and the server's message."""
     headers = {"Authorization": f"Bearer {token}", "Content-Type": content}
     response = requests.post(f"{url}/predictions/{model}", data=payload, headers=headers, timeout=timeout)
-    try:
-        body = response.json()
-    except ValueError:
-        body = {"message": response.text.strip()[:200]}
+    body = answer_body(response)
     if response.status_code != 200:
-        return Prediction(name, response.status_code, error=body.get("message", str(body)))
+        return Prediction(name, response.status_code, error=refusal(body))
     return Prediction(name, 200, body["label"], body["confidence"])
+
+
+def answer_body(response: requests.Response) -> dict:
+    """The answer's JSON object, or `{"message": ...}` with the start of its text when it is not JSON (a
+    proxy's or the frontend's own error page)."""
+    try:
+        return response.json()
+    except ValueError:
+        return {"message": response.text.strip()[:200]}
+
+
+def refusal(body: dict) -> str:
+    """What a refused request's answer says: the server's message, else the whole body."""
+    return body.get("message", str(body))
 
 
 def predict_file(path: Path, url: str, model: str, token: str, timeout: float = 30) -> Prediction:

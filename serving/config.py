@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .archive import ArchiveError, read_archive_settings, response_limit
 from .metrics import write_metrics_config
-from .store import describe_archive, list_archives  # noqa: F401  (list_archives: kserve.py's, from here)
+from .store import describe_archive, list_archives
 
 MAX_REQUEST_BYTES = 10 * 1024 * 1024  # a 4096x4096 PNG fits; anything bigger is refused by the frontend
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from .client import content_type, each_file
+from .client import answer_body, content_type, each_file, refusal
 
 FIGURE_SUFFIX = ".explained.png"
 
@@ -54,12 +54,9 @@ def explain_file(
         response = requests.post(endpoint, files=files, data=choices, headers=headers, timeout=timeout)
     else:
         response = requests.post(endpoint, data=payload, headers={**headers, "Content-Type": kind}, timeout=timeout)
-    try:
-        body = response.json()
-    except ValueError:
-        body = {"message": response.text.strip()[:200]}
+    body = answer_body(response)
     if response.status_code != 200:
-        return Explained(str(path), response.status_code, error=body.get("message", str(body)))
+        return Explained(str(path), response.status_code, error=refusal(body))
     return Explained(
         str(path),
         200,

@@ -13,14 +13,12 @@ the MNIST cache and checks it is this one.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .samples import drawn_large
+from .samples import drawn_large, png_bytes
 
 GOLDEN_FILE = Path(__file__).resolve().with_name("golden.npz")
 STRIDE = 16  # every 16th test digit
@@ -51,17 +49,11 @@ def write_golden(path: Path, test_images: np.ndarray, test_labels: np.ndarray) -
     return path
 
 
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def load_golden(path: Path = GOLDEN_FILE) -> GoldenSet:
     with np.load(path) as stored:
         images, labels = stored["images"], stored["labels"].astype(np.int64)
     rng = np.random.default_rng(DRAWN_SEED)
     drawn = list(range(0, len(images), DRAWN_EVERY))
-    payloads = [png(Image.fromarray(image, mode="L")) for image in images]
-    payloads += [png(drawn_large(images[index], rng)) for index in drawn]
+    payloads = [png_bytes(image) for image in images]
+    payloads += [png_bytes(drawn_large(images[index], rng)) for index in drawn]
     return GoldenSet(payloads, np.concatenate([labels, labels[drawn]]), len(drawn))

@@ -35,8 +35,9 @@ from typing import Any
 import yaml
 
 from .archive import ArchiveError
-from .config import LOG_CONFIG, Ports, list_archives, models_entry, render_properties, shared_properties
+from .config import LOG_CONFIG, Ports, models_entry, render_properties, shared_properties
 from .metrics import write_metrics_config
+from .store import list_archives
 
 MOUNT = "/mnt/models"  # where KServe puts the storageUri's content
 # TorchServe behind the wrapper, as pytorch/serve's kubernetes/kserve/config.properties has it; the wrapper

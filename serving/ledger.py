@@ -120,6 +120,13 @@ def interrupted(events: list[Event]) -> list[str]:
     return [version for version in versions if last_step(events, version).step not in ENDED]
 
 
+def recorded_digest(events: list[Event], model: str, version: str) -> str | None:
+    """The SHA-256 the ledger last recorded for `model` `version`'s archive, or None if it recorded none."""
+    digests = [e.get("archive_sha256") for e in events if e.model == model and e.version == version]
+    digests = [digest for digest in digests if digest]
+    return digests[-1] if digests else None
+
+
 def passed_gate(events: list[Event], version: str) -> Event | None:
     """The latest `gated` event of `version` if it passed, else None."""
     gates = [event for event in events if event.version == version and event.step == GATED]

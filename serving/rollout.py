@@ -32,7 +32,7 @@ from pathlib import Path
 
 import requests
 
-from ..contract import FORMATS, HANDLER_SECTION, PARITY_KEY, PREPROCESSING_KEYS, THREADS_KEY
+from ..contract import FORMATS, PARITY_KEY, PREPROCESSING_KEYS
 from ..export.metadata import sha256_file
 from .archive import (
     ArchiveError,
@@ -62,6 +62,7 @@ from .ledger import (
     passed_gate,
     read_events,
     record,
+    recorded_digest,
 )
 from .management import Management, ManagementError
 from .server import ServeError, ServerState, is_running, read_state, read_token
@@ -223,18 +224,6 @@ def format_of(meta: dict) -> str:
     raise RolloutRefused(f"cannot tell the live archive's format from {meta.get('model_file')!r}; pass --format")
 
 
-def settings_of(mar: Path) -> ServingSettings:
-    """The serving settings an archive was made with (model-config.yaml), for its successor."""
-    raw, default = read_archive_settings(mar), ServingSettings()
-    return ServingSettings(
-        raw.get("batchSize", default.batch_size),
-        raw.get("maxBatchDelay", default.max_batch_delay),
-        raw.get("minWorkers", default.workers),
-        raw.get("responseTimeout", default.response_timeout),
-        (raw.get(HANDLER_SECTION) or {}).get(THREADS_KEY, default.threads),
-    )
-
-
 def candidate_problems(live: StoredArchive, mar: Path) -> list[str]:
     """What makes `mar` unfit to replace `live`, each named; empty when it fits."""
     try:
@@ -348,10 +337,9 @@ def archive_export(target: Target, live: StoredArchive, candidate: Candidate, ve
     architecture = candidate.architecture or live_meta.get("model")
     fmt = candidate.fmt or format_of(live_meta)
     artifacts = Path(candidate.artifacts or "artifacts")
+    live_settings = ServingSettings.from_yaml(read_archive_settings(live.path))  # the successor keeps them
     try:
-        return archive_model(
-            architecture, fmt, artifacts, target.store, live.model, settings_of(live.path), log, version
-        )
+        return archive_model(architecture, fmt, artifacts, target.store, live.model, live_settings, log, version)
     except OSError as err:
         raise RolloutRefused(
             f"cannot write the candidate's archive into the model store {target.store}: {err.strerror}"
@@ -492,11 +480,7 @@ def rollout(
     log: Callable[[str], None] = print,
 ) -> GateResult:
     """Puts a new version of `model` live (see the module docstring); raises RolloutRefused or RolloutFailed."""
-    check_name(model)
-    with model_lock(run_dir, model):
-        target = connect(run_dir)
-        live = served_archive(target, model)
-        recover(target, model, log)
+    with live_model(run_dir, model, log) as (target, live):
         record_baseline(target, live)
         log(f"{model} {live.version} is live ({live.path.name})")
         stored, written = prepare(target, live, candidate, log)
@@ -515,11 +499,7 @@ def rollback(
     run_dir: Path, model: str, tolerance: float = DEFAULT_TOLERANCE, log: Callable[[str], None] = print
 ) -> GateResult:
     """Puts the version that was live before the current one live again, the same way as a rollout."""
-    check_name(model)
-    with model_lock(run_dir, model):
-        target = connect(run_dir)
-        live = served_archive(target, model)
-        recover(target, model, log)
+    with live_model(run_dir, model, log) as (target, live):
         events = target.events(model)
         earlier = [version for version in reversed(live_order(events)) if version != live.version]
         if not earlier:
@@ -532,9 +512,21 @@ def rollback(
         return go_live(target, previous, live.version, tolerance, log, recorded_accuracy(events, previous.version))
 
 
+@contextmanager
+def live_model(run_dir: Path, model: str, log: Callable[[str], None]) -> Iterator[tuple[Target, StoredArchive]]:
+    """How a rollout and a rollback begin: the model's lock held, the server found, the live version and its
+    archive known, and what an interrupted run left behind reconciled (`recover`)."""
+    check_name(model)
+    with model_lock(run_dir, model):
+        target = connect(run_dir)
+        live = served_archive(target, model)
+        recover(target, model, log)
+        yield target, live
+
+
 def check_recorded_digest(events: list[Event], stored: StoredArchive) -> None:
-    digests = [e.get("archive_sha256") for e in events if e.version == stored.version and e.get("archive_sha256")]
-    if digests and sha256_file(stored.path) != digests[-1]:
+    digest = recorded_digest(events, stored.model, stored.version)
+    if digest and sha256_file(stored.path) != digest:
         raise RolloutRefused(
             f"{stored.path} changed since the ledger recorded it; it cannot be trusted as {stored.version}"
         )

@@ -7,6 +7,7 @@ File names carry the true label (`..._label-7.png`) so reports can show expected
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -14,6 +15,15 @@ import numpy as np
 from PIL import Image
 
 LABEL_IN_NAME = re.compile(r"_label-(\d)\b")
+
+
+def png_bytes(image: np.ndarray | Image.Image) -> bytes:
+    """A PNG file's bytes, as a client sends it: of an image, or of an (H, W) uint8 array as a grey one."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image, mode="L")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def drawn_large(digit: np.ndarray, rng: np.random.Generator, canvas: int = 280) -> Image.Image:

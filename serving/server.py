@@ -24,7 +24,7 @@ import requests
 
 from ..export.metadata import sha256_file
 from .config import Ports, make_private, write_config, write_private
-from .ledger import ABANDONED, interrupted, live_versions, read_events, record
+from .ledger import ABANDONED, interrupted, live_versions, read_events, record, recorded_digest
 from .store import StoredArchive, choose_archives
 
 READY_TIMEOUT_S = 60
@@ -194,12 +194,11 @@ def archives_to_serve(store: Path, run_dir: Path) -> list[StoredArchive]:
     events = read_events(run_dir, store)
     chosen = choose_archives(store, live_versions(run_dir, store))
     for stored in chosen:
-        recorded = [e.get("archive_sha256") for e in events if e.model == stored.model and e.version == stored.version]
-        recorded = [digest for digest in recorded if digest]
-        if recorded and sha256_file(stored.path) != recorded[-1]:
+        recorded = recorded_digest(events, stored.model, stored.version)
+        if recorded and sha256_file(stored.path) != recorded:
             raise ServeError(
                 f"{stored.path} is not the archive the ledger recorded for {stored.model} {stored.version} "
-                f"(SHA-256 {recorded[-1][:12]}...): put the original back, or roll a new version out"
+                f"(SHA-256 {recorded[:12]}...): put the original back, or roll a new version out"
             )
     for model in {event.model for event in events}:
         for version in interrupted([e for e in events if e.model == model]):

@@ -6,6 +6,7 @@ import zipfile
 import pytest
 import yaml
 from digits.contract import CONFIG_FILE, META_FILE, TORCHSERVE_MAX_RESPONSE
+from digits.serving.archive import ServingSettings
 from digits.serving.config import Ports, render_config
 from digits.serving.kserve import render_kserve_config
 
@@ -31,6 +32,12 @@ def test_archive_holds_handler_model_metadata_and_settings(store):
         "responseTimeout": 120,
         "handler": {"threads": 1, "max_response_size": TORCHSERVE_MAX_RESPONSE},
     }
+
+
+def test_settings_read_back_from_model_config_are_those_written():
+    written = ServingSettings(batch_size=4, max_batch_delay=7, workers=2, response_timeout=30, threads=3)
+    assert ServingSettings.from_yaml(written.to_yaml()) == written
+    assert ServingSettings.from_yaml({}) == ServingSettings()  # an archive made elsewhere: the defaults
 
 
 def _args(artifacts, tmp_path, *extra):
