@@ -31,8 +31,9 @@ def add_rollout(sub: argparse._SubParsersAction) -> None:
         description="Archive DIR/ARCH's export as a new version of MODEL (or take --archive FILE.mar), refuse it "
         "if its name, labels, input shape, layout or normalisation differ from the live version's, if its parity "
         "is not recorded as passed or its model file's SHA-256 is not its metadata's; register it beside the "
-        "live version, wait until it answers, run the gate on /predictions/MODEL/VERSION (the golden set of 750 "
-        "MNIST test digits, 125 drawn large: its accuracy must reach the live version's minus --tolerance), make "
+        "live version, wait until it answers, run the gate on /predictions/MODEL/VERSION (the golden set: 625 MNIST "
+        "test digits as 28x28 PNGs and 125 of them drawn large, 750 requests; its accuracy must reach the live "
+        "version's minus --tolerance), make "
         "it the default, drain the old version and unregister it. Every step goes to the run folder's ledger. "
         "Exit 0: the new version is live; 1: it was withdrawn and the old one still serves; 2: refused before "
         "TorchServe was touched. See docs/serving.md, Replacing a served model.",
